@@ -1,0 +1,377 @@
+"""Hand-written post-LN BERT (Devlin et al., 2019) with an optional Switch MoE FFN (moe.py).
+
+    cfg = BertConfig.preset("small", num_experts=64)
+    mlm = BertForMaskedLM(cfg)
+    res = mlm(input_ids, attention_mask, labels=labels)   # res.loss, res.logits, res.balance_loss
+    out = mlm.bert(input_ids, attention_mask, taps=True)  # out.taps: the relation sites of Fig. 3
+
+Also here: the classification model with Houlsby adapters used by finetune.py, checkpoint
+save/load (atomic writes, `weights_only=True` loads) and `from_hf_bert`, which reads a
+Hugging Face BERT directory. The layer is numerically the same as `transformers.BertModel`
+(tests/test_model.py checks it on shared random weights).
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+PRESETS = {
+    # tiny: a CPU demo size (4 layers of the small width), ~4.7M parameters dense
+    "tiny": dict(hidden_size=128, num_layers=4, num_heads=2, intermediate_size=512),
+    "small": dict(hidden_size=128, num_layers=12, num_heads=2, intermediate_size=512),  # 6.3M
+    "base": dict(hidden_size=768, num_layers=12, num_heads=12, intermediate_size=3072),  # 110M
+}
+
+
+@dataclass
+class BertConfig:
+    vocab_size: int = 30522
+    hidden_size: int = 128
+    num_layers: int = 12
+    num_heads: int = 2
+    intermediate_size: int = 512
+    max_position: int = 512
+    type_vocab_size: int = 2
+    dropout: float = 0.1
+    attention_dropout: float = 0.1
+    layer_norm_eps: float = 1e-12
+    num_experts: int = 0          # 0 or 1: dense FFN; >1: SwitchFFN with that many experts
+    pad_token_id: int = 0
+
+    @classmethod
+    def preset(cls, name: str, **overrides) -> "BertConfig":
+        if name not in PRESETS:
+            raise ValueError(f"unknown preset {name!r}: choose one of {', '.join(PRESETS)}")
+        return cls(**{**PRESETS[name], **overrides})
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "BertConfig":
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+    @property
+    def moe(self) -> bool:
+        return self.num_experts > 1
+
+
+@dataclass
+class EncoderOutput:
+    hidden: torch.Tensor                 # (B, T, H)
+    balance_loss: torch.Tensor           # sum of Eq. 5 over MoE layers; 0 for dense
+    taps: dict | None = None
+
+
+@dataclass
+class MaskedLMOutput:
+    loss: torch.Tensor | None
+    logits: torch.Tensor                 # (n_masked, V), or (B, T, V) without labels
+    balance_loss: torch.Tensor
+
+
+@dataclass
+class ClassifierOutput:
+    loss: torch.Tensor | None
+    logits: torch.Tensor                 # (B, num_labels)
+    balance_loss: torch.Tensor
+
+
+class Adapter(nn.Module):
+    """Houlsby et al. (2019) bottleneck: x + up(gelu(down(x))), initialised near identity."""
+
+    def __init__(self, hidden_size: int, size: int):
+        super().__init__()
+        self.down, self.up = nn.Linear(hidden_size, size), nn.Linear(size, hidden_size)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        for lin in (self.down, self.up):
+            nn.init.normal_(lin.weight, std=1e-3)
+            nn.init.zeros_(lin.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.up(F.gelu(self.down(x)))
+
+
+class FFN(nn.Module):
+    def __init__(self, cfg: BertConfig):
+        super().__init__()
+        self.fc1 = nn.Linear(cfg.hidden_size, cfg.intermediate_size)
+        self.fc2 = nn.Linear(cfg.intermediate_size, cfg.hidden_size)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None):
+        return self.fc2(F.gelu(self.fc1(x))), x.new_zeros((), dtype=torch.float32)
+
+
+class Layer(nn.Module):
+    def __init__(self, cfg: BertConfig, adapter_size: int = 0, expert_group=None):
+        super().__init__()
+        H, self.nh = cfg.hidden_size, cfg.num_heads
+        self.qkv = nn.Linear(H, 3 * H)                   # fused query, key, value
+        self.attn_out = nn.Linear(H, H)
+        self.ln1 = nn.LayerNorm(H, eps=cfg.layer_norm_eps)
+        if cfg.moe:
+            from moe import SwitchFFN
+            self.ffn = SwitchFFN(H, cfg.intermediate_size, cfg.num_experts, group=expert_group)
+        else:
+            self.ffn = FFN(cfg)
+        self.ln2 = nn.LayerNorm(H, eps=cfg.layer_norm_eps)
+        self.attn_adapter = Adapter(H, adapter_size) if adapter_size else nn.Identity()
+        self.ffn_adapter = Adapter(H, adapter_size) if adapter_size else nn.Identity()
+        self.drop, self.attn_drop = nn.Dropout(cfg.dropout), cfg.attention_dropout
+
+    def forward(self, x, attn_mask, token_mask, taps: dict | None):
+        B, T, H = x.shape
+        q, k, v = self.qkv(x).view(B, T, 3, self.nh, H // self.nh).permute(2, 0, 3, 1, 4)  # (B, nh, T, hs) each
+        a = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask,
+                                           dropout_p=self.attn_drop if self.training else 0.0)
+        a = self.attn_out(a.transpose(1, 2).reshape(B, T, H))
+        x = self.ln1(x + self.drop(self.attn_adapter(a)))
+        f, balance_loss = self.ffn(x, token_mask)
+        y = self.ln2(x + self.drop(self.ffn_adapter(f)))
+        if taps is not None:                            # the relation sites of Fig. 3
+            taps["q"].append(q), taps["k"].append(k)
+            taps["inner"] += [a, f]
+            taps["trunk"] += [x, y]
+        return y, balance_loss
+
+
+class BertModel(nn.Module):
+    def __init__(self, cfg: BertConfig, adapter_size: int = 0, expert_group=None):
+        super().__init__()
+        self.config = cfg
+        H = cfg.hidden_size
+        self.word = nn.Embedding(cfg.vocab_size, H, padding_idx=cfg.pad_token_id)
+        self.position = nn.Embedding(cfg.max_position, H)
+        self.token_type = nn.Embedding(cfg.type_vocab_size, H)
+        self.ln = nn.LayerNorm(H, eps=cfg.layer_norm_eps)
+        self.drop = nn.Dropout(cfg.dropout)
+        self.layers = nn.ModuleList(Layer(cfg, adapter_size, expert_group) for _ in range(cfg.num_layers))
+
+    def forward(self, input_ids, attention_mask=None, token_type_ids=None, taps: bool = False) -> EncoderOutput:
+        B, T = input_ids.shape
+        if token_type_ids is None:
+            token_type_ids = torch.zeros_like(input_ids)
+        x = self.word(input_ids) + self.position.weight[:T] + self.token_type(token_type_ids)
+        x = self.drop(self.ln(x))                                   # (B, T, H)
+        attn_mask = token_mask = None
+        if attention_mask is not None:
+            token_mask = attention_mask.bool()
+            attn_mask = token_mask[:, None, None, :]                  # (B, 1, 1, T): keys to attend
+        tapped = {"trunk": [], "inner": [], "q": [], "k": []} if taps else None
+        balance_loss = x.new_zeros((), dtype=torch.float32)
+        for layer in self.layers:
+            x, layer_balance = layer(x, attn_mask, token_mask, tapped)
+            balance_loss = balance_loss + layer_balance
+        return EncoderOutput(x, balance_loss, tapped)
+
+
+def _init_weights(module: nn.Module) -> None:
+    """BERT's init: N(0, 0.02) weights, zero biases, unit LayerNorms; adapters near identity."""
+    for m in module.modules():
+        if isinstance(m, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(m.weight, std=0.02)
+            if isinstance(m, nn.Linear) and m.bias is not None:
+                nn.init.zeros_(m.bias)
+            if isinstance(m, nn.Embedding) and m.padding_idx is not None:
+                m.weight.data[m.padding_idx].zero_()
+        elif isinstance(m, nn.LayerNorm):
+            nn.init.ones_(m.weight), nn.init.zeros_(m.bias)
+    for m in module.modules():
+        if isinstance(m, Adapter):
+            m.reset_parameters()
+
+
+class BertForMaskedLM(nn.Module):
+    def __init__(self, cfg: BertConfig, expert_group=None):
+        super().__init__()
+        self.config = cfg
+        self.bert = BertModel(cfg, expert_group=expert_group)
+        H = cfg.hidden_size
+        self.transform = nn.Linear(H, H)
+        self.transform_ln = nn.LayerNorm(H, eps=cfg.layer_norm_eps)
+        self.decoder_bias = nn.Parameter(torch.zeros(cfg.vocab_size))  # decoder weight is bert.word
+        _init_weights(self)
+
+    def head(self, h: torch.Tensor) -> torch.Tensor:
+        h = self.transform_ln(F.gelu(self.transform(h)))
+        return F.linear(h, self.bert.word.weight, self.decoder_bias)
+
+    def forward(self, input_ids, attention_mask=None, token_type_ids=None, labels=None) -> MaskedLMOutput:
+        out = self.bert(input_ids, attention_mask, token_type_ids)
+        if labels is None:
+            return MaskedLMOutput(None, self.head(out.hidden), out.balance_loss)
+        masked = labels != -100
+        logits = self.head(out.hidden[masked])                      # (n_masked, V): the head only where scored
+        loss = F.cross_entropy(logits.float(), labels[masked]) if masked.any() else logits.sum() * 0.0
+        return MaskedLMOutput(loss, logits, out.balance_loss)
+
+
+class BertForSequenceClassification(nn.Module):
+    """Pooler + classifier; num_labels=1 is regression (MSE, STS-B). adapter_size>0 inserts
+    Houlsby adapters after the attention output and after the FFN/MoE output of every layer
+    and freezes everything but adapters, LayerNorms and the head (see `adapter_mode`)."""
+
+    def __init__(self, cfg: BertConfig, num_labels: int, adapter_size: int = 0):
+        super().__init__()
+        self.config, self.num_labels, self.adapter_size = cfg, num_labels, adapter_size
+        self.bert = BertModel(cfg, adapter_size=adapter_size)
+        self.pooler = nn.Linear(cfg.hidden_size, cfg.hidden_size)
+        self.drop = nn.Dropout(cfg.dropout)
+        self.classifier = nn.Linear(cfg.hidden_size, num_labels)
+        _init_weights(self)
+        if adapter_size:
+            self.adapter_mode()
+
+    def adapter_mode(self) -> None:
+        """Houlsby fine-tuning: train adapters, LayerNorms and the head; freeze the rest."""
+        for name, p in self.named_parameters():
+            p.requires_grad = ("adapter" in name or ".ln" in name or name.startswith(("bert.ln", "pooler", "classifier")))
+
+    def forward(self, input_ids, attention_mask=None, token_type_ids=None, labels=None) -> ClassifierOutput:
+        out = self.bert(input_ids, attention_mask, token_type_ids)
+        pooled = torch.tanh(self.pooler(out.hidden[:, 0]))
+        logits = self.classifier(self.drop(pooled))
+        loss = None
+        if labels is not None:
+            if self.num_labels == 1:
+                loss = F.mse_loss(logits.squeeze(-1).float(), labels.float())
+            else:
+                loss = F.cross_entropy(logits.float(), labels)
+        return ClassifierOutput(loss, logits, out.balance_loss)
+
+
+# ---------------------------------------------------------------- checkpoints and tokenizer
+
+class CheckpointError(ValueError):
+    """A file that is missing or is not a checkpoint of this project."""
+
+
+def save_checkpoint(path, model: nn.Module, **extra) -> None:
+    """torch.save of {config, model, **extra} to a temp file, then os.replace: never torn."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    state = {"config": asdict(model.config), "model": model.state_dict(), **extra}
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+    os.close(fd)
+    try:
+        torch.save(state, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def read_checkpoint(path) -> dict:
+    """The checkpoint dict, loaded with weights_only=True; CheckpointError if it is not one."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} not found: pass the .pt file written by pretrain.py")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise CheckpointError(f"{path} is not a readable checkpoint ({type(e).__name__}): "
+                              "pass a .pt file written by pretrain.py") from None
+    if not isinstance(ckpt, dict) or not {"config", "model"} <= ckpt.keys():
+        raise CheckpointError(f"{path} is a torch file but not a checkpoint of this project "
+                              "(no 'config'/'model'); convert HF weights with from_hf_bert")
+    return ckpt
+
+
+def load_checkpoint(path, expert_group=None) -> tuple[BertForMaskedLM, dict]:
+    """(BertForMaskedLM with the saved weights, the checkpoint dict)."""
+    ckpt = read_checkpoint(path)
+    model = BertForMaskedLM(BertConfig.from_dict(ckpt["config"]), expert_group=expert_group)
+    state = ckpt["model"]
+    if expert_group is not None:
+        from moe import shard_experts
+        state = shard_experts(state, model)
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as e:
+        raise CheckpointError(f"{path}: weights do not fit the saved config: {str(e).splitlines()[0]}") from None
+    return model, ckpt
+
+
+def read_vocab(path) -> list[str]:
+    """A WordPiece vocab.txt as a list (line number = token id)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"vocab file {path} not found: pass a WordPiece vocab.txt")
+    tokens = path.read_text(encoding="utf-8").split("\n")
+    return tokens[:-1] if tokens and tokens[-1] == "" else tokens
+
+
+def make_tokenizer(vocab: list[str]):
+    """BERT uncased WordPiece tokenizer (`tokenizers`) over a vocab list (line = id)."""
+    from tokenizers import BertWordPieceTokenizer
+    return BertWordPieceTokenizer({t: i for i, t in enumerate(vocab)}, lowercase=True)
+
+
+def from_hf_bert(directory) -> BertForMaskedLM:
+    """A BertForMaskedLM from a Hugging Face BERT directory: config.json plus model.safetensors
+    (needs the optional `safetensors` package) or pytorch_model.bin. Without an MLM head in
+    the weights (a bare BertModel), the head keeps its random initialisation."""
+    d = Path(directory)
+    if not (d / "config.json").is_file():
+        raise CheckpointError(f"{d} has no config.json: pass a Hugging Face BERT model directory")
+    hf = json.loads((d / "config.json").read_text())
+    if hf.get("hidden_act", "gelu") != "gelu":
+        raise CheckpointError(f"{d}: hidden_act {hf['hidden_act']!r} is not supported (only 'gelu')")
+    cfg = BertConfig(vocab_size=hf["vocab_size"], hidden_size=hf["hidden_size"],
+                     num_layers=hf["num_hidden_layers"], num_heads=hf["num_attention_heads"],
+                     intermediate_size=hf["intermediate_size"], max_position=hf["max_position_embeddings"],
+                     type_vocab_size=hf.get("type_vocab_size", 2), dropout=hf.get("hidden_dropout_prob", 0.1),
+                     attention_dropout=hf.get("attention_probs_dropout_prob", 0.1),
+                     layer_norm_eps=hf.get("layer_norm_eps", 1e-12), pad_token_id=hf.get("pad_token_id", 0) or 0)
+    if (d / "model.safetensors").is_file():
+        try:
+            from safetensors.torch import load_file
+        except ImportError:
+            raise CheckpointError("reading model.safetensors needs the safetensors package: "
+                                  "pip install safetensors") from None
+        hf_state = load_file(str(d / "model.safetensors"))
+    elif (d / "pytorch_model.bin").is_file():
+        hf_state = torch.load(d / "pytorch_model.bin", map_location="cpu", weights_only=True)
+    else:
+        raise CheckpointError(f"{d} has neither model.safetensors nor pytorch_model.bin")
+    hf_state = {k.removeprefix("bert."): v for k, v in hf_state.items()}
+    model = BertForMaskedLM(cfg)
+    try:
+        missing, _ = model.load_state_dict(_convert_hf_state(hf_state, cfg), strict=False)
+    except (KeyError, RuntimeError) as e:
+        raise CheckpointError(f"{d}: weights do not match a BERT of its config.json ({e})") from None
+    if any(k.startswith("bert.") for k in missing):
+        raise CheckpointError(f"{d}: encoder weights missing from the file: {missing[:3]}")
+    return model
+
+
+def _convert_hf_state(s: dict, cfg: BertConfig) -> dict:
+    out = {"bert.word.weight": s["embeddings.word_embeddings.weight"],
+           "bert.position.weight": s["embeddings.position_embeddings.weight"],
+           "bert.token_type.weight": s["embeddings.token_type_embeddings.weight"],
+           "bert.ln.weight": s["embeddings.LayerNorm.weight"], "bert.ln.bias": s["embeddings.LayerNorm.bias"]}
+    for i in range(cfg.num_layers):
+        p, q = f"encoder.layer.{i}.", f"bert.layers.{i}."
+        att = p + "attention.self."
+        for t in ("weight", "bias"):
+            out[q + "qkv." + t] = torch.cat([s[att + n + "." + t] for n in ("query", "key", "value")])
+            out[q + "attn_out." + t] = s[p + "attention.output.dense." + t]
+            out[q + "ln1." + t] = s[p + "attention.output.LayerNorm." + t]
+            out[q + "ffn.fc1." + t] = s[p + "intermediate.dense." + t]
+            out[q + "ffn.fc2." + t] = s[p + "output.dense." + t]
+            out[q + "ln2." + t] = s[p + "output.LayerNorm." + t]
+    head = "cls.predictions."
+    if head + "bias" in s:
+        out.update({"transform.weight": s[head + "transform.dense.weight"],
+                    "transform.bias": s[head + "transform.dense.bias"],
+                    "transform_ln.weight": s[head + "transform.LayerNorm.weight"],
+                    "transform_ln.bias": s[head + "transform.LayerNorm.bias"],
+                    "decoder_bias": s[head + "bias"]})
+    return out

@@ -1,0 +1,213 @@
+"""Top-1 Switch mixture-of-experts FFN (paper Eq. 1-5), dropless, optionally expert-parallel.
+
+    ffn = SwitchFFN(hidden_size=128, intermediate_size=512, num_experts=64)
+    y, balance_loss = ffn(x)                  # x: [..., H]; y like x
+
+The forward follows Tutel's hello-world: softmax router -> top-1 -> sort tokens by expert ->
+(all-to-all) -> batched experts -> (all-to-all back) -> unsort -> scale by the gate.
+With `group=None` everything is local. With a process group of size W, rank r holds experts
+r*E/W ... (r+1)*E/W - 1 and tokens travel to their expert's rank by `all_to_all_single`
+(NCCL on GPUs, gloo on CPUs; gradients flow back through both exchanges). Expert parameters
+carry `param.expert = True` so a training loop can keep them out of the data-parallel
+all-reduce. No token is ever dropped, whatever the load: every expert runs on exactly the
+tokens routed to it, as one `addmm` per expert into preallocated buffers (`_ExpertFFN`).
+
+Copy this file alone into another project: it imports only torch.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+class _Permute(torch.autograd.Function):
+    """Rows of x in `index` order. Backward scatters them back without accumulation (index
+    has no repeats), which is cheaper than the generic indexing backward."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(index)
+        ctx.rows = x.shape[0]
+        return x.index_select(0, index)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (index,) = ctx.saved_tensors
+        return grad.new_zeros(ctx.rows, grad.shape[1]).index_copy_(0, index, grad), None
+
+
+class _ExpertFFN(torch.autograd.Function):
+    """GELU FFNs of E experts on tokens already sorted by expert (`counts[e]` rows each).
+
+    A Python loop of one `addmm`/`mm` per expert into preallocated buffers: on CPUs this beats
+    padding to the busiest expert + `bmm` and `grouped_mm` (see bench.py), and the GELU and
+    its backward run once over all tokens instead of once per expert."""
+
+    @staticmethod
+    def forward(ctx, xs, counts: list[int], w1, b1, w2, b2):
+        bounds = [0]
+        for c in counts:
+            bounds.append(bounds[-1] + c)
+        spans = [(e, s, t) for e, (s, t) in enumerate(zip(bounds[:-1], bounds[1:])) if t > s]
+        h = xs.new_empty(xs.shape[0], w1.shape[2])            # (N, F)
+        for e, s, t in spans:
+            torch.addmm(b1[e], xs[s:t], w1[e], out=h[s:t])
+        a = F.gelu(h)
+        y = xs.new_empty(xs.shape[0], w2.shape[2])            # (N, H)
+        for e, s, t in spans:
+            torch.addmm(b2[e], a[s:t], w2[e], out=y[s:t])
+        ctx.save_for_backward(xs, h, a, w1, w2)
+        ctx.spans = spans
+        return y
+
+    @staticmethod
+    def backward(ctx, gy):
+        xs, h, a, w1, w2 = ctx.saved_tensors
+        gy = gy.contiguous()
+        # experts that got no token get zero gradients
+        gw1, gb1 = torch.zeros_like(w1), w1.new_zeros(w1.shape[0], w1.shape[2])
+        gw2, gb2 = torch.zeros_like(w2), w2.new_zeros(w2.shape[0], w2.shape[2])
+        ga, gx = torch.empty_like(h), torch.empty_like(xs)
+        for e, s, t in ctx.spans:
+            torch.mm(a[s:t].T, gy[s:t], out=gw2[e])
+            torch.sum(gy[s:t], 0, out=gb2[e])
+            torch.mm(gy[s:t], w2[e].T, out=ga[s:t])
+        gh = torch.ops.aten.gelu_backward(ga, h)
+        for e, s, t in ctx.spans:
+            torch.mm(xs[s:t].T, gh[s:t], out=gw1[e])
+            torch.sum(gh[s:t], 0, out=gb1[e])
+            torch.mm(gh[s:t], w1[e].T, out=gx[s:t])
+        return gx, None, gw1, gb1, gw2, gb2
+
+
+def _all_to_all(x: torch.Tensor, send: list[int], recv: list[int], group) -> torch.Tensor:
+    """Differentiable uneven all-to-all of rows: send[r] rows go to rank r, recv[r] come back."""
+    from torch.distributed.nn.functional import all_to_all_single
+    out = x.new_empty(sum(recv), *x.shape[1:])
+    return all_to_all_single(out, x.contiguous(), recv, send, group=group)
+
+
+class SwitchFFN(nn.Module):
+    """Switch-Transformer FFN layer: router (Eq. 1), top-1 (Eq. 2), p_i(x)·E_i(x) (Eq. 3),
+    balance loss KL(uniform || mean router probability) over the batch's tokens (Eq. 4-5)."""
+
+    def __init__(self, hidden_size: int, intermediate_size: int, num_experts: int, group=None):
+        super().__init__()
+        self.world = dist.get_world_size(group) if group is not None else 1
+        self.rank = dist.get_rank(group) if group is not None else 0
+        if num_experts % self.world:
+            raise ValueError(f"{num_experts} experts cannot be split evenly over {self.world} "
+                             f"ranks: choose a world size that divides the number of experts")
+        self.group, self.num_experts = group, num_experts
+        self.local_experts = num_experts // self.world
+        self.router = nn.Linear(hidden_size, num_experts)      # W_r, b_r of Eq. 1
+        E, H, Fd = self.local_experts, hidden_size, intermediate_size
+        self.w1 = nn.Parameter(torch.empty(E, H, Fd))
+        self.b1 = nn.Parameter(torch.zeros(E, Fd))
+        self.w2 = nn.Parameter(torch.empty(E, Fd, H))
+        self.b2 = nn.Parameter(torch.zeros(E, H))
+        for p in (self.w1, self.b1, self.w2, self.b2):
+            p.expert = True
+        self.reset_parameters()
+        self.last_counts = torch.zeros(num_experts, dtype=torch.long)  # tokens per expert, last call
+        if group is not None:
+            self._check_group(hidden_size, intermediate_size)
+
+    def reset_parameters(self, std: float = 0.02) -> None:
+        for w in (self.w1, self.w2):
+            nn.init.normal_(w, std=std)
+        nn.init.zeros_(self.b1)
+        nn.init.zeros_(self.b2)
+
+    def _check_group(self, hidden_size: int, intermediate_size: int) -> None:
+        # every rank must agree before any token moves, or a mismatch would hang the exchange
+        mine = torch.tensor([hidden_size, intermediate_size, self.num_experts], dtype=torch.long)
+        everyone = [torch.empty_like(mine) for _ in range(self.world)]
+        dist.all_gather(everyone, mine, group=self.group)
+        if any(not torch.equal(mine, other) for other in everyone):
+            raise ValueError("SwitchFFN configuration differs across ranks (hidden, intermediate, "
+                             f"experts): {[o.tolist() for o in everyone]}; build the same model everywhere")
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None):
+        """x: [..., H]; mask: [...] bool, False for padding (kept out of routing and Eq. 4).
+        Returns y like x (zero at padding) and the scalar balance loss."""
+        shape = x.shape
+        x = x.reshape(-1, shape[-1])                                 # (N, H)
+        keep = None if mask is None else mask.reshape(-1).nonzero().squeeze(1)
+        tokens = x if keep is None else _Permute.apply(x, keep)     # (M, H) real tokens
+        probs = self.router(tokens).float().softmax(-1)              # Eq. 1, (M, E)
+        gate, expert = probs.max(-1)                                 # Eq. 2
+        mean_prob = probs.mean(0)                                    # Eq. 4
+        balance_loss = -math.log(self.num_experts) - mean_prob.log().mean()  # Eq. 5
+        order = expert.argsort(stable=True)
+        counts = torch.bincount(expert, minlength=self.num_experts)
+        self.last_counts = counts.detach().cpu()
+        y = self._experts(_Permute.apply(tokens, order), counts)   # the seam: tokens leave and return
+        unsort = torch.empty_like(order)
+        unsort[order] = torch.arange(order.numel(), device=order.device)
+        y = _Permute.apply(y, unsort) * gate.unsqueeze(1).to(y.dtype)  # Eq. 3
+        if keep is not None:
+            y = x.new_zeros(x.shape[0], y.shape[1], dtype=y.dtype).index_copy(0, keep, y)  # padding -> 0
+        return y.reshape(shape), balance_loss
+
+    def _experts(self, xs: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        """Run xs (sorted by global expert id, counts[e] rows each) through their experts."""
+        weights = (self.w1, self.b1, self.w2, self.b2)
+        if torch.is_autocast_enabled(xs.device.type):               # one cast, then exact dtypes
+            dtype = torch.get_autocast_dtype(xs.device.type)
+            xs, weights = xs.to(dtype), [w.to(dtype) for w in weights]
+        with torch.autocast(xs.device.type, enabled=False):
+            if self.group is None:
+                return _ExpertFFN.apply(xs, counts.tolist(), *weights)
+            return self._experts_remote(xs, counts, weights)
+
+    def _experts_remote(self, xs, counts, weights) -> torch.Tensor:
+        W, E = self.world, self.local_experts
+        # counts per (destination rank, local expert) go first, so every rank knows what arrives
+        recv_counts = torch.empty_like(counts)
+        dist.all_to_all_single(recv_counts, counts, group=self.group)  # (W*E,) source-major
+        send = counts.view(W, E).sum(1).tolist()
+        recv_matrix = recv_counts.view(W, E)                          # [source rank, local expert]
+        recv = recv_matrix.sum(1).tolist()
+        arrived = _all_to_all(xs, send, recv, self.group)            # grouped by source, then expert
+        # regroup by local expert: arrived is source-major, experts need expert-major
+        owner = torch.arange(E, device=xs.device).repeat(W).repeat_interleave(recv_matrix.reshape(-1))
+        by_expert = owner.argsort(stable=True)
+        ys = _ExpertFFN.apply(_Permute.apply(arrived, by_expert), recv_matrix.sum(0).tolist(), *weights)
+        back = torch.empty_like(by_expert)
+        back[by_expert] = torch.arange(by_expert.numel(), device=xs.device)
+        return _all_to_all(_Permute.apply(ys, back), recv, send, self.group)
+
+
+def _sharded(model: nn.Module):
+    for name, m in model.named_modules():
+        if isinstance(m, SwitchFFN) and m.group is not None:
+            yield name, m
+
+
+def gather_experts(model: nn.Module, state: dict | None = None) -> dict:
+    """model.state_dict() with every expert-parallel SwitchFFN's experts gathered from all
+    ranks into full [E, ...] tensors: an ordinary one-process state dict. Collective: call it
+    on every rank."""
+    state = dict(model.state_dict() if state is None else state)
+    for name, m in _sharded(model):
+        for p in ("w1", "b1", "w2", "b2"):
+            local = getattr(m, p).detach().contiguous()
+            parts = [torch.empty_like(local) for _ in range(m.world)]
+            dist.all_gather(parts, local, group=m.group)
+            state[f"{name}.{p}"] = torch.cat(parts)
+    return state
+
+
+def shard_experts(state: dict, model: nn.Module) -> dict:
+    """The inverse of gather_experts: slice a full state dict down to this rank's experts."""
+    state = dict(state)
+    for name, m in _sharded(model):
+        lo = m.rank * m.local_experts
+        for p in ("w1", "b1", "w2", "b2"):
+            state[f"{name}.{p}"] = state[f"{name}.{p}"][lo:lo + m.local_experts]
+    return state

@@ -1,0 +1,180 @@
+"""model.py against HF transformers on the same weights, parameter counts, adapters, checkpoints."""
+import json
+
+import pytest
+import torch
+
+from model import (BertConfig, BertForMaskedLM, BertForSequenceClassification, CheckpointError,
+                   from_hf_bert, load_checkpoint, read_checkpoint, save_checkpoint)
+
+transformers = pytest.importorskip("transformers")
+
+
+def hf_model(tmp_path, fmt="safetensors", head=True):
+    torch.manual_seed(0)
+    cfg = transformers.BertConfig(vocab_size=200, hidden_size=48, num_hidden_layers=3, num_attention_heads=4,
+                                  intermediate_size=96, max_position_embeddings=64, hidden_dropout_prob=0.0,
+                                  attention_probs_dropout_prob=0.0)
+    hf = transformers.BertForMaskedLM(cfg).eval()
+    with torch.no_grad():               # HF inits biases and LayerNorms to constants: perturb everything
+        for p in hf.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    state = hf.state_dict() if head else {k: v for k, v in hf.state_dict().items() if k.startswith("bert.")}
+    state = {k: v.contiguous() for k, v in state.items()}
+    (tmp_path / "config.json").write_text(json.dumps(cfg.to_dict()))
+    if fmt == "safetensors":
+        from safetensors.torch import save_file
+        save_file({k: v.clone() for k, v in state.items()}, str(tmp_path / "model.safetensors"))
+    else:
+        torch.save(state, tmp_path / "pytorch_model.bin")
+    return hf
+
+
+def batch():
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(1, 200, (3, 20), generator=g)
+    mask = torch.ones(3, 20, dtype=torch.long)
+    mask[1, 12:] = 0
+    mask[2, 5:] = 0
+    ids[mask == 0] = 0
+    types = torch.zeros_like(ids)
+    types[:, 8:] = 1
+    return ids, mask, types
+
+
+@pytest.mark.parametrize("fmt", ["safetensors", "bin"])
+def test_matches_hf_bert(tmp_path, fmt):
+    hf = hf_model(tmp_path, fmt)
+    ours = from_hf_bert(tmp_path).eval()
+    ids, mask, types = batch()
+    with torch.no_grad():
+        ref = hf.bert(input_ids=ids, attention_mask=mask, token_type_ids=types).last_hidden_state
+        out = ours.bert(ids, mask, types).hidden
+        real = mask.bool()
+        assert torch.allclose(out[real], ref[real], atol=1e-5), (out[real] - ref[real]).abs().max()
+        ref_logits = hf(input_ids=ids, attention_mask=mask, token_type_ids=types).logits
+        assert torch.allclose(ours(ids, mask, types).logits[real], ref_logits[real], atol=1e-4)
+        labels = torch.full_like(ids, -100)
+        labels[0, 3], labels[1, 7], labels[2, 1] = 5, 9, 11
+        res = ours(ids, mask, types, labels=labels)
+        assert res.logits.shape == (3, 200)
+        assert torch.allclose(res.logits, ref_logits[labels != -100], atol=1e-4)
+        hf_loss = hf(input_ids=ids, attention_mask=mask, token_type_ids=types, labels=labels).loss
+        assert torch.allclose(res.loss, hf_loss, atol=1e-5)
+
+
+def test_hf_without_head_and_bad_dirs(tmp_path):
+    hf = hf_model(tmp_path, head=False)
+    ours = from_hf_bert(tmp_path)          # encoder loaded, head random
+    assert torch.equal(ours.bert.word.weight, hf.bert.embeddings.word_embeddings.weight)
+    assert torch.equal(ours.bert.layers[2].ln2.bias, hf.bert.encoder.layer[2].output.LayerNorm.bias)
+    with pytest.raises(CheckpointError, match="config.json"):
+        from_hf_bert(tmp_path / "nowhere")
+    (tmp_path / "model.safetensors").unlink()
+    with pytest.raises(CheckpointError, match="neither"):
+        from_hf_bert(tmp_path)
+
+
+@pytest.mark.parametrize("preset,experts,paper", [("small", 0, 6.3e6), ("small", 64, 105e6),
+                                                  ("base", 0, 110e6), ("base", 64, 3.6e9)])
+def test_parameter_counts_match_paper(preset, experts, paper):
+    with torch.device("meta"):
+        model = BertForMaskedLM(BertConfig.preset(preset, num_experts=experts))
+    n = sum(p.numel() for p in model.parameters())
+    assert abs(n / paper - 1) < 0.03, n
+
+
+def test_unknown_preset():
+    with pytest.raises(ValueError, match="unknown preset"):
+        BertConfig.preset("huge")
+
+
+@pytest.mark.parametrize("experts", [0, 4])
+def test_taps_shapes_and_no_taps_by_default(experts):
+    cfg = BertConfig.preset("tiny", num_experts=experts, num_layers=2, vocab_size=100)
+    model = BertForMaskedLM(cfg)
+    ids, mask = torch.randint(1, 100, (2, 7)), torch.ones(2, 7, dtype=torch.long)
+    assert model.bert(ids, mask).taps is None
+    taps = model.bert(ids, mask, taps=True).taps
+    assert [len(taps[k]) for k in ("trunk", "inner", "q", "k")] == [4, 4, 2, 2]
+    assert taps["trunk"][0].shape == taps["inner"][3].shape == (2, 7, 128)
+    assert taps["q"][1].shape == taps["k"][0].shape == (2, 2, 7, 64)
+    # the trunk tap after the last FFN is the encoder output itself
+    assert torch.equal(taps["trunk"][-1], model.bert(ids, mask).hidden) or model.training
+
+
+def test_masked_head_and_loss():
+    torch.manual_seed(0)
+    model = BertForMaskedLM(BertConfig.preset("tiny", num_layers=1, vocab_size=50)).eval()
+    ids = torch.randint(1, 50, (2, 6))
+    labels = torch.full_like(ids, -100)
+    labels[0, 2], labels[1, 5] = 7, 3
+    res = model(ids, labels=labels)
+    full = model(ids).logits                       # (B, T, V) without labels
+    assert full.shape == (2, 6, 50)
+    assert torch.allclose(res.logits, full[labels != -100], atol=1e-6)
+    expected = torch.nn.functional.cross_entropy(full[labels != -100], labels[labels != -100])
+    assert torch.allclose(res.loss, expected, atol=1e-6)
+    assert res.balance_loss.item() == 0.0          # dense model
+    none = model(ids, labels=torch.full_like(ids, -100))
+    assert none.loss.item() == 0.0
+
+
+def test_moe_model_balance_loss_sums_layers():
+    model = BertForMaskedLM(BertConfig.preset("tiny", num_experts=4, num_layers=3, vocab_size=60)).eval()
+    ids = torch.randint(1, 60, (2, 9))
+    x, total = model.bert.drop(model.bert.ln(model.bert.word(ids) + model.bert.position.weight[:9]
+                                                   + model.bert.token_type(torch.zeros_like(ids)))), 0.0
+    out = model.bert(ids)
+    assert out.balance_loss.item() > 0
+    for layer in model.bert.layers:
+        x, b = layer(x, None, None, None)
+        total += b
+    assert torch.allclose(out.balance_loss, total)
+
+
+def test_adapter_freezing():
+    cfg = BertConfig.preset("tiny", num_experts=4, num_layers=2, vocab_size=60)
+    clf = BertForSequenceClassification(cfg, num_labels=3, adapter_size=8)
+    trainable = {n for n, p in clf.named_parameters() if p.requires_grad}
+    for name, _ in clf.named_parameters():
+        expect = ("adapter" in name or name.endswith(("ln1.weight", "ln1.bias", "ln2.weight", "ln2.bias"))
+                  or name.startswith(("bert.ln.", "pooler.", "classifier.")))
+        assert (name in trainable) == expect, name
+    assert not any("router" in n or ".ffn.w1" in n or "qkv" in n or "word" in n for n in trainable)
+    full = BertForSequenceClassification(cfg, num_labels=3)
+    assert all(p.requires_grad for p in full.parameters())
+    assert not any("adapter" in n for n, _ in full.named_parameters())
+    # near-identity: with the same encoder weights, adapters barely change the output
+    full.load_state_dict({k: v for k, v in clf.state_dict().items() if "adapter" not in k})
+    full.eval(), clf.eval()
+    ids = torch.randint(1, 60, (2, 5))
+    assert torch.allclose(full(ids).logits, clf(ids).logits, atol=1e-3)
+    out = clf(ids, labels=torch.tensor([0, 2]))
+    out.loss.backward()
+    assert all(p.grad is None for n, p in clf.named_parameters() if n not in trainable)
+    reg = BertForSequenceClassification(cfg, num_labels=1)
+    assert reg(ids, labels=torch.tensor([0.5, 2.0])).loss.ndim == 0
+
+
+def test_checkpoint_round_trip_and_errors(tmp_path):
+    cfg = BertConfig.preset("tiny", num_experts=4, num_layers=2, vocab_size=60)
+    model = BertForMaskedLM(cfg)
+    save_checkpoint(tmp_path / "m.pt", model, vocab=["a", "b"], step=7)
+    loaded, ckpt = load_checkpoint(tmp_path / "m.pt")
+    assert loaded.config == cfg and ckpt["step"] == 7 and ckpt["vocab"] == ["a", "b"]
+    for (n, a), (_, b) in zip(model.state_dict().items(), loaded.state_dict().items()):
+        assert torch.equal(a, b), n
+    assert [p.name for p in tmp_path.iterdir()] == ["m.pt"]       # no temp file left behind
+    with pytest.raises(CheckpointError, match="not found"):
+        load_checkpoint(tmp_path / "missing.pt")
+    (tmp_path / "junk.pt").write_bytes(b"\x00not a checkpoint")
+    with pytest.raises(CheckpointError, match="not a readable checkpoint"):
+        read_checkpoint(tmp_path / "junk.pt")
+    torch.save({"weights": torch.zeros(2)}, tmp_path / "other.pt")
+    with pytest.raises(CheckpointError, match="not a checkpoint of this project"):
+        load_checkpoint(tmp_path / "other.pt")
+    ckpt["config"]["hidden_size"] = 64
+    torch.save(ckpt, tmp_path / "bad.pt")
+    with pytest.raises(CheckpointError, match="do not fit"):
+        load_checkpoint(tmp_path / "bad.pt")
