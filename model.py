@@ -73,6 +73,7 @@ class MaskedLMOutput:
     loss: torch.Tensor | None
     logits: torch.Tensor                 # (n_masked, V), or (B, T, V) without labels
     balance_loss: torch.Tensor
+    taps: dict | None = None             # the encoder's taps when called with taps=True
 
 
 @dataclass
@@ -203,14 +204,15 @@ class BertForMaskedLM(nn.Module):
         h = self.transform_ln(F.gelu(self.transform(h)))
         return F.linear(h, self.bert.word.weight, self.decoder_bias)
 
-    def forward(self, input_ids, attention_mask=None, token_type_ids=None, labels=None) -> MaskedLMOutput:
-        out = self.bert(input_ids, attention_mask, token_type_ids)
+    def forward(self, input_ids, attention_mask=None, token_type_ids=None, labels=None,
+                taps: bool = False) -> MaskedLMOutput:
+        out = self.bert(input_ids, attention_mask, token_type_ids, taps=taps)
         if labels is None:
-            return MaskedLMOutput(None, self.head(out.hidden), out.balance_loss)
+            return MaskedLMOutput(None, self.head(out.hidden), out.balance_loss, out.taps)
         masked = labels != -100
         logits = self.head(out.hidden[masked])                      # (n_masked, V): the head only where scored
         loss = F.cross_entropy(logits.float(), labels[masked]) if masked.any() else logits.sum() * 0.0
-        return MaskedLMOutput(loss, logits, out.balance_loss)
+        return MaskedLMOutput(loss, logits, out.balance_loss, out.taps)
 
 
 class BertForSequenceClassification(nn.Module):
@@ -253,11 +255,12 @@ class CheckpointError(ValueError):
     """A file that is missing or is not a checkpoint of this project."""
 
 
-def save_checkpoint(path, model: nn.Module, **extra) -> None:
-    """torch.save of {config, model, **extra} to a temp file, then os.replace: never torn."""
+def save_checkpoint(path, module: nn.Module, **extra) -> None:
+    """torch.save of {config, model: state dict, **extra} to a temp file, then os.replace, so a
+    crash never leaves a torn file. extra may replace `model` (e.g. experts gathered from ranks)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    state = {"config": asdict(model.config), "model": model.state_dict(), **extra}
+    state = {"config": asdict(module.config), "model": module.state_dict(), **extra}
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
     os.close(fd)
     try:

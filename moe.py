@@ -117,11 +117,14 @@ class SwitchFFN(nn.Module):
         if group is not None:
             self._check_group(hidden_size, intermediate_size)
 
+    @torch.no_grad()
     def reset_parameters(self, std: float = 0.02) -> None:
+        # draw all E experts and keep this rank's slice: the same seed gives the same experts
+        # whatever the world size, so a sharded run starts where a one-process run starts
+        lo = self.rank * self.local_experts
         for w in (self.w1, self.w2):
-            nn.init.normal_(w, std=std)
-        nn.init.zeros_(self.b1)
-        nn.init.zeros_(self.b2)
+            w.copy_(torch.randn(self.num_experts, *w.shape[1:], device=w.device)[lo:lo + self.local_experts] * std)
+        self.b1.zero_(), self.b2.zero_()
 
     def _check_group(self, hidden_size: int, intermediate_size: int) -> None:
         # every rank must agree before any token moves, or a mismatch would hang the exchange

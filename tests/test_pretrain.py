@@ -1,0 +1,138 @@
+"""pretrain.py: masking, the three training modes, resume, token cache, bad input."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import pretrain
+from model import BertConfig, BertForMaskedLM, load_checkpoint, read_vocab, save_checkpoint
+
+ROOT = Path(__file__).resolve().parent.parent
+VOCAB = read_vocab(ROOT / "data" / "bert-base-uncased-vocab.txt")
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    d = tmp_path_factory.mktemp("corpus")
+    docs = (ROOT / "data" / "sample.txt").read_text().split("\n\n")
+    (d / "train.txt").write_text("\n\n".join(docs[:3])[:60_000])
+    (d / "valid.txt").write_text(docs[-1][:8_000])
+    return d
+
+
+def run(tmp_path, corpus, *extra, steps=30):
+    args = ["--data", str(corpus / "train.txt"), "--valid", str(corpus / "valid.txt"), "--preset", "tiny",
+            "--seq-len", "32", "--batch-size", "16", "--max-steps", str(steps), "--lr", "1e-3",
+            "--log-every", "1", "--eval-every", "1000", "--cache-dir", str(tmp_path / "cache"), *extra]
+    assert pretrain.main(args) == 0
+    out = Path(extra[extra.index("--out") + 1])
+    rows = [json.loads(line) for line in out.with_suffix(".metrics.jsonl").read_text().splitlines()]
+    return [r for r in rows if "mlm" in r], out
+
+
+def test_masking_follows_bert():
+    ids = torch.randint(1000, 30000, (400, 64))
+    ids[:, 0], ids[:, -1], ids[:10, 30:] = 101, 102, 0
+    special = torch.tensor([0, 100, 101, 102, 103])
+    inputs, labels = pretrain.mask_tokens(ids, special, 103, 30522, pretrain.seeded(0))
+    scored = labels != -100
+    candidates = ~torch.isin(ids, special)
+    assert not scored[~candidates].any() and torch.equal(labels[scored], ids[scored])
+    assert abs(scored.sum() / candidates.sum() - 0.15) < 0.01
+    masked = (inputs == 103) & scored
+    kept = (inputs == ids) & scored
+    assert abs(masked.sum() / scored.sum() - 0.8) < 0.02
+    assert abs(kept.sum() / scored.sum() - 0.1) < 0.02                # random ones rarely hit the original
+    assert torch.equal(inputs[~scored], ids[~scored])
+    again = pretrain.mask_tokens(ids, special, 103, 30522, pretrain.seeded(0))
+    assert torch.equal(again[0], inputs)
+    assert not torch.equal(pretrain.mask_tokens(ids, special, 103, 30522, pretrain.seeded(1))[0], inputs)
+
+
+def test_segments_and_cache(tmp_path, corpus, monkeypatch):
+    seg = pretrain.segments([str(corpus / "train.txt")], VOCAB, 32, tmp_path, print)
+    assert seg.dtype.name == "uint16" and seg.shape[1] == 32
+    assert (seg[:, 0] == 101).all() and (seg[:, -1] == 102).all()
+    tok = pretrain.make_tokenizer(VOCAB)
+    first = tok.encode((corpus / "train.txt").read_text().split("\n\n")[0], add_special_tokens=False).ids
+    assert list(seg[0, 1:-1]) == first[:30]                           # continuous text, in order
+    monkeypatch.setattr(pretrain, "make_tokenizer", lambda v: pytest.fail("re-tokenized"))
+    assert (pretrain.segments([str(corpus / "train.txt")], VOCAB, 32, tmp_path, print) == seg).all()
+    assert len(list(tmp_path.glob("tokens-*.npy"))) == 1
+
+
+def test_jsonl_and_directory_corpora(tmp_path):
+    (tmp_path / "a.jsonl").write_text(json.dumps({"text": "one doc"}) + "\n" + json.dumps({"text": "two"}) + "\n")
+    (tmp_path / "b.txt").write_text("three\nstill three\n\nfour\n")
+    assert pretrain.read_documents(str(tmp_path)) == ["one doc", "two", "three\nstill three", "four\n"]
+    (tmp_path / "bad.jsonl").write_text('{"text": "x"}\nnot json\n')
+    with pytest.raises(pretrain.UsageError, match="line 2"):
+        pretrain.read_documents(str(tmp_path / "bad.jsonl"))
+
+
+@pytest.mark.parametrize("mode", ["vanilla", "moe", "tcd"])
+def test_training_lowers_mlm_loss(tmp_path, corpus, mode):
+    extra = ["--out", str(tmp_path / f"{mode}.pt")]
+    if mode != "vanilla":
+        extra += ["--moe", "--experts", "4"]
+    if mode == "tcd":
+        teacher = BertForMaskedLM(BertConfig.preset("tiny"))
+        save_checkpoint(tmp_path / "teacher.pt", teacher, vocab=VOCAB)
+        extra += ["--teacher", str(tmp_path / "teacher.pt"), "--relation-tokens", "256", "--relation-group", "32"]
+    rows, out = run(tmp_path, corpus, *extra)
+    first, last = sum(r["mlm"] for r in rows[:3]) / 3, sum(r["mlm"] for r in rows[-3:]) / 3
+    assert last < first - 1.0, (first, last)
+    if mode != "vanilla":
+        assert all(r["balance"] > 0 for r in rows) and "load_max" in rows[-1]
+    if mode == "tcd":
+        assert all(r["trunk"] > 0 and r["inner"] > 0 and r["attention"] == 0 for r in rows)
+    model, ckpt = load_checkpoint(out)
+    assert ckpt["step"] == 30 and ckpt["vocab"] == VOCAB and ckpt["metrics"]["pretrain_perf"] < 0
+    assert model.config.moe == (mode != "vanilla")
+
+
+def test_resume_equals_uninterrupted_run(tmp_path, corpus):
+    common = ["--moe", "--experts", "4"]
+    full, full_out = run(tmp_path, corpus, *common, "--out", str(tmp_path / "full.pt"), steps=8)
+    run(tmp_path, corpus, *common, "--out", str(tmp_path / "part.pt"), "--stop-at", "4", steps=8)
+    rows, part_out = run(tmp_path, corpus, *common, "--out", str(tmp_path / "part.pt"),
+                         "--resume", str(tmp_path / "part.pt"), steps=8)
+    assert [r["step"] for r in rows] == list(range(1, 9))
+    assert [r["loss"] for r in rows] == pytest.approx([r["loss"] for r in full], abs=1e-6)
+    a, b = load_checkpoint(full_out)[0].state_dict(), load_checkpoint(part_out)[0].state_dict()
+    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+
+
+def cli(*args, cwd):
+    return subprocess.run([sys.executable, str(ROOT / "pretrain.py"), *args], cwd=cwd, capture_output=True,
+                          text=True, timeout=300)
+
+
+def test_bad_input_is_one_clear_line(tmp_path, corpus):
+    (tmp_path / "empty.txt").write_text("\n\n")
+    other_vocab = VOCAB[:-1] + ["zzz"]
+    save_checkpoint(tmp_path / "vocab.pt", BertForMaskedLM(BertConfig.preset("tiny", vocab_size=len(VOCAB))),
+                    vocab=other_vocab)
+    save_checkpoint(tmp_path / "layers.pt", BertForMaskedLM(BertConfig.preset("tiny", num_layers=2)), vocab=VOCAB)
+    base = ["--preset", "tiny", "--seq-len", "32", "--batch-size", "4", "--max-steps", "1",
+            "--data", str(corpus / "train.txt"), "--moe", "--experts", "4", "--out", str(tmp_path / "x.pt")]
+    cases = [
+        (["--data", str(tmp_path / "nope.txt")], "not found"),
+        (["--data", str(tmp_path / "empty.txt")], "no text"),
+        (["--teacher", str(tmp_path / "missing.pt")], "not found"),
+        (["--teacher", str(tmp_path / "vocab.pt")], "vocabularies differ"),
+        (["--teacher", str(tmp_path / "layers.pt")], "layers differ"),
+        (["--resume", str(corpus / "train.txt")], "not a readable checkpoint"),
+        (["--batch-size", "100000"], "--batch-size"),
+    ]
+    for extra, words in cases:
+        r = cli(*base, *extra, cwd=tmp_path)
+        assert r.returncode != 0 and "Traceback" not in r.stderr, r.stderr
+        last = [line for line in r.stderr.splitlines() if line.strip()][-1]
+        assert last.startswith("pretrain.py: error:") and words in last, r.stderr
+    r = cli("--preset", "huge", cwd=tmp_path)
+    assert r.returncode == 2 and "invalid choice" in r.stderr and "Traceback" not in r.stderr
+    assert not (tmp_path / "x.pt").exists()
