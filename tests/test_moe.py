@@ -107,3 +107,92 @@ def test_expert_parameters_are_marked():
     ffn = SwitchFFN(8, 16, 4)
     marked = {n for n, p in ffn.named_parameters() if getattr(p, "expert", False)}
     assert marked == {"w1", "b1", "w2", "b2"}
+
+
+# ----------------------------------------------------------------------------- expert parallel (gloo, 2 ranks)
+
+def _free_port() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _sharded_worker(rank: int, world: int, port: int, results):
+    import torch.distributed as dist
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        torch.manual_seed(0)
+        full = SwitchFFN(16, 24, 6)                       # the same full weights on every rank
+        with torch.no_grad():
+            full.router.weight.mul_(10)
+            full.b1.normal_(), full.b2.normal_()
+            full.router.bias[[1, 4]] = -30.0             # experts 1 (rank 0) and 4 (rank 1) get no token
+        torch.manual_seed(0)
+        shard = SwitchFFN(16, 24, 6, group=dist.group.WORLD)
+        lo = rank * 3
+        with torch.no_grad():
+            shard.router.load_state_dict(full.router.state_dict())
+            for name in ("w1", "b1", "w2", "b2"):
+                getattr(shard, name).copy_(getattr(full, name)[lo:lo + 3])
+        g = torch.Generator().manual_seed(100 + rank)
+        x = torch.randn(5 + 9 * rank, 16, generator=g, requires_grad=True)     # uneven token counts
+        weight = torch.randn(x.shape, generator=g)
+        y, bal = shard(x)
+        ((y * weight).sum() + 2.0 * bal).backward()
+        x_ref = x.detach().clone().requires_grad_(True)
+        y_ref, bal_ref = full(x_ref)
+        ((y_ref * weight).sum() + 2.0 * bal_ref).backward()
+        router_grad = shard.router.weight.grad.clone()
+        dist.all_reduce(router_grad)
+        ref_router = full.router.weight.grad.clone()
+        dist.all_reduce(ref_router)
+        results[rank] = {
+            "y": torch.allclose(y, y_ref, atol=1e-5), "bal": torch.allclose(bal, bal_ref, atol=1e-6),
+            "x_grad": torch.allclose(x.grad, x_ref.grad, atol=1e-5),
+            "router_grad": torch.allclose(router_grad, ref_router, atol=1e-5),
+            "counts_zero": bool((shard.last_counts == 0).any()),
+            "local_experts": shard.w1.shape[0],
+        }
+        # expert gradients on their owner equal the one-process gradients over all ranks' tokens
+        expert_grads = {n: getattr(full, n).grad.clone() for n in ("w1", "b1", "w2", "b2")}
+        for t in expert_grads.values():
+            dist.all_reduce(t)
+        results[rank]["expert_grads"] = all(
+            torch.allclose(getattr(shard, n).grad, expert_grads[n][lo:lo + 3], atol=1e-5) for n in expert_grads)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_sharded_layer_equals_one_process():
+    import torch.multiprocessing as mp
+    results = mp.Manager().dict()
+    mp.spawn(_sharded_worker, args=(2, _free_port(), results), nprocs=2, join=True)
+    for rank in (0, 1):
+        r = dict(results[rank])
+        assert r.pop("local_experts") == 3 and r.pop("counts_zero")
+        assert all(r.values()), (rank, r)
+
+
+def _bad_world_worker(rank: int, world: int, port: int, results):
+    import torch.distributed as dist
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    errors = []
+    for hidden, experts in ((8, 5), (8 + 8 * rank, 4)):   # E % W != 0; then different shapes per rank
+        try:
+            SwitchFFN(hidden, 16, experts, group=dist.group.WORLD)
+        except ValueError as e:
+            errors.append(str(e))
+    try:
+        results[rank] = errors
+    finally:
+        dist.destroy_process_group()
+
+
+def test_experts_not_divisible_by_world_fail_fast():
+    import torch.multiprocessing as mp
+    results = mp.Manager().dict()
+    mp.spawn(_bad_world_worker, args=(2, _free_port(), results), nprocs=2, join=True)
+    for r in (0, 1):
+        assert "5 experts cannot be split evenly over 2" in results[r][0]
+        assert "differs across ranks" in results[r][1]

@@ -136,3 +136,49 @@ def test_bad_input_is_one_clear_line(tmp_path, corpus):
     r = cli("--preset", "huge", cwd=tmp_path)
     assert r.returncode == 2 and "invalid choice" in r.stderr and "Traceback" not in r.stderr
     assert not (tmp_path / "x.pt").exists()
+
+
+# ----------------------------------------------------------------------------- torchrun, 2 ranks (gloo)
+
+def torchrun(*args, cwd, nproc=2):
+    from tests.test_moe import _free_port
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
+           f"--master_port={_free_port()}", str(ROOT / "pretrain.py"), *args]
+    return subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=300)
+
+
+def same_weights(a, b, atol=1e-5):
+    sa, sb = torch.load(a, weights_only=True)["model"], torch.load(b, weights_only=True)["model"]
+    assert sa.keys() == sb.keys()
+    worst = max((sa[k].float() - sb[k].float()).abs().max().item() for k in sa)
+    assert worst <= atol, worst
+
+
+def test_two_ranks_equal_one_process_and_resume_on_any_world(tmp_path, corpus, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    teacher = BertForMaskedLM(BertConfig.preset("tiny"))
+    save_checkpoint(tmp_path / "teacher.pt", teacher, vocab=VOCAB)
+    common = ["--data", str(corpus / "train.txt"), "--preset", "tiny", "--seq-len", "32", "--batch-size", "16",
+              "--max-steps", "6", "--lr", "1e-3", "--moe", "--experts", "4", "--cache-dir", "cache",
+              "--teacher", "teacher.pt", "--relation-tokens", "128", "--relation-group", "32"]
+    r = torchrun(*common, "--out", "two.pt", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert pretrain.main([*common, "--grad-accum", "2", "--out", str(tmp_path / "one.pt")]) == 0
+    same_weights(tmp_path / "one.pt", tmp_path / "two.pt")
+    one, _ = load_checkpoint(tmp_path / "two.pt")                    # consolidated: loads in one process
+    assert one.bert.layers[0].ffn.w1.shape[0] == 4
+    r = torchrun(*common, "--out", "part.pt", "--stop-at", "3", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    r = torchrun(*common, "--out", "resumed2.pt", "--resume", "part.pt", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    same_weights(tmp_path / "resumed2.pt", tmp_path / "two.pt")
+    assert pretrain.main([*common, "--grad-accum", "2", "--out", str(tmp_path / "resumed1.pt"),
+                          "--resume", str(tmp_path / "part.pt")]) == 0
+    same_weights(tmp_path / "resumed1.pt", tmp_path / "two.pt")
+
+
+def test_experts_not_divisible_by_world_exit_cleanly(tmp_path, corpus):
+    r = torchrun("--data", str(corpus / "train.txt"), "--preset", "tiny", "--seq-len", "32", "--batch-size", "4",
+                 "--max-steps", "1", "--moe", "--experts", "3", "--cache-dir", "cache", "--out", "x.pt", cwd=tmp_path)
+    assert r.returncode != 0
+    assert r.stderr.count("pretrain.py: error: 3 experts cannot be split evenly over 2 ranks") == 2, r.stderr
