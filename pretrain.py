@@ -37,7 +37,7 @@ from tqdm import tqdm
 
 from distill import Teacher, sample_groups, tcd_losses
 from model import (BertConfig, BertForMaskedLM, CheckpointError, make_tokenizer, read_checkpoint,
-                   read_vocab, save_checkpoint)
+                   read_vocab, save_checkpoint, tune_allocator)
 from moe import gather_experts, shard_experts
 
 HERE = Path(__file__).resolve().parent
@@ -413,6 +413,7 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    tune_allocator()
     try:
         return train(args)
     except (UsageError, CheckpointError, FileNotFoundError, ValueError) as e:
