@@ -284,11 +284,11 @@ def train(args) -> int:
     signal.signal(signal.SIGINT, lambda *_: stop.update(now=True))
     metrics = {}
 
-    def save(step: int) -> None:
+    def save(step: int, path: Path = out) -> None:
         state = gather_experts(model) if group is not None else model.state_dict()
         opt = optimizer_state(optimizer, model, group is not None)
         if rank == 0:
-            save_checkpoint(out, model, model=state, vocab=vocab, step=step, epoch=step / steps_per_epoch,
+            save_checkpoint(path, model, model=state, vocab=vocab, step=step, epoch=step / steps_per_epoch,
                             metrics=metrics, optimizer=opt, scheduler=scheduler.state_dict(),
                             rng=torch.get_rng_state(), data_state={"seed": args.seed, "step": step,
                             "batch_size": args.batch_size, "segments": len(train_seg)}, args=vars(args))
@@ -357,6 +357,8 @@ def train(args) -> int:
             log(f"step {done} epoch {done / steps_per_epoch:.2f}: Pre-Train Perf. {metrics['pretrain_perf']:.5f}")
         if done % steps_per_epoch == 0 and done != total_steps:
             save(done)
+        if done % steps_per_epoch == 0 and args.keep_epochs:
+            save(done, out.with_name(f"{out.stem}.epoch{done // steps_per_epoch}.pt"))
         if world > 1:
             flag = torch.tensor([float(stop["now"])])
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
@@ -403,6 +405,7 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", help="checkpoint path (default ckpt/vanilla.pt, ckpt/moe.pt or ckpt/moe_tcd.pt)")
     p.add_argument("--cache-dir", help="token cache (default: cache/ beside the checkpoint directory)")
+    p.add_argument("--keep-epochs", action="store_true", help="also keep NAME.epochN.pt at each epoch end")
     p.add_argument("--resume", help="checkpoint to continue from (model, optimizer, schedule, data position)")
     p.add_argument("--log-every", type=int, default=10)
     p.add_argument("--eval-every", type=int, default=1000)

@@ -1,0 +1,370 @@
+"""Fine-tune a pretrained checkpoint on GLUE, fully or with Houlsby adapters (paper Appendix B).
+
+    python finetune.py --task rte --adapter 64                  # adapter fine-tuning of ckpt/moe_tcd.pt
+    python finetune.py --task mrpc --ckpt ckpt/vanilla.pt --lr 1e-5 2e-5 5e-5 --seeds 1 2 3
+    python finetune.py --tasks all --ckpt ckpt/moe.pt --adapter 0 64   # full and adapter; the paper's row
+
+Data, in order: --data-dir (a task's own train.tsv/dev.tsv, or a glue_data/ directory holding
+<Task>/ folders), $GLUE_DIR/<Task>, else Hugging Face `nyu-mll/glue` for users with a network.
+Each run trains for --epochs, evaluates on dev after every epoch and keeps its best epoch. The
+summary is the paper's: for each setting (mode, adapter size, lr) the mean over seeds of the
+best-epoch scores, then the best setting; with several --adapter values (0 = full) that is
+"the better of full and adapter fine-tuning".
+
+MoE checkpoints fine-tune with their router (full mode) and without the balance loss: Eq. 5
+keeps expert load even for expert-parallel throughput in pretraining; a single-process task
+fine-tune has no such need, and the paper adds no such term to the task loss. --lambda-b adds it back.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from scipy import stats
+from tqdm import tqdm
+
+from model import (BertForSequenceClassification, CheckpointError, load_checkpoint, make_tokenizer, read_vocab,
+                   tune_allocator)
+
+HERE = Path(__file__).resolve().parent
+
+
+class UsageError(Exception):
+    """Bad input: reported as one line, exit code 2."""
+
+
+@dataclass
+class Task:
+    name: str                      # the glue_data/ folder name
+    hf: str                        # the nyu-mll/glue config
+    columns: tuple                 # TSV header names of (text_a, text_b or None, label)
+    labels: tuple | None           # label strings in id order; None: regression score
+    metrics: tuple
+    hf_columns: tuple = ()
+    dev: tuple = ("dev",)
+
+
+TASKS = {
+    "cola": Task("CoLA", "cola", (3, None, 1), ("0", "1"), ("mcc",), ("sentence", None)),
+    "sst2": Task("SST-2", "sst2", ("sentence", None, "label"), ("0", "1"), ("acc",), ("sentence", None)),
+    "mrpc": Task("MRPC", "mrpc", ("#1 String", "#2 String", "Quality"), ("0", "1"), ("acc", "f1"),
+                 ("sentence1", "sentence2")),
+    "stsb": Task("STS-B", "stsb", ("sentence1", "sentence2", "score"), None, ("pearson", "spearman"),
+                 ("sentence1", "sentence2")),
+    "qqp": Task("QQP", "qqp", ("question1", "question2", "is_duplicate"), ("0", "1"), ("acc", "f1"),
+                ("question1", "question2")),
+    "mnli": Task("MNLI", "mnli", ("sentence1", "sentence2", "gold_label"), ("entailment", "neutral", "contradiction"),
+                 ("acc",), ("premise", "hypothesis"), ("dev_matched", "dev_mismatched")),
+    "qnli": Task("QNLI", "qnli", ("question", "sentence", "label"), ("entailment", "not_entailment"), ("acc",),
+                 ("question", "sentence")),
+    "rte": Task("RTE", "rte", ("sentence1", "sentence2", "label"), ("entailment", "not_entailment"), ("acc",),
+                ("sentence1", "sentence2")),
+}
+COLUMNS = [("cola", "mcc"), ("mrpc", "acc"), ("mrpc", "f1"), ("sst2", "acc"), ("stsb", "pearson"),
+           ("stsb", "spearman"), ("rte", "acc"), ("mnli", "acc_m"), ("mnli", "acc_mm"), ("qnli", "acc"),
+           ("qqp", "acc"), ("qqp", "f1")]                      # the paper's 12 columns, Tables 1-2
+
+
+def task_key(name: str) -> str:
+    key = name.lower().replace("-", "").replace("_", "")
+    if key not in TASKS:
+        raise UsageError(f"unknown task {name!r}: choose from {', '.join(TASKS)} (or --tasks all)")
+    return key
+
+
+# ----------------------------------------------------------------------------- data
+
+def read_tsv(path: Path, task: Task) -> tuple[list, list, list]:
+    """(texts_a, texts_b, labels) from a GLUE TSV; every row must have the header's column count."""
+    if not path.is_file():
+        raise UsageError(f"{path} not found: pass --data-dir holding the GLUE {task.name} TSV files")
+    with path.open(encoding="utf-8", newline="") as f:
+        rows = list(csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE))
+    header = None if isinstance(task.columns[0], int) else rows.pop(0) if rows else []
+    width = len(header) if header is not None else max(task.columns[0], task.columns[2]) + 1
+    try:
+        cols = [c if c is None or isinstance(c, int) else header.index(c) for c in task.columns]
+    except ValueError:
+        raise UsageError(f"{path}: header {header} lacks the {task.name} columns {task.columns}") from None
+    a, b, y = [], [], []
+    for n, row in enumerate(rows, 2 if header is not None else 1):
+        if len(row) != width:
+            raise UsageError(f"{path} line {n}: {len(row)} columns, expected {width} for {task.name}")
+        a.append(row[cols[0]])
+        b.append(row[cols[1]] if cols[1] is not None else None)
+        y.append(parse_label(row[cols[2]], task, f"{path} line {n}"))
+    if not a:
+        raise UsageError(f"{path} holds no examples")
+    return a, b, y
+
+
+def parse_label(value, task: Task, where: str):
+    if task.labels is None:
+        try:
+            return float(value)
+        except ValueError:
+            raise UsageError(f"{where}: score {value!r} is not a number") from None
+    value = str(value)
+    if value not in task.labels:
+        raise UsageError(f"{where}: label {value!r} is not one of {', '.join(task.labels)} ({task.name})")
+    return task.labels.index(value)
+
+
+def load_task(key: str, data_dir: str | None) -> dict:
+    """{"train": (a, b, y), "dev": ..., ["dev_mm": ...]} from TSVs, or from the HF hub."""
+    task = TASKS[key]
+    root = None
+    if data_dir:
+        d = Path(data_dir)
+        root = d if (d / "train.tsv").is_file() else d / task.name
+        if not root.is_dir():
+            raise UsageError(f"--data-dir {d}: no train.tsv there and no {task.name}/ folder in it")
+    elif os.environ.get("GLUE_DIR"):
+        root = Path(os.environ["GLUE_DIR"]) / task.name
+    if root is not None:
+        splits = {"train": read_tsv(root / "train.tsv", task)}
+        for name, dev in zip(("dev", "dev_mm"), task.dev):
+            splits[name] = read_tsv(root / f"{dev}.tsv", task)
+        return splits
+    import datasets                                   # network path, for users with one
+    hub = datasets.load_dataset("nyu-mll/glue", task.hf)
+    names = {"train": "train", "dev": "validation" if key != "mnli" else "validation_matched",
+             "dev_mm": "validation_mismatched"}
+    splits = {}
+    for name, split in names.items():
+        if split not in hub:
+            continue
+        ds, (ca, cb) = hub[split], task.hf_columns
+        y = [v if task.labels is None else task.labels[v] for v in ds["label"]]
+        splits[name] = (ds[ca], ds[cb] if cb else [None] * len(ds), [parse_label(v, task, split) for v in y])
+    return splits
+
+
+def encode(tokenizer, a: list, b: list, max_len: int) -> list[tuple[list, list]]:
+    tokenizer.enable_truncation(max_len)
+    pairs = [x if y is None else (x, y) for x, y in zip(a, b)]
+    return [(e.ids, e.type_ids) for e in tokenizer.encode_batch(pairs)]
+
+
+def batches(encoded, labels, batch_size: int, generator=None):
+    """Dynamically padded batches: (ids, attention_mask, token_types, labels)."""
+    order = torch.randperm(len(encoded), generator=generator) if generator else torch.arange(len(encoded))
+    for s in range(0, len(order), batch_size):
+        idx = order[s:s + batch_size].tolist()
+        T = max(len(encoded[i][0]) for i in idx)
+        ids = torch.zeros(len(idx), T, dtype=torch.long)
+        types = torch.zeros_like(ids)
+        for r, i in enumerate(idx):
+            ids[r, :len(encoded[i][0])] = torch.tensor(encoded[i][0])
+            types[r, :len(encoded[i][1])] = torch.tensor(encoded[i][1])
+        y = torch.tensor([labels[i] for i in idx])
+        yield ids, (ids != 0).long(), types, y
+
+
+# ----------------------------------------------------------------------------- metrics (GLUE's definitions)
+
+def matthews(pred, gold) -> float:
+    pred, gold = np.asarray(pred), np.asarray(gold)
+    tp, tn = np.sum((pred == 1) & (gold == 1)), np.sum((pred == 0) & (gold == 0))
+    fp, fn = np.sum((pred == 1) & (gold == 0)), np.sum((pred == 0) & (gold == 1))
+    denom = math.sqrt(float((tp + fp) * (tp + fn) * (tn + fp) * (tn + fn)))
+    return float(tp * tn - fp * fn) / denom if denom else 0.0
+
+
+def f1(pred, gold) -> float:
+    pred, gold = np.asarray(pred), np.asarray(gold)
+    tp = np.sum((pred == 1) & (gold == 1))
+    denom = 2 * tp + np.sum((pred == 1) & (gold == 0)) + np.sum((pred == 0) & (gold == 1))
+    return float(2 * tp / denom) if denom else 0.0
+
+
+def correlation(fn, pred, gold) -> float:
+    if np.std(pred) == 0 or np.std(gold) == 0:       # undefined for a constant: report no correlation
+        return 0.0
+    return float(fn(pred, gold)[0])
+
+
+def score(task: Task, pred, gold) -> dict[str, float]:
+    """The task's GLUE metrics, in percent."""
+    found = {"mcc": lambda: matthews(pred, gold), "f1": lambda: f1(pred, gold),
+             "acc": lambda: float(np.mean(np.asarray(pred) == np.asarray(gold))),
+             "pearson": lambda: correlation(stats.pearsonr, pred, gold),
+             "spearman": lambda: correlation(stats.spearmanr, pred, gold)}
+    return {m: 100 * found[m]() for m in task.metrics}
+
+
+# ----------------------------------------------------------------------------- training
+
+def predict(model, encoded, batch_size, device, bf16) -> list:
+    model.eval()
+    out = []
+    with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+        for ids, mask, types, _ in batches(encoded, [0] * len(encoded), batch_size * 2):
+            logits = model(ids.to(device), mask.to(device), types.to(device)).logits.float()
+            out += (logits.squeeze(-1) if model.num_labels == 1 else logits.argmax(-1)).tolist()
+    model.train()
+    return out
+
+
+def evaluate(task: Task, model, data: dict, batch_size, device, bf16) -> dict[str, float]:
+    result = score(task, predict(model, data["dev"][0], batch_size, device, bf16), data["dev"][1])
+    if "dev_mm" in data:                              # MNLI: matched and mismatched
+        mm = score(task, predict(model, data["dev_mm"][0], batch_size, device, bf16), data["dev_mm"][1])
+        result = {"acc_m": result["acc"], "acc_mm": mm["acc"]}
+    return result
+
+
+def run_one(args, key, data, mlm, ckpt_config, adapter: int, lr: float, seed: int, device) -> dict:
+    task = TASKS[key]
+    torch.manual_seed(seed)
+    model = BertForSequenceClassification(ckpt_config, num_labels=len(task.labels or [0]), adapter_size=adapter)
+    missing, unexpected = model.bert.load_state_dict(mlm.bert.state_dict(), strict=False)
+    assert not unexpected and all("adapter" in k for k in missing), (missing, unexpected)
+    model.to(device).train()
+    params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    no_decay = lambda n: n.endswith(("bias", ".b1", ".b2")) or ".ln" in n
+    optimizer = torch.optim.AdamW([{"params": [p for n, p in params if not no_decay(n)], "weight_decay": args.weight_decay},
+                                   {"params": [p for n, p in params if no_decay(n)], "weight_decay": 0.0}], lr=lr)
+    epochs = args.epochs or (20 if adapter and key in ("mnli", "qnli", "qqp") and ckpt_config.hidden_size <= 128 else 10)
+    train_x, train_y = data["train"]
+    total = epochs * math.ceil(len(train_x) / args.batch_size)
+    warmup = max(1, int(args.warmup * total))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: min((s + 1) / warmup, max(0.0, (total - s) / max(1, total - warmup))))
+    generator = torch.Generator().manual_seed(seed)
+    history = []
+    for epoch in range(1, epochs + 1):
+        t0, epoch_loss = time.time(), []
+        for ids, mask, types, y in batches(train_x, train_y, args.batch_size, generator):
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16):
+                res = model(ids.to(device), mask.to(device), types.to(device), labels=y.to(device))
+                loss = res.loss + args.lambda_b * res.balance_loss
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_([p for _, p in params], 1.0)
+            optimizer.step(), scheduler.step(), optimizer.zero_grad(set_to_none=True)
+            epoch_loss.append(loss.item())
+        dev = evaluate(task, model, data, args.batch_size, device, args.bf16)
+        history.append({"epoch": epoch, "train_loss": float(np.mean(epoch_loss)), "seconds": time.time() - t0, **dev})
+    best = max(history, key=lambda h: main_score(h, task))
+    return {"task": task.name, "ckpt": args.ckpt, "mode": "adapter" if adapter else "full", "adapter": adapter,
+            "lr": lr, "seed": seed, "epochs": history, "best": best}
+
+
+def main_score(metrics: dict, task: Task) -> float:
+    keys = ["acc_m", "acc_mm"] if "acc_m" in metrics else list(task.metrics)
+    return float(np.mean([metrics[k] for k in keys]))
+
+
+def summarize(runs: list[dict]) -> dict:
+    """Per task: mean over seeds of each setting's best-epoch metrics, and the best setting."""
+    out = {}
+    for name in dict.fromkeys(r["task"] for r in runs):
+        task = next(t for t in TASKS.values() if t.name == name)
+        settings = {}
+        for r in (r for r in runs if r["task"] == name):
+            settings.setdefault((r["mode"], r["adapter"], r["lr"]), []).append(r["best"])
+        table = []
+        for (mode, adapter, lr), bests in settings.items():
+            keys = [k for k in bests[0] if k not in ("epoch", "train_loss", "seconds")]
+            mean = {k: float(np.mean([b[k] for b in bests])) for k in keys}
+            spread = {k: float(np.std([b[k] for b in bests])) for k in keys}
+            table.append({"mode": mode, "adapter": adapter, "lr": lr, "seeds": len(bests), "mean": mean, "std": spread})
+        out[name] = {"settings": table, "best": max(table, key=lambda s: main_score(s["mean"], task))}
+    return out
+
+
+def paper_row(summary: dict) -> tuple[list[str], list[str]]:
+    """The 12 columns of Tables 1-2 and their average, for the tasks that were run."""
+    heads, cells, values = [], [], []
+    for key, metric in COLUMNS:
+        name = TASKS[key].name
+        heads.append(f"{name} {metric}")
+        v = summary.get(name, {}).get("best", {}).get("mean", {}).get(metric)
+        cells.append("-" if v is None else f"{v:.2f}")
+        values += [] if v is None else [v]
+    return heads + ["Avg"], cells + [f"{np.mean(values):.2f}" if values else "-"]
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--task", nargs="+", default=[], help="one or more of " + ", ".join(TASKS))
+    p.add_argument("--tasks", choices=["all"], help="every task whose data is present")
+    p.add_argument("--ckpt", default="ckpt/moe_tcd.pt")
+    p.add_argument("--data-dir", help="a task's train.tsv/dev.tsv, or a glue_data/ dir of <Task>/ folders")
+    p.add_argument("--adapter", type=int, nargs="+", default=[0], help="adapter sizes; 0 = full fine-tuning")
+    p.add_argument("--lr", type=float, nargs="+", help="default: full 1e-5 2e-5 5e-5; adapter 1e-4 2e-4 3e-4")
+    p.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
+    p.add_argument("--epochs", type=int, help="default 10 (20 for MNLI/QNLI/QQP adapters at H<=128)")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--max-len", type=int, default=128)
+    p.add_argument("--max-train", type=int, default=0, help="use only the first N training examples (0: all)")
+    p.add_argument("--warmup", type=float, default=0.06)
+    p.add_argument("--weight-decay", type=float, default=0.01)
+    p.add_argument("--lambda-b", type=float, default=0.0, help="MoE balance loss weight during fine-tuning")
+    p.add_argument("--bf16", action="store_true")
+    p.add_argument("--vocab", help="vocab.txt when the checkpoint carries none")
+    p.add_argument("--out", help="results JSON (default results/finetune-<ckpt>-<tasks>.json)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = p.parse_args(argv)
+    tune_allocator()
+    try:
+        return run(args)
+    except (UsageError, CheckpointError, FileNotFoundError) as e:
+        print(f"finetune.py: error: {e}", file=sys.stderr)
+        return 2
+
+
+def run(args) -> int:
+    if args.tasks == "all":
+        root = args.data_dir or os.environ.get("GLUE_DIR")
+        keys = [k for k in TASKS if root is None or (Path(root) / TASKS[k].name).is_dir()]
+    else:
+        keys = [task_key(t) for t in args.task]
+    if not keys:
+        raise UsageError("no task: pass --task NAME or --tasks all")
+    mlm, ckpt = load_checkpoint(args.ckpt)
+    vocab = ckpt.get("vocab") or read_vocab(args.vocab or HERE / "data" / "bert-base-uncased-vocab.txt")
+    tokenizer, device = make_tokenizer(vocab), torch.device(args.device)
+    runs = []
+    for key in keys:
+        raw = load_task(key, args.data_dir)
+        if args.max_train:
+            raw["train"] = tuple(col[:args.max_train] for col in raw["train"])
+        data = {split: (encode(tokenizer, a, b, args.max_len), y) for split, (a, b, y) in raw.items()}
+        settings = [(adapter, lr) for adapter in args.adapter
+                    for lr in (args.lr or ([1e-4, 2e-4, 3e-4] if adapter else [1e-5, 2e-5, 5e-5]))]
+        bar = tqdm(total=len(settings) * len(args.seeds), desc=TASKS[key].name, dynamic_ncols=True)
+        for adapter, lr in settings:
+            for seed in args.seeds:
+                r = run_one(args, key, data, mlm, mlm.config, adapter, lr, seed, device)
+                runs.append(r)
+                bar.update(1)
+                tqdm.write(f"{r['task']:6s} {r['mode']:7s} adapter={adapter:<4d} lr={lr:.0e} seed={seed}: best epoch "
+                           f"{r['best']['epoch']} " + " ".join(f"{k}={v:.2f}" for k, v in r["best"].items()
+                                                                if k not in ("epoch", "train_loss", "seconds")))
+        bar.close()
+    summary = summarize(runs)
+    heads, cells = paper_row(summary)
+    print("\n| checkpoint | " + " | ".join(heads) + " |\n|" + "---|" * (len(heads) + 1))
+    print(f"| {args.ckpt} | " + " | ".join(cells) + " |")
+    out = Path(args.out or f"results/finetune-{Path(args.ckpt).stem}-{'-'.join(keys)}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"ckpt": args.ckpt, "args": vars(args), "runs": runs, "summary": summary,
+                               "paper_row": dict(zip(heads, cells))}, indent=1))
+    os.replace(tmp, out)
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,214 @@
+"""finetune.py: GLUE loaders for all eight formats, metrics, full and adapter training, bad input."""
+import json
+import math
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from scipy import stats
+
+import finetune
+from model import BertConfig, BertForMaskedLM, read_vocab, save_checkpoint
+
+ROOT = Path(__file__).resolve().parent.parent
+SHARED_GLUE = ROOT.parent / "shared" / "data" / "glue"
+WORDS = "the a cat dog sat ran on under mat house red blue big small good bad film movie great awful".split()
+
+
+def sentence(rng, n=6):
+    return " ".join(rng.choice(WORDS) for _ in range(n))
+
+
+def write_task(root: Path, key: str, n_train=48, n_dev=16, seed=0):
+    """Files in each task's own glue_data/ layout; labels follow a learnable rule."""
+    rng = random.Random(seed)
+    task = finetune.TASKS[key]
+    d = root / task.name
+    d.mkdir(parents=True, exist_ok=True)
+
+    def rows(n):
+        out = []
+        for i in range(n):
+            good = rng.random() < 0.5
+            a, b = ("great " if good else "awful ") + sentence(rng), sentence(rng)
+            label = (task.labels[0] if good else task.labels[-1]) if task.labels else f"{4.5 if good else 0.5:.3f}"
+            out.append({"cola": ["src", label, "", a], "sst2": [a, label],
+                        "mrpc": [label, str(i), str(i + 1), a, b], "stsb": [str(i), "news", "f", "2012", str(i), "s", "s", a, b, label],
+                        "qqp": [str(i), str(2 * i), str(2 * i + 1), a, b, label],
+                        "mnli": [str(i), "p", "q", "fiction", "(a)", "(b)", "(A)", "(B)", a, b, label, label],
+                        "qnli": [str(i), a, b, label], "rte": [str(i), a, b, label]}[key])
+        return out
+
+    headers = {"cola": None, "sst2": ["sentence", "label"], "mrpc": ["Quality", "#1 ID", "#2 ID", "#1 String", "#2 String"],
+               "stsb": ["index", "genre", "filename", "year", "old_index", "source1", "source2", "sentence1", "sentence2", "score"],
+               "qqp": ["id", "qid1", "qid2", "question1", "question2", "is_duplicate"],
+               "mnli": ["index", "promptID", "pairID", "genre", "sentence1_binary_parse", "sentence2_binary_parse",
+                        "sentence1_parse", "sentence2_parse", "sentence1", "sentence2", "label1", "gold_label"],
+               "qnli": ["index", "question", "sentence", "label"], "rte": ["index", "sentence1", "sentence2", "label"]}
+    for split, n in [("train", n_train)] + [(dev, n_dev) for dev in task.dev]:
+        lines = ([headers[key]] if headers[key] else []) + rows(n)
+        (d / f"{split}.tsv").write_text("".join("\t".join(r) + "\n" for r in lines))
+    return d
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    path = tmp_path_factory.mktemp("ckpt") / "tiny.pt"
+    torch.manual_seed(0)
+    model = BertForMaskedLM(BertConfig.preset("tiny", num_layers=2, num_experts=4))
+    save_checkpoint(path, model, vocab=read_vocab(ROOT / "data" / "bert-base-uncased-vocab.txt"))
+    return path
+
+
+def test_metrics_against_hand_computed():
+    pred, gold = [1, 1, 0, 0, 1, 0], [1, 0, 0, 1, 1, 0]        # tp=2 tn=2 fp=1 fn=1
+    assert finetune.matthews(pred, gold) == pytest.approx((2 * 2 - 1 * 1) / math.sqrt(3 * 3 * 3 * 3))
+    assert finetune.f1(pred, gold) == pytest.approx(2 * 2 / (2 * 2 + 1 + 1))
+    assert finetune.matthews([1] * 6, gold) == 0.0            # all one class: MCC 0, no crash
+    assert finetune.f1([0] * 6, gold) == 0.0
+    assert finetune.f1([0, 0], [0, 0]) == 0.0
+    s = finetune.score(finetune.TASKS["mrpc"], pred, gold)
+    assert s == pytest.approx({"acc": 100 * 4 / 6, "f1": 100 * 2 / 3})
+    x, y = [0.1, 0.5, 0.2, 0.9], [1.0, 2.0, 3.0, 4.0]
+    sts = finetune.score(finetune.TASKS["stsb"], x, y)
+    assert sts["pearson"] == pytest.approx(100 * np.corrcoef(x, y)[0, 1])
+    assert sts["spearman"] == pytest.approx(100 * stats.spearmanr(x, y)[0]) and sts["spearman"] == pytest.approx(80.0)
+    assert finetune.score(finetune.TASKS["stsb"], [1.0] * 4, y) == {"pearson": 0.0, "spearman": 0.0}
+
+
+@pytest.mark.parametrize("key", list(finetune.TASKS))
+def test_every_task_format_loads(tmp_path, key):
+    write_task(tmp_path, key)
+    data = finetune.load_task(key, str(tmp_path))
+    task = finetune.TASKS[key]
+    assert len(data["train"][0]) == 48 and len(data["dev"][0]) == 16
+    assert ("dev_mm" in data) == (key == "mnli")
+    assert (data["train"][1][0] is None) == (key in ("cola", "sst2"))
+    assert set(data["train"][2]) <= (set(range(len(task.labels))) if task.labels else {0.5, 4.5})
+    assert finetune.task_key(task.name) == key and finetune.task_key(key.upper()) == key
+    direct = finetune.load_task(key, str(tmp_path / task.name))        # the task's own folder works too
+    assert direct["train"] == data["train"]
+
+
+def test_hub_path_through_a_local_dataset(monkeypatch):
+    datasets = pytest.importorskip("datasets")
+    local = datasets.DatasetDict({
+        "train": datasets.Dataset.from_dict({"premise": ["a b", "c d"], "hypothesis": ["x", "y"], "label": [0, 2]}),
+        "validation_matched": datasets.Dataset.from_dict({"premise": ["e"], "hypothesis": ["f"], "label": [1]}),
+        "validation_mismatched": datasets.Dataset.from_dict({"premise": ["g"], "hypothesis": ["h"], "label": [2]})})
+    calls = []
+    monkeypatch.setattr(datasets, "load_dataset", lambda *a, **k: calls.append(a) or local)
+    monkeypatch.delenv("GLUE_DIR", raising=False)
+    data = finetune.load_task("mnli", None)
+    assert calls == [("nyu-mll/glue", "mnli")]
+    assert data["train"] == (["a b", "c d"], ["x", "y"], [0, 2])
+    assert data["dev"][2] == [1] and data["dev_mm"][2] == [2]
+
+
+@pytest.mark.parametrize("adapter", [0, 8])
+def test_training_improves_loss_and_adapters_train_only_their_set(tmp_path, ckpt, adapter, monkeypatch):
+    write_task(tmp_path, "rte", n_train=64)
+    seen = {}
+    real = finetune.run_one
+
+    def spy(args, key, data, mlm, cfg, adapter_size, lr, seed, device):
+        before = {n: p.clone() for n, p in mlm.bert.state_dict().items()}
+        out = real(args, key, data, mlm, cfg, adapter_size, lr, seed, device)
+        seen["unchanged"] = all(torch.equal(before[n], p) for n, p in mlm.bert.state_dict().items())
+        return out
+
+    monkeypatch.setattr(finetune, "run_one", spy)
+    out = tmp_path / "r.json"
+    assert finetune.main(["--task", "rte", "--ckpt", str(ckpt), "--data-dir", str(tmp_path), "--adapter", str(adapter),
+                          "--lr", "1e-2" if adapter else "5e-4", "--seeds", "1", "--epochs", "6",
+                          "--batch-size", "8", "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    epochs = result["runs"][0]["epochs"]
+    assert epochs[-1]["train_loss"] < epochs[0]["train_loss"] - 0.05, epochs
+    assert result["runs"][0]["mode"] == ("adapter" if adapter else "full")
+    assert result["summary"]["RTE"]["best"]["mean"]["acc"] == result["runs"][0]["best"]["acc"]
+    assert seen["unchanged"]                         # the pretrained model itself is never modified
+
+
+def test_adapter_mode_updates_only_adapters_layernorms_and_head(ckpt):
+    import finetune as ft
+    from model import BertForSequenceClassification, load_checkpoint
+    mlm, _ = load_checkpoint(ckpt)
+    clf = BertForSequenceClassification(mlm.config, 2, adapter_size=8)
+    clf.bert.load_state_dict(mlm.bert.state_dict(), strict=False)
+    before = {n: p.clone() for n, p in clf.named_parameters()}
+    opt = torch.optim.AdamW([p for p in clf.parameters() if p.requires_grad], lr=1e-2)
+    ids = torch.randint(1000, 2000, (4, 9))
+    for _ in range(3):
+        clf(ids, labels=torch.tensor([0, 1, 0, 1])).loss.backward()
+        opt.step(), opt.zero_grad()
+    changed = {n for n, p in clf.named_parameters() if not torch.equal(before[n], p)}
+    assert changed and all("adapter" in n or ".ln" in n or n.startswith(("pooler", "classifier")) for n in changed)
+    assert any("adapter" in n for n in changed) and not any("router" in n or "qkv" in n for n in changed)
+    assert ft.TASKS["rte"].labels == ("entailment", "not_entailment")
+
+
+def test_summary_means_over_seeds_then_best_lr_and_paper_row():
+    def run(task, lr, seed, acc, mode="full"):
+        return {"task": task, "mode": mode, "adapter": 0 if mode == "full" else 64, "lr": lr, "seed": seed,
+                "best": {"epoch": 1, "train_loss": 0.1, "seconds": 1.0, "acc": acc}}
+    runs = [run("RTE", 1e-5, 1, 60.0), run("RTE", 1e-5, 2, 70.0), run("RTE", 2e-5, 1, 66.0), run("RTE", 2e-5, 2, 66.0),
+            run("RTE", 1e-4, 1, 64.0, "adapter")]
+    summary = finetune.summarize(runs)["RTE"]
+    assert summary["best"]["lr"] == 2e-5 and summary["best"]["mean"]["acc"] == 66.0
+    first = next(s for s in summary["settings"] if s["lr"] == 1e-5)
+    assert first["mean"]["acc"] == 65.0 and first["std"]["acc"] == 5.0 and first["seeds"] == 2
+    heads, cells = finetune.paper_row(finetune.summarize(runs))
+    assert len(heads) == 13 and heads[6] == "RTE acc" and cells[6] == "66.00" and cells[-1] == "66.00"
+    assert cells[0] == "-"
+
+
+def cli(*args, cwd):
+    return subprocess.run([sys.executable, str(ROOT / "finetune.py"), *args], cwd=cwd, capture_output=True,
+                          text=True, timeout=300)
+
+
+def test_bad_input_is_one_clear_line(tmp_path, ckpt):
+    d = write_task(tmp_path / "ok", "rte")
+    (tmp_path / "cols" / "RTE").mkdir(parents=True)
+    (tmp_path / "cols" / "RTE" / "train.tsv").write_text("index\tsentence1\tsentence2\tlabel\n0\ta\tb\n")
+    (tmp_path / "label" / "RTE").mkdir(parents=True)
+    (tmp_path / "label" / "RTE" / "train.tsv").write_text("index\tsentence1\tsentence2\tlabel\n0\ta\tb\tmaybe\n")
+    (tmp_path / "nodev" / "RTE").mkdir(parents=True)
+    (tmp_path / "nodev" / "RTE" / "train.tsv").write_text((d / "train.tsv").read_text())
+    (tmp_path / "junk.pt").write_text("junk")
+    base = ["--ckpt", str(ckpt), "--seeds", "1", "--epochs", "1"]
+    cases = [(["--task", "wnli", "--data-dir", str(tmp_path / "ok")], "unknown task 'wnli'"),
+             (["--task", "rte", "--data-dir", str(tmp_path / "nodev")], "dev.tsv not found"),
+             (["--task", "rte", "--data-dir", str(tmp_path / "cols")], "line 2: 3 columns, expected 4"),
+             (["--task", "rte", "--data-dir", str(tmp_path / "label")], "label 'maybe' is not one of"),
+             (["--task", "rte", "--data-dir", str(tmp_path / "ok"), "--ckpt", str(tmp_path / "none.pt")], "not found"),
+             (["--task", "rte", "--data-dir", str(tmp_path / "ok"), "--ckpt", str(tmp_path / "junk.pt")],
+              "not a readable checkpoint")]
+    for extra, words in cases:
+        r = cli(*base, *extra, cwd=tmp_path)
+        assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+        assert r.stderr.strip().splitlines()[-1].startswith("finetune.py: error:") and words in r.stderr, r.stderr
+
+
+@pytest.mark.skipif(not (SHARED_GLUE / "RTE").is_dir(), reason="../shared/data/glue not present")
+def test_real_rte_short_epoch(tmp_path, ckpt):
+    data = finetune.load_task("rte", str(SHARED_GLUE))
+    assert len(data["train"][0]) == 2490 and len(data["dev"][0]) == 277
+    out = tmp_path / "rte.json"
+    assert finetune.main(["--task", "RTE", "--ckpt", str(ckpt), "--data-dir", str(SHARED_GLUE), "--max-train", "256",
+                          "--seeds", "1", "--epochs", "1", "--adapter", "16", "--lr", "1e-4", "--out", str(out)]) == 0
+    best = json.loads(out.read_text())["runs"][0]["best"]
+    assert 0 <= best["acc"] <= 100 and best["epoch"] == 1
+
+
+@pytest.mark.skipif(not SHARED_GLUE.is_dir(), reason="../shared/data/glue not present")
+@pytest.mark.parametrize("key", ["cola", "sst2", "mrpc", "stsb"])
+def test_real_glue_files_parse(key):
+    data = finetune.load_task(key, str(SHARED_GLUE))
+    expected = {"cola": (8551, 1043), "sst2": (67349, 872), "mrpc": (3668, 408), "stsb": (5749, 1500)}[key]
+    assert (len(data["train"][0]), len(data["dev"][0])) == expected
