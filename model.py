@@ -249,6 +249,30 @@ class BertForSequenceClassification(nn.Module):
         return ClassifierOutput(loss, logits, out.balance_loss)
 
 
+# ---------------------------------------------------------------- masked-LM data and scoring
+
+def mask_tokens(ids: torch.Tensor, special: torch.Tensor, mask_id: int, vocab_size: int,
+                generator: torch.Generator, prob: float = 0.15):
+    """BERT masking: `prob` of the non-special tokens are scored; of those 80% become [MASK],
+    10% a random token, 10% stay. Returns (inputs, labels with -100 where not scored)."""
+    chosen = (torch.rand(ids.shape, generator=generator) < prob) & ~torch.isin(ids, special)
+    labels = torch.where(chosen, ids, -100)
+    r = torch.rand(ids.shape, generator=generator)
+    random_ids = torch.randint(vocab_size, ids.shape, generator=generator)
+    inputs = torch.where(chosen & (r < 0.8), mask_id, ids)
+    inputs = torch.where(chosen & (r >= 0.8) & (r < 0.9), random_ids, inputs)
+    return inputs, labels
+
+
+@torch.no_grad()
+def masked_log_likelihood(model: BertForMaskedLM, input_ids, labels, attention_mask=None) -> tuple[float, int]:
+    """(sum, count) of log p(original token) over positions with labels != -100: the paper's
+    "Pre-Train Perf." is sum / count on held-out text (Table 1), Table 4 the same on OOD text."""
+    res = model(input_ids, attention_mask, labels=labels)
+    logp = res.logits.float().log_softmax(-1).gather(1, labels[labels != -100].unsqueeze(1))
+    return logp.sum().item(), logp.numel()
+
+
 # ---------------------------------------------------------------- checkpoints and tokenizer
 
 class CheckpointError(ValueError):

@@ -36,8 +36,8 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from distill import Teacher, sample_groups, tcd_losses
-from model import (BertConfig, BertForMaskedLM, CheckpointError, make_tokenizer, read_checkpoint,
-                   read_vocab, save_checkpoint, tune_allocator)
+from model import (BertConfig, BertForMaskedLM, CheckpointError, make_tokenizer, mask_tokens,
+                   masked_log_likelihood, read_checkpoint, read_vocab, save_checkpoint, tune_allocator)
 from moe import gather_experts, shard_experts
 
 HERE = Path(__file__).resolve().parent
@@ -106,19 +106,6 @@ def segments(specs: list[str], vocab: list[str], seq_len: int, cache_dir: Path, 
     os.replace(tmp, cache)
     log(f"tokenized {len(docs):,} documents: {n * seq_len:,} tokens in {n:,} segments -> {cache}")
     return seg
-
-
-def mask_tokens(ids: torch.Tensor, special: torch.Tensor, mask_id: int, vocab_size: int,
-                generator: torch.Generator, prob: float = 0.15):
-    """BERT masking: `prob` of the non-special tokens are scored; of those 80% become [MASK],
-    10% a random token, 10% stay. Returns (inputs, labels with -100 where not scored)."""
-    chosen = (torch.rand(ids.shape, generator=generator) < prob) & ~torch.isin(ids, special)
-    labels = torch.where(chosen, ids, -100)
-    r = torch.rand(ids.shape, generator=generator)
-    random_ids = torch.randint(vocab_size, ids.shape, generator=generator)
-    inputs = torch.where(chosen & (r < 0.8), mask_id, ids)
-    inputs = torch.where(chosen & (r >= 0.8) & (r < 0.9), random_ids, inputs)
-    return inputs, labels
 
 
 def seeded(*parts: int) -> torch.Generator:
@@ -205,11 +192,9 @@ def evaluate(model, inputs, labels, batch_size, bf16, rank, world) -> float:
         for r in range(rounds):
             b = mine[r] if r < len(mine) else 0
             sl = slice(b * batch_size, (b + 1) * batch_size)
-            y = labels[sl].to(device)
-            res = model(inputs[sl].to(device), labels=y)
+            ll, count = masked_log_likelihood(model, inputs[sl].to(device), labels[sl].to(device))
             if r < len(mine):
-                logp = res.logits.float().log_softmax(-1).gather(1, y[y != -100].unsqueeze(1))
-                total += torch.tensor([logp.sum().item(), logp.numel()], dtype=torch.float64)
+                total += torch.tensor([ll, count], dtype=torch.float64)
     if world > 1:
         dist.all_reduce(total)
     model.train()

@@ -1,0 +1,124 @@
+"""ood_eval.py: fixed masks, a model with a known answer, missing subsets, bad input."""
+import gzip
+import json
+import subprocess
+import sys
+from argparse import Namespace
+from pathlib import Path
+
+import pytest
+import torch
+
+import ood_eval
+from model import BertConfig, BertForMaskedLM, read_vocab, save_checkpoint
+
+ROOT = Path(__file__).resolve().parent.parent
+SHARED_PILE = ROOT.parent / "shared" / "data" / "pile-ood" / "val.jsonl"
+VOCAB = read_vocab(ROOT / "data" / "bert-base-uncased-vocab.txt")
+
+
+def pile(path: Path, subsets=("ArXiv", "Github", "Ubuntu IRC"), n=3):
+    lines = [json.dumps({"text": f"document {i} of {s}: the quick brown fox jumps over the lazy dog " * (i + 2),
+                         "meta": {"pile_set_name": s}}) for s in subsets for i in range(n)]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+@pytest.fixture(scope="module")
+def ckpts(tmp_path_factory):
+    d = tmp_path_factory.mktemp("ckpts")
+    for seed, experts in ((0, 0), (1, 4)):
+        torch.manual_seed(seed)
+        save_checkpoint(d / f"m{seed}.pt", BertForMaskedLM(BertConfig.preset("tiny", num_layers=1, num_experts=experts)),
+                        vocab=VOCAB)
+    return d
+
+
+def run(tmp_path, *args):
+    out = tmp_path / "ood.json"
+    assert ood_eval.main([*args, "--out", str(out), "--seq-len", "32"]) == 0
+    return json.loads(out.read_text())
+
+
+def test_same_checkpoint_twice_identical_and_masks_shared(tmp_path, ckpts, capsys):
+    data = pile(tmp_path / "p.jsonl")
+    res = run(tmp_path, "--data", str(data), "--ckpt", str(ckpts / "m0.pt"), str(ckpts / "m0.pt"), str(ckpts / "m1.pt"),
+              "--subsets", "ArXiv", "Github", "Ubuntu IRC", "DM Mathematics")
+    a = res["results"][str(ckpts / "m0.pt")]
+    b = res["results"][str(ckpts / "m1.pt")]
+    assert a["ArXiv"]["log_likelihood"] != b["ArXiv"]["log_likelihood"]
+    assert all(a[s]["masked_tokens"] == b[s]["masked_tokens"] > 0 for s in a)
+    again = run(tmp_path, "--data", str(data), "--ckpt", str(ckpts / "m0.pt"), "--subsets", "ArXiv", "Github", "Ubuntu IRC")
+    assert again["results"][str(ckpts / "m0.pt")] == a
+    assert res["absent_subsets"] == ["DM Mathematics"]                  # reported, not dropped silently
+    assert "absent" in capsys.readouterr().out
+    args = Namespace(seq_len=32, max_tokens_per_subset=0, seed=0)
+    docs = ood_eval.read_pile(data, ["ArXiv", "Github"], 0)
+    first, second = ood_eval.masked_inputs(docs, VOCAB, args), ood_eval.masked_inputs(docs, VOCAB, args)
+    assert all(torch.equal(first[s][i], second[s][i]) for s in first for i in (0, 1))
+
+
+def test_known_model_gives_expected_log_likelihood(tmp_path):
+    model = BertForMaskedLM(BertConfig.preset("tiny", num_layers=1))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.zero_()                      # every hidden state 0 -> logits = decoder bias
+        model.decoder_bias.copy_(torch.randn(len(VOCAB)))
+    save_checkpoint(tmp_path / "known.pt", model, vocab=VOCAB)
+    data = pile(tmp_path / "p.jsonl", subsets=("Github",))
+    res = run(tmp_path, "--data", str(data), "--ckpt", str(tmp_path / "known.pt"), "--subsets", "Github")
+    docs = ood_eval.read_pile(data, ["Github"], 0)
+    _, labels = ood_eval.masked_inputs(docs, VOCAB, Namespace(seq_len=32, max_tokens_per_subset=0, seed=0))["Github"]
+    logp = model.decoder_bias.log_softmax(0)
+    expected = logp[labels[labels != -100]].mean().item()
+    got = res["results"][str(tmp_path / "known.pt")]["Github"]
+    assert got["log_likelihood"] == pytest.approx(expected, abs=1e-5)
+    assert got["masked_tokens"] == int((labels != -100).sum())
+
+
+def test_gzip_and_limits(tmp_path, ckpts):
+    plain = pile(tmp_path / "p.jsonl", n=5)
+    with gzip.open(tmp_path / "p.jsonl.gz", "wt") as f:
+        f.write(plain.read_text())
+    res = run(tmp_path, "--data", str(tmp_path / "p.jsonl.gz"), "--ckpt", str(ckpts / "m0.pt"), "--subsets", "ArXiv",
+              "--max-docs-per-subset", "2")
+    docs = ood_eval.read_pile(tmp_path / "p.jsonl.gz", ["ArXiv"], 2)
+    assert docs == ood_eval.read_pile(plain, ["ArXiv"], 2) and len(docs["ArXiv"]) == 2
+    two_docs = ood_eval.windows(docs["ArXiv"], ood_eval.make_tokenizer(VOCAB), VOCAB, 32, max_tokens=0)
+    assert res["results"][str(ckpts / "m0.pt")]["ArXiv"]["windows"] == len(two_docs)
+    few = ood_eval.windows(docs["ArXiv"] * 20, ood_eval.make_tokenizer(VOCAB), VOCAB, 32, max_tokens=100)
+    assert few.shape[1] == 32 and 100 <= int((few > 103).sum()) < 100 + 30
+
+
+def cli(*args, cwd):
+    return subprocess.run([sys.executable, str(ROOT / "ood_eval.py"), *args], cwd=cwd, capture_output=True,
+                          text=True, timeout=300)
+
+
+def test_bad_input_is_one_clear_line(tmp_path, ckpts):
+    (tmp_path / "empty.jsonl").write_text("")
+    (tmp_path / "bad.jsonl").write_text(json.dumps({"text": "a", "meta": {}}) + "\n{not json\n")
+    (tmp_path / "notext.jsonl").write_text(json.dumps({"meta": {"pile_set_name": "ArXiv"}}) + "\n")
+    good = pile(tmp_path / "good.jsonl")
+    ck = str(ckpts / "m0.pt")
+    cases = [(["--data", str(tmp_path / "empty.jsonl"), "--ckpt", ck], "is empty"),
+             (["--data", str(tmp_path / "bad.jsonl"), "--ckpt", ck], "line 2: not valid JSON"),
+             (["--data", str(tmp_path / "notext.jsonl"), "--ckpt", ck], "line 1: record has no 'text'"),
+             (["--data", str(good), "--ckpt", ck, "--subsets", "Reddit"], "unknown subset 'Reddit'"),
+             (["--data", str(good), "--ckpt", str(tmp_path / "missing.pt")], "not found"),
+             (["--data", str(tmp_path / "nope.jsonl"), "--ckpt", ck], "not found")]
+    for extra, words in cases:
+        r = cli(*extra, cwd=tmp_path)
+        assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+        assert r.stderr.strip().splitlines()[-1].startswith("ood_eval.py: error:") and words in r.stderr, r.stderr
+
+
+@pytest.mark.skipif(not SHARED_PILE.is_file(), reason="../shared/data/pile-ood not present")
+def test_real_sample(tmp_path, ckpts):
+    docs = ood_eval.read_pile(SHARED_PILE, ood_eval.PAPER_SUBSETS, 0)
+    assert {s: len(d) for s, d in docs.items()} == {"ArXiv": 230, "DM Mathematics": 366, "Github": 207,
+                                                    "StackExchange": 400, "Ubuntu IRC": 218}
+    res = run(tmp_path, "--data", str(SHARED_PILE), "--ckpt", str(ckpts / "m0.pt"), "--max-docs-per-subset", "2",
+              "--max-tokens-per-subset", "500")
+    row = res["results"][str(ckpts / "m0.pt")]
+    assert set(row) == set(ood_eval.PAPER_SUBSETS) and all(-20 < r["log_likelihood"] < 0 for r in row.values())
