@@ -1,0 +1,213 @@
+"""Speed, measured as ratios against a reference run side by side in the same process.
+
+    python bench.py                       # everything (about 10 minutes on 2 CPU cores)
+    python bench.py --only moe hf         # some sections: moe, hf, step, throughput
+    python bench.py --device cuda         # the same on a GPU
+
+moe        SwitchFFN forward+backward (64 experts, H=128, F=512, default init) / a dense FFN of the
+           same width on the same tokens, at 16,384 and 4,096 tokens; torch's grouped_mm for scale.
+hf         BertForMaskedLM train step (small preset, batch 32x128, 15% masked, AdamW): tokens/s of
+           model.py over transformers.BertForMaskedLM, fp32 and bf16 autocast.
+step       train step time, same batch (small preset): MoE-64 / vanilla and MoE+TCD / MoE.
+throughput tokens/s and peak memory (RSS) of full training steps per preset, each in a fresh process.
+Timings interleave the two sides (A B A B ...) and report medians, so a busy machine slows both.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from distill import Teacher, sample_groups, tcd_losses
+from model import BertConfig, BertForMaskedLM, tune_allocator
+from moe import SwitchFFN
+
+
+def race(fns: dict, repeats: int, device) -> dict[str, float]:
+    """Median seconds per call of each function, calls interleaved round-robin."""
+    times = {k: [] for k in fns}
+    for _ in range(2):                                   # warm-up
+        for fn in fns.values():
+            fn()
+    for _ in range(repeats):
+        for k, fn in fns.items():
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            t = time.perf_counter()
+            fn()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            times[k].append(time.perf_counter() - t)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def bench_moe(args, device) -> list[dict]:
+    H, Fd, E = 128, 512, 64
+    rows = []
+    for tokens in (16384, 4096):
+        torch.manual_seed(0)
+        x = torch.randn(tokens, H, device=device, requires_grad=True)
+        dense = nn.Sequential(nn.Linear(H, Fd), nn.GELU(), nn.Linear(Fd, H)).to(device)
+        switch = SwitchFFN(H, Fd, E).to(device)
+
+        def run_dense():
+            dense(x).sum().backward()
+
+        def run_switch():
+            y, balance = switch(x)
+            (y.sum() + balance).backward()
+
+        def run_grouped():                               # the same layer through torch's grouped_mm
+            probs = switch.router(x).float().softmax(-1)
+            gate, expert = probs.max(-1)
+            order = expert.argsort()
+            offs = torch.bincount(expert, minlength=E).cumsum(0).to(torch.int32)
+            xs = x[order]
+            h = F.gelu(F.grouped_mm(xs, switch.w1, offs=offs) + switch.b1[expert[order]])
+            y = F.grouped_mm(h, switch.w2, offs=offs) + switch.b2[expert[order]]
+            out = torch.empty_like(y).index_copy(0, order, y) * gate[:, None]
+            out.sum().backward()
+
+        fns = {"dense": run_dense, "switch": run_switch}
+        if hasattr(F, "grouped_mm"):
+            fns["grouped_mm"] = run_grouped
+        t = race(fns, args.repeats, device)
+        counts = switch.last_counts
+        rows.append({"tokens": tokens, "dense_ms": 1e3 * t["dense"], "switch_ms": 1e3 * t["switch"],
+                     "switch/dense": t["switch"] / t["dense"],
+                     "grouped_mm/dense": t.get("grouped_mm", float("nan")) / t["dense"],
+                     "busiest/mean expert load": float(counts.max() / counts.float().mean())})
+    return rows
+
+
+def mlm_batch(cfg, batch, seq, device):
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(1000, cfg.vocab_size, (batch, seq), generator=g)
+    labels = torch.where(torch.rand(batch, seq, generator=g) < 0.15, ids, -100)
+    return ids.to(device), labels.to(device)
+
+
+def train_step(model, optimizer, ids, labels, bf16, device, extra=None):
+    def step():
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            if extra is None:
+                res = model(ids, labels=labels)
+                loss = res.loss if not hasattr(res, "balance_loss") else res.loss + 1000 * res.balance_loss
+            else:
+                loss = extra()
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    return step
+
+
+def bench_hf(args, device) -> list[dict]:
+    import transformers
+    cfg = BertConfig.preset("small", dropout=0.1, attention_dropout=0.1)
+    ids, labels = mlm_batch(cfg, 32, 128, device)
+    ours = BertForMaskedLM(cfg).to(device)
+    hf_cfg = transformers.BertConfig(vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size,
+                                     num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads,
+                                     intermediate_size=cfg.intermediate_size)
+    hf = transformers.BertForMaskedLM(hf_cfg).to(device).train()
+    rows = []
+    for bf16 in (False, True):
+        fns = {"ours": train_step(ours, torch.optim.AdamW(ours.parameters(), lr=1e-4), ids, labels, bf16, device),
+               "hf": train_step(hf, torch.optim.AdamW(hf.parameters(), lr=1e-4), ids, labels, bf16, device)}
+        t = race(fns, args.repeats, device)
+        tokens = ids.numel()
+        rows.append({"bf16": bf16, "ours_tok_s": tokens / t["ours"], "hf_tok_s": tokens / t["hf"],
+                     "ours/hf tokens/s": t["hf"] / t["ours"]})
+    return rows
+
+
+def bench_step(args, device) -> list[dict]:
+    rows = []
+    for bf16 in (False, True):
+        torch.manual_seed(0)
+        cfg = BertConfig.preset("small")
+        ids, labels = mlm_batch(cfg, 32, 128, device)
+        vanilla = BertForMaskedLM(cfg).to(device)
+        moe = BertForMaskedLM(BertConfig.preset("small", num_experts=64)).to(device)
+        teacher = Teacher(BertForMaskedLM(cfg).bert, bf16=bf16).to(device)
+        opt_v = torch.optim.AdamW(vanilla.parameters(), lr=1e-4)
+        opt_m = torch.optim.AdamW(moe.parameters(), lr=1e-4)
+        real = torch.ones_like(ids, dtype=torch.bool)
+        g = torch.Generator().manual_seed(0)
+
+        def tcd_loss():
+            res = moe(ids, labels=labels, taps=True)
+            index = sample_groups(real, 4096 // 16, 128, g)      # batch 32 of the paper's 512: 256 tokens
+            parts = tcd_losses(res.taps, teacher(ids), index, None, attention=False)
+            return res.loss + 1000 * res.balance_loss + parts["trunk"] + parts["inner"]
+
+        t = race({"vanilla": train_step(vanilla, opt_v, ids, labels, bf16, device),
+                  "moe": train_step(moe, opt_m, ids, labels, bf16, device),
+                  "moe_tcd": train_step(moe, opt_m, ids, labels, bf16, device, extra=tcd_loss)}, args.repeats, device)
+        rows.append({"bf16": bf16, "vanilla_ms": 1e3 * t["vanilla"], "moe_ms": 1e3 * t["moe"],
+                     "moe_tcd_ms": 1e3 * t["moe_tcd"], "moe/vanilla": t["moe"] / t["vanilla"],
+                     "moe_tcd/moe": t["moe_tcd"] / t["moe"]})
+    return rows
+
+
+def throughput_child(preset: str, experts: int, bf16: bool, device) -> dict:
+    cfg = BertConfig.preset(preset, num_experts=experts)
+    model = BertForMaskedLM(cfg).to(device)
+    ids, labels = mlm_batch(cfg, 32, 128, device)
+    t = race({"step": train_step(model, torch.optim.AdamW(model.parameters(), lr=1e-4), ids, labels, bf16, device)},
+             3, device)
+    return {"preset": preset, "experts": experts, "bf16": bf16, "tokens_per_s": ids.numel() / t["step"],
+            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+
+
+def bench_throughput(args, device) -> list[dict]:
+    rows = []
+    for preset, experts in (("tiny", 0), ("tiny", 8), ("small", 0), ("small", 64)):
+        for bf16 in (False, True):
+            out = subprocess.run([sys.executable, __file__, "--child", preset, str(experts), str(int(bf16)),
+                                  "--device", str(device)], capture_output=True, text=True, check=True)
+            rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
+    return rows
+
+
+def table(rows: list[dict]) -> str:
+    fmt = lambda v: f"{v:.3g}" if isinstance(v, float) else str(v)
+    heads = list(rows[0])
+    return "\n".join(["| " + " | ".join(heads) + " |", "|" + "---|" * len(heads)]
+                     + ["| " + " | ".join(fmt(r[h]) for h in heads) + " |" for r in rows])
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--only", nargs="+", default=["moe", "hf", "step", "throughput"],
+                   choices=["moe", "hf", "step", "throughput"])
+    p.add_argument("--repeats", type=int, default=10)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--json", help="also write the rows here")
+    p.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
+    args = p.parse_args()
+    tune_allocator()
+    device = torch.device(args.device)
+    if args.child:
+        print(json.dumps(throughput_child(args.child[0], int(args.child[1]), bool(int(args.child[2])), device)))
+        return
+    print(f"torch {torch.__version__}, {device}, {torch.get_num_threads()} threads")
+    results = {}
+    for name in args.only:
+        results[name] = {"moe": bench_moe, "hf": bench_hf, "step": bench_step, "throughput": bench_throughput}[name](args, device)
+        print(f"\n## {name}\n{table(results[name])}", flush=True)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
