@@ -38,7 +38,7 @@ from tqdm import tqdm
 from distill import Teacher, sample_groups, tcd_losses
 from model import (BertConfig, BertForMaskedLM, CheckpointError, make_tokenizer, mask_tokens,
                    masked_log_likelihood, read_checkpoint, read_vocab, save_checkpoint, tune_allocator)
-from moe import gather_experts, shard_experts
+from moe import clip_gradients, gather_experts, optimizer_state, shard_experts, sync_gradients
 
 HERE = Path(__file__).resolve().parent
 VALID_SEED = 1234                      # fixed validation masks: every model is scored on the same ones
@@ -123,59 +123,6 @@ def setup_distributed(args):
     if world > 1:
         dist.init_process_group(args.backend or ("nccl" if device.type == "cuda" else "gloo"))
     return rank, world, device
-
-
-def sync_gradients(model: torch.nn.Module, world: int) -> None:
-    """Average dense gradients over ranks; expert gradients are already complete on their
-    owner (the all-to-all backward brought every rank's tokens' contributions), so they are
-    only scaled by 1/world like the rest. An explicit flat all-reduce instead of DDP, whose
-    buckets would all-reduce the sharded experts too; it runs after accumulation, once a step."""
-    dense = [p.grad for p in model.parameters() if p.grad is not None and not getattr(p, "expert", False)]
-    flat = torch.cat([g.reshape(-1) for g in dense])
-    dist.all_reduce(flat)
-    offset = 0
-    for g in dense:
-        g.copy_(flat[offset:offset + g.numel()].view_as(g)).div_(world)
-        offset += g.numel()
-    for p in model.parameters():
-        if getattr(p, "expert", False) and p.grad is not None:
-            p.grad.div_(world)
-
-
-def clip_gradients(model: torch.nn.Module, max_norm: float, sharded: bool) -> float:
-    """clip_grad_norm_ over the whole model, including expert shards held by other ranks."""
-    grads = [(p.grad, getattr(p, "expert", False)) for p in model.parameters() if p.grad is not None]
-    dense_sq = sum(g.float().pow(2).sum() for g, e in grads if not e)
-    expert_sq = sum((g.float().pow(2).sum() for g, e in grads if e), torch.zeros(()))
-    if sharded:
-        dist.all_reduce(expert_sq)
-    norm = float((dense_sq + expert_sq).sqrt())
-    if max_norm > 0 and norm > max_norm:
-        for g, _ in grads:
-            g.mul_(max_norm / (norm + 1e-6))
-    return norm
-
-
-def optimizer_state(optimizer, model, sharded: bool, full: dict | None = None) -> dict:
-    """With full=None: the optimizer state with expert moments gathered (collective).
-    With full: that consolidated state cut down to this rank's experts."""
-    state = optimizer.state_dict() if full is None else {**full, "state": dict(full["state"])}
-    if not sharded:
-        return state
-    params = [p for g in optimizer.param_groups for p in g["params"]]
-    for i, p in enumerate(params):
-        if getattr(p, "expert", False) and i in state["state"]:
-            s = dict(state["state"][i])
-            for k in ("exp_avg", "exp_avg_sq"):
-                if full is None:
-                    parts = [torch.empty_like(s[k]) for _ in range(dist.get_world_size())]
-                    dist.all_gather(parts, s[k].contiguous())
-                    s[k] = torch.cat(parts)
-                else:
-                    n = p.shape[0]
-                    s[k] = s[k][dist.get_rank() * n:(dist.get_rank() + 1) * n].clone()
-            state["state"][i] = s
-    return state
 
 
 # ----------------------------------------------------------------------------- training

@@ -4,7 +4,7 @@ import json
 import pytest
 import torch
 
-from model import (BertConfig, BertForMaskedLM, BertForSequenceClassification, CheckpointError,
+from model import (BertConfig, BertForMaskedLM, BertForSequenceClassification, CheckpointError, mask_tokens,
                    from_hf_bert, load_checkpoint, read_checkpoint, save_checkpoint)
 
 transformers = pytest.importorskip("transformers")
@@ -178,3 +178,22 @@ def test_checkpoint_round_trip_and_errors(tmp_path):
     torch.save(ckpt, tmp_path / "bad.pt")
     with pytest.raises(CheckpointError, match="do not fit"):
         load_checkpoint(tmp_path / "bad.pt")
+
+
+def test_masking_follows_bert():
+    ids = torch.randint(1000, 30000, (400, 64))
+    ids[:, 0], ids[:, -1], ids[:10, 30:] = 101, 102, 0
+    special = torch.tensor([0, 100, 101, 102, 103])
+    inputs, labels = mask_tokens(ids, special, 103, 30522, torch.Generator().manual_seed(0))
+    scored = labels != -100
+    candidates = ~torch.isin(ids, special)
+    assert not scored[~candidates].any() and torch.equal(labels[scored], ids[scored])
+    assert abs(scored.sum() / candidates.sum() - 0.15) < 0.01
+    masked = (inputs == 103) & scored
+    kept = (inputs == ids) & scored
+    assert abs(masked.sum() / scored.sum() - 0.8) < 0.02
+    assert abs(kept.sum() / scored.sum() - 0.1) < 0.02                # random ones rarely hit the original
+    assert torch.equal(inputs[~scored], ids[~scored])
+    again = mask_tokens(ids, special, 103, 30522, torch.Generator().manual_seed(0))
+    assert torch.equal(again[0], inputs)
+    assert not torch.equal(mask_tokens(ids, special, 103, 30522, torch.Generator().manual_seed(1))[0], inputs)
