@@ -129,7 +129,8 @@ class SwitchFFN(nn.Module):
 
     def _check_group(self, hidden_size: int, intermediate_size: int) -> None:
         # every rank must agree before any token moves, or a mismatch would hang the exchange
-        mine = torch.tensor([hidden_size, intermediate_size, self.num_experts], dtype=torch.long)
+        device = "cuda" if dist.get_backend(self.group) == "nccl" else "cpu"  # NCCL moves only GPU tensors
+        mine = torch.tensor([hidden_size, intermediate_size, self.num_experts], dtype=torch.long, device=device)
         everyone = [torch.empty_like(mine) for _ in range(self.world)]
         dist.all_gather(everyone, mine, group=self.group)
         if any(not torch.equal(mine, other) for other in everyone):
@@ -240,7 +241,7 @@ def clip_gradients(model: nn.Module, max_norm: float, sharded: bool) -> float:
     """clip_grad_norm_ over the whole model, including expert shards held by other ranks."""
     grads = [(p.grad, getattr(p, "expert", False)) for p in model.parameters() if p.grad is not None]
     dense_sq = sum(g.float().pow(2).sum() for g, e in grads if not e)
-    expert_sq = sum((g.float().pow(2).sum() for g, e in grads if e), torch.zeros(()))
+    expert_sq = sum((g.float().pow(2).sum() for g, e in grads if e), torch.zeros((), device=grads[0][0].device))
     if sharded:
         dist.all_reduce(expert_sq)
     norm = float((dense_sq + expert_sq).sqrt())

@@ -143,6 +143,7 @@ def evaluate(model, inputs, labels, batch_size, bf16, rank, world) -> float:
             if r < len(mine):
                 total += torch.tensor([ll, count], dtype=torch.float64)
     if world > 1:
+        total = total.to(device)
         dist.all_reduce(total)
     model.train()
     return float(total[0] / total[1].clamp_min(1))
@@ -263,8 +264,9 @@ def train(args) -> int:
                                   *(tcd[k].detach().float().cpu() for k in ("trunk", "inner", "attention"))]) / args.grad_accum
         if world > 1:
             sync_gradients(model, world)
+            parts = parts.to(device)
             dist.all_reduce(parts)
-            parts /= world
+            parts = parts.cpu() / world
         grad_norm = clip_gradients(model, args.clip, group is not None)
         optimizer.step()
         scheduler.step()
@@ -292,7 +294,7 @@ def train(args) -> int:
         if done % steps_per_epoch == 0 and args.keep_epochs:
             save(done, out.with_name(f"{out.stem}.epoch{done // steps_per_epoch}.pt"))
         if world > 1:
-            flag = torch.tensor([float(stop["now"])])
+            flag = torch.tensor([float(stop["now"])], device=device)
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
             stop["now"] = bool(flag)
         if stop["now"] or done == args.stop_at:
