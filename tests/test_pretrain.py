@@ -163,3 +163,31 @@ def test_experts_not_divisible_by_world_exit_cleanly(tmp_path, corpus):
                  "--max-steps", "1", "--moe", "--experts", "3", "--cache-dir", "cache", "--out", "x.pt", cwd=tmp_path)
     assert r.returncode != 0
     assert r.stderr.count("pretrain.py: error: 3 experts cannot be split evenly over 2 ranks") == 2, r.stderr
+
+
+def test_hub_corpus_through_a_local_dataset(monkeypatch):
+    datasets = pytest.importorskip("datasets")
+    local = datasets.Dataset.from_dict({"text": ["first doc", "  ", "second doc"]})
+    calls = []
+    monkeypatch.setattr(datasets, "load_dataset", lambda *a, **k: calls.append((a, k)) or local)
+    assert pretrain.read_documents("hf:wikitext:wikitext-2-raw-v1") == ["first doc", "second doc"]
+    assert calls == [(("wikitext", "wikitext-2-raw-v1"), {"split": "train"})]
+
+
+def test_ctrl_c_saves_then_resume_finishes(tmp_path, corpus):
+    import signal
+    import time
+    args = ["--data", str(corpus / "train.txt"), "--preset", "tiny", "--seq-len", "32", "--batch-size", "8",
+            "--max-steps", "100000", "--log-every", "1", "--cache-dir", "cache", "--out", "c.pt"]
+    proc = subprocess.Popen([sys.executable, str(ROOT / "pretrain.py"), *args], cwd=tmp_path,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    metrics = tmp_path / "c.metrics.jsonl"
+    deadline = time.time() + 120
+    while (not metrics.exists() or len(metrics.read_text().splitlines()) < 3) and time.time() < deadline:
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130 and "Traceback" not in err, err
+    ckpt = torch.load(tmp_path / "c.pt", weights_only=True)
+    assert 3 <= ckpt["step"] < 100000 and "optimizer" in ckpt
+    assert "--resume c.pt" in out                                       # says how to continue
