@@ -174,7 +174,7 @@ def test_hub_corpus_through_a_local_dataset(monkeypatch):
     assert calls == [(("wikitext", "wikitext-2-raw-v1"), {"split": "train"})]
 
 
-def test_ctrl_c_saves_then_resume_finishes(tmp_path, corpus):
+def test_ctrl_c_saves_and_says_how_to_resume(tmp_path, corpus):
     import signal
     import time
     args = ["--data", str(corpus / "train.txt"), "--preset", "tiny", "--seq-len", "32", "--batch-size", "8",
