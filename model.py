@@ -311,16 +311,12 @@ def read_checkpoint(path) -> dict:
     return ckpt
 
 
-def load_checkpoint(path, expert_group=None) -> tuple[BertForMaskedLM, dict]:
+def load_checkpoint(path) -> tuple[BertForMaskedLM, dict]:
     """(BertForMaskedLM with the saved weights, the checkpoint dict)."""
     ckpt = read_checkpoint(path)
-    model = BertForMaskedLM(BertConfig.from_dict(ckpt["config"]), expert_group=expert_group)
-    state = ckpt["model"]
-    if expert_group is not None:
-        from moe import shard_experts
-        state = shard_experts(state, model)
+    model = BertForMaskedLM(BertConfig.from_dict(ckpt["config"]))
     try:
-        model.load_state_dict(state)
+        model.load_state_dict(ckpt["model"])
     except RuntimeError as e:
         raise CheckpointError(f"{path}: weights do not fit the saved config: {str(e).splitlines()[0]}") from None
     return model, ckpt
@@ -330,9 +326,8 @@ def tune_allocator() -> None:
     """Keep freed memory in the process instead of returning it to the OS (glibc only).
 
     Training frees and re-allocates the same large buffers every step (the (n_masked, 30522)
-    logits and their gradients, Adam temporaries); by default glibc maps each anew, and the
-    page faults cost as much as the matmuls on small presets (~1.3-1.7x tokens/s, bench.py).
-    Called by the scripts, not on import: a library should not change a process's malloc."""
+    logits and their gradients, Adam temporaries); glibc maps each anew, and the page faults cost
+    1.3-1.7x tokens/s on small presets. Called by the scripts: importing must not change malloc."""
     import ctypes
     try:
         libc = ctypes.CDLL("libc.so.6")
@@ -412,9 +407,8 @@ def _convert_hf_state(s: dict, cfg: BertConfig) -> dict:
             out[q + "ln2." + t] = s[p + "output.LayerNorm." + t]
     head = "cls.predictions."
     if head + "bias" in s:
-        out.update({"transform.weight": s[head + "transform.dense.weight"],
-                    "transform.bias": s[head + "transform.dense.bias"],
-                    "transform_ln.weight": s[head + "transform.LayerNorm.weight"],
-                    "transform_ln.bias": s[head + "transform.LayerNorm.bias"],
-                    "decoder_bias": s[head + "bias"]})
+        for t in ("weight", "bias"):
+            out[f"transform.{t}"] = s[f"{head}transform.dense.{t}"]
+            out[f"transform_ln.{t}"] = s[f"{head}transform.LayerNorm.{t}"]
+        out["decoder_bias"] = s[head + "bias"]
     return out
