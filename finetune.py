@@ -32,7 +32,7 @@ import torch
 from scipy import stats
 from tqdm import tqdm
 
-from model import (BertForSequenceClassification, CheckpointError, load_checkpoint, make_tokenizer, read_vocab,
+from model import (BertForSequenceClassification, CheckpointError, adamw_warmup_linear, load_checkpoint, make_tokenizer, read_vocab,
                    tune_allocator)
 
 HERE = Path(__file__).resolve().parent
@@ -230,16 +230,11 @@ def run_one(args, key, data, mlm, ckpt_config, adapter: int, lr: float, seed: in
     missing, unexpected = model.bert.load_state_dict(mlm.bert.state_dict(), strict=False)
     assert not unexpected and all("adapter" in k for k in missing), (missing, unexpected)
     model.to(device).train()
-    params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    no_decay = lambda n: n.endswith(("bias", ".b1", ".b2")) or ".ln" in n
-    optimizer = torch.optim.AdamW([{"params": [p for n, p in params if not no_decay(n)], "weight_decay": args.weight_decay},
-                                   {"params": [p for n, p in params if no_decay(n)], "weight_decay": 0.0}], lr=lr)
     epochs = args.epochs or (20 if adapter and key in ("mnli", "qnli", "qqp") and ckpt_config.hidden_size <= 128 else 10)
     train_x, train_y = data["train"]
     total = epochs * math.ceil(len(train_x) / args.batch_size)
-    warmup = max(1, int(args.warmup * total))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: min((s + 1) / warmup, max(0.0, (total - s) / max(1, total - warmup))))
+    optimizer, scheduler = adamw_warmup_linear(model, lr, args.weight_decay, max(1, int(args.warmup * total)), total)
+    params = [p for p in model.parameters() if p.requires_grad]
     generator = torch.Generator().manual_seed(seed)
     history = []
     for epoch in range(1, epochs + 1):
@@ -249,7 +244,7 @@ def run_one(args, key, data, mlm, ckpt_config, adapter: int, lr: float, seed: in
                 res = model(ids.to(device), mask.to(device), types.to(device), labels=y.to(device))
                 loss = res.loss + args.lambda_b * res.balance_loss
             loss.backward()
-            torch.nn.utils.clip_grad_norm_([p for _, p in params], 1.0)
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
             optimizer.step(), scheduler.step(), optimizer.zero_grad(set_to_none=True)
             epoch_loss.append(loss.item())
         dev = evaluate(task, model, data, args.batch_size, device, args.bf16)

@@ -249,6 +249,19 @@ class BertForSequenceClassification(nn.Module):
         return ClassifierOutput(loss, logits, out.balance_loss)
 
 
+def adamw_warmup_linear(model: nn.Module, lr: float, weight_decay: float, warmup: int, total: int):
+    """AdamW (β 0.9/0.999) without decay on biases and LayerNorms over the trainable parameters,
+    lr warmed up linearly for `warmup` steps, then decayed linearly to 0 at `total`."""
+    norms = {id(p) for mod in model.modules() if isinstance(mod, nn.LayerNorm) for p in mod.parameters()}
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    plain = [id(p) in norms or n.endswith(("bias", ".b1", ".b2")) for n, p in named]
+    optimizer = torch.optim.AdamW([{"params": [p for (_, p), x in zip(named, plain) if not x], "weight_decay": weight_decay},
+                                   {"params": [p for (_, p), x in zip(named, plain) if x], "weight_decay": 0.0}],
+                                  lr=lr, betas=(0.9, 0.999))
+    schedule = lambda s: min((s + 1) / warmup, max(0.0, (total - s) / max(1, total - warmup)))
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+
+
 # ---------------------------------------------------------------- masked-LM data and scoring
 
 def mask_tokens(ids: torch.Tensor, special: torch.Tensor, mask_id: int, vocab_size: int,
@@ -323,11 +336,8 @@ def load_checkpoint(path) -> tuple[BertForMaskedLM, dict]:
 
 
 def tune_allocator() -> None:
-    """Keep freed memory in the process instead of returning it to the OS (glibc only).
-
-    Training frees and re-allocates the same large buffers every step (the (n_masked, 30522)
-    logits and their gradients, Adam temporaries); glibc maps each anew, and the page faults cost
-    1.3-1.7x tokens/s on small presets. Called by the scripts: importing must not change malloc."""
+    """Keep freed memory in the process (glibc): training re-allocates the same big buffers each
+    step, and re-mapping them page-faults for 1.3-1.7x tokens/s. Scripts call it; import does not."""
     import ctypes
     try:
         libc = ctypes.CDLL("libc.so.6")

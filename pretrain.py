@@ -36,7 +36,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from distill import Teacher, sample_groups, tcd_losses
-from model import (BertConfig, BertForMaskedLM, CheckpointError, make_tokenizer, mask_tokens,
+from model import (BertConfig, BertForMaskedLM, CheckpointError, adamw_warmup_linear, make_tokenizer, mask_tokens,
                    masked_log_likelihood, read_checkpoint, read_vocab, save_checkpoint, tune_allocator)
 from moe import clip_gradients, gather_experts, optimizer_state, shard_experts, sync_gradients
 
@@ -187,13 +187,7 @@ def train(args) -> int:
     if args.teacher:
         teacher = Teacher.load(args.teacher, bf16=args.bf16).to(device)
         teacher.check_student(cfg, vocab, attention=lambda_a > 0)
-    no_decay = lambda n: n.endswith(("bias", ".b1", ".b2")) or ".ln" in n or n.startswith("transform_ln")
-    named = list(model.named_parameters())
-    optimizer = torch.optim.AdamW([{"params": [p for n, p in named if not no_decay(n)], "weight_decay": args.weight_decay},
-                                   {"params": [p for n, p in named if no_decay(n)], "weight_decay": 0.0}],
-                                  lr=args.lr, betas=(0.9, 0.999))
-    schedule = lambda s: min((s + 1) / warmup, max(0.0, (total_steps - s) / max(1, total_steps - warmup)))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+    optimizer, scheduler = adamw_warmup_linear(model, args.lr, args.weight_decay, warmup, total_steps)
     start = 0
     if resume:
         model.load_state_dict(shard_experts(resume["model"], model))
