@@ -118,9 +118,9 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _sharded_worker(rank: int, world: int, port: int, results):
+def _sharded_worker(rank: int, world: int, store: str, results):
     import torch.distributed as dist
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
     try:
         torch.manual_seed(0)
         full = SwitchFFN(16, 24, 6)                       # the same full weights on every rank
@@ -164,19 +164,19 @@ def _sharded_worker(rank: int, world: int, port: int, results):
         dist.destroy_process_group()
 
 
-def test_sharded_layer_equals_one_process():
+def test_sharded_layer_equals_one_process(tmp_path):
     import torch.multiprocessing as mp
-    results = mp.Manager().dict()
-    mp.spawn(_sharded_worker, args=(2, _free_port(), results), nprocs=2, join=True)
+    results = mp.Manager().dict()                  # a file store: no port to race for
+    mp.spawn(_sharded_worker, args=(2, str(tmp_path / "store"), results), nprocs=2, join=True)
     for rank in (0, 1):
         r = dict(results[rank])
         assert r.pop("local_experts") == 3 and r.pop("counts_zero")
         assert all(r.values()), (rank, r)
 
 
-def _bad_world_worker(rank: int, world: int, port: int, results):
+def _bad_world_worker(rank: int, world: int, store: str, results):
     import torch.distributed as dist
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
     errors = []
     for hidden, experts in ((8, 5), (8 + 8 * rank, 4)):   # E % W != 0; then different shapes per rank
         try:
@@ -189,10 +189,10 @@ def _bad_world_worker(rank: int, world: int, port: int, results):
         dist.destroy_process_group()
 
 
-def test_experts_not_divisible_by_world_fail_fast():
+def test_experts_not_divisible_by_world_fail_fast(tmp_path):
     import torch.multiprocessing as mp
     results = mp.Manager().dict()
-    mp.spawn(_bad_world_worker, args=(2, _free_port(), results), nprocs=2, join=True)
+    mp.spawn(_bad_world_worker, args=(2, str(tmp_path / "store"), results), nprocs=2, join=True)
     for r in (0, 1):
         assert "5 experts cannot be split evenly over 2" in results[r][0]
         assert "differs across ranks" in results[r][1]
