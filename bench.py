@@ -6,10 +6,11 @@
 
 moe        SwitchFFN forward+backward (64 experts, H=128, F=512, default init) / a dense FFN of the
            same width on the same tokens, at 16,384 and 4,096 tokens; torch's grouped_mm for scale.
-hf         BertForMaskedLM train step (small preset, batch 32x128, 15% masked, AdamW): tokens/s of
+hf         BertForMaskedLM train step (small preset, batch 32x128 or --batch, 15% masked, AdamW): tokens/s of
            model.py over transformers.BertForMaskedLM, fp32 and bf16 autocast.
 step       train step time, same batch (small preset): MoE-64 / vanilla and MoE+TCD / MoE.
-throughput tokens/s and peak memory (RSS) of full training steps per preset, each in a fresh process.
+throughput tokens/s and peak memory (CPU: RSS; GPU: allocated) of full training steps per preset,
+           each in a fresh process.
 Timings interleave the two sides (A B A B ...) and report medians, so a busy machine slows both.
 """
 from __future__ import annotations
@@ -27,7 +28,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from distill import Teacher, sample_groups, tcd_losses
-from model import BertConfig, BertForMaskedLM, tune_allocator
+from model import BertConfig, BertForMaskedLM, adamw_warmup_linear, tune_allocator
 from moe import SwitchFFN
 
 
@@ -77,7 +78,7 @@ def bench_moe(args, device) -> list[dict]:
             out.sum().backward()
 
         fns = {"dense": run_dense, "switch": run_switch}
-        if hasattr(F, "grouped_mm"):
+        if hasattr(F, "grouped_mm") and device.type == "cpu":   # on GPUs it takes bf16 only
             fns["grouped_mm"] = run_grouped
         t = race(fns, args.repeats, device)
         counts = switch.last_counts
@@ -86,6 +87,11 @@ def bench_moe(args, device) -> list[dict]:
                      "grouped_mm/dense": t.get("grouped_mm", float("nan")) / t["dense"],
                      "busiest/mean expert load": float(counts.max() / counts.float().mean())})
     return rows
+
+
+def adamw(model: nn.Module) -> torch.optim.Optimizer:
+    """The optimizer pretrain.py uses (fused AdamW), for both sides of every comparison."""
+    return adamw_warmup_linear(model, lr=1e-4, weight_decay=0.01, warmup=100, total=10**6)[0]
 
 
 def mlm_batch(cfg, batch, seq, device):
@@ -112,7 +118,7 @@ def train_step(model, optimizer, ids, labels, bf16, device, extra=None):
 def bench_hf(args, device) -> list[dict]:
     import transformers
     cfg = BertConfig.preset("small", dropout=0.1, attention_dropout=0.1)
-    ids, labels = mlm_batch(cfg, 32, 128, device)
+    ids, labels = mlm_batch(cfg, args.batch, 128, device)
     ours = BertForMaskedLM(cfg).to(device)
     hf_cfg = transformers.BertConfig(vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size,
                                      num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads,
@@ -120,8 +126,8 @@ def bench_hf(args, device) -> list[dict]:
     hf = transformers.BertForMaskedLM(hf_cfg).to(device).train()
     rows = []
     for bf16 in (False, True):
-        fns = {"ours": train_step(ours, torch.optim.AdamW(ours.parameters(), lr=1e-4), ids, labels, bf16, device),
-               "hf": train_step(hf, torch.optim.AdamW(hf.parameters(), lr=1e-4), ids, labels, bf16, device)}
+        fns = {"ours": train_step(ours, adamw(ours), ids, labels, bf16, device),
+               "hf": train_step(hf, adamw(hf), ids, labels, bf16, device)}
         t = race(fns, args.repeats, device)
         tokens = ids.numel()
         rows.append({"bf16": bf16, "ours_tok_s": tokens / t["ours"], "hf_tok_s": tokens / t["hf"],
@@ -134,18 +140,18 @@ def bench_step(args, device) -> list[dict]:
     for bf16 in (False, True):
         torch.manual_seed(0)
         cfg = BertConfig.preset("small")
-        ids, labels = mlm_batch(cfg, 32, 128, device)
+        ids, labels = mlm_batch(cfg, args.batch, 128, device)
         vanilla = BertForMaskedLM(cfg).to(device)
         moe = BertForMaskedLM(BertConfig.preset("small", num_experts=64)).to(device)
         teacher = Teacher(BertForMaskedLM(cfg).bert, bf16=bf16).to(device)
-        opt_v = torch.optim.AdamW(vanilla.parameters(), lr=1e-4)
-        opt_m = torch.optim.AdamW(moe.parameters(), lr=1e-4)
+        opt_v = adamw(vanilla)
+        opt_m = adamw(moe)
         real = torch.ones_like(ids, dtype=torch.bool)
         g = torch.Generator().manual_seed(0)
 
         def tcd_loss():
             res = moe(ids, labels=labels, taps=True)
-            index = sample_groups(real, 4096 // 16, 128, g)      # batch 32 of the paper's 512: 256 tokens
+            index = sample_groups(real, 4096 * args.batch // 512, 128, g)  # the paper's 4096 per 512 sequences
             parts = tcd_losses(res.taps, teacher(ids), index, None, attention=False)
             return res.loss + 1000 * res.balance_loss + parts["trunk"] + parts["inner"]
 
@@ -162,10 +168,12 @@ def throughput_child(preset: str, experts: int, bf16: bool, device) -> dict:
     cfg = BertConfig.preset(preset, num_experts=experts)
     model = BertForMaskedLM(cfg).to(device)
     ids, labels = mlm_batch(cfg, 32, 128, device)
-    t = race({"step": train_step(model, torch.optim.AdamW(model.parameters(), lr=1e-4), ids, labels, bf16, device)},
-             3, device)
+    t = race({"step": train_step(model, adamw(model), ids, labels, bf16, device)},
+             8, device)
+    peak = (torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda"
+            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
     return {"preset": preset, "experts": experts, "bf16": bf16, "tokens_per_s": ids.numel() / t["step"],
-            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+            "peak_mb": peak}
 
 
 def bench_throughput(args, device) -> list[dict]:
@@ -190,6 +198,7 @@ def main() -> None:
     p.add_argument("--only", nargs="+", default=["moe", "hf", "step", "throughput"],
                    choices=["moe", "hf", "step", "throughput"])
     p.add_argument("--repeats", type=int, default=10)
+    p.add_argument("--batch", type=int, default=32, help="sequences of 128 tokens per step (hf, step)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--json", help="also write the rows here")
     p.add_argument("--child", nargs=3, help=argparse.SUPPRESS)

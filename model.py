@@ -83,6 +83,39 @@ class ClassifierOutput:
     balance_loss: torch.Tensor
 
 
+def dropout(x: torch.Tensor, p: float, training: bool = True) -> torch.Tensor:
+    """F.dropout with a cheaper mask on the CPU, where torch's bernoulli_ draws one mt19937 number
+    per element (28% of a bf16 train step, small preset). Here each 64-bit draw gives four 16-bit
+    uniforms; p is rounded to a multiple of 2^-16 and the 1/(1-p) scale uses that same p, so the
+    output stays unbiased. It draws from torch's default generator: manual_seed reproduces it."""
+    if not training or p == 0.0:
+        return x
+    if x.device.type != "cpu" or p >= 1.0:
+        return F.dropout(x, p, training=True)
+    n, drop = x.numel(), round(p * 65536)
+    bits = torch.empty((n + 3) // 4, dtype=torch.int64).random_(-2**63, 2**63 - 1)
+    # P(keep) = 1 - drop / 2^16; comparing straight into x's dtype: a bool mask would be 10x slower to apply
+    keep = torch.ge(bits.view(torch.int16)[:n].view(x.shape), drop - 32768, out=torch.empty_like(x))
+    return x * keep.mul_(65536 / (65536 - drop))
+
+
+class Dropout(nn.Dropout):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return dropout(x, self.p, self.training)
+
+
+def attention(q, k, v, mask: torch.Tensor | None, p: float, training: bool) -> torch.Tensor:
+    """Softmax attention over (B, nh, T, hs) tensors; mask (B, 1, 1, T) is True at keys to attend.
+    SDPA, except when training with dropout on the CPU: its CPU kernels have no dropout and its
+    fallback draws the mask with bernoulli_, so the same arithmetic is written out here."""
+    if not (training and p > 0.0 and q.device.type == "cpu"):
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p if training else 0.0)
+    scores = (q @ k.transpose(-2, -1)).mul_(q.shape[-1] ** -0.5)      # (B, nh, T, T)
+    if mask is not None:
+        scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
+    return dropout(scores.softmax(-1), p) @ v
+
+
 class Adapter(nn.Module):
     """Houlsby et al. (2019) bottleneck: x + up(gelu(down(x))), initialised near identity."""
 
@@ -125,13 +158,12 @@ class Layer(nn.Module):
         self.ln2 = nn.LayerNorm(H, eps=cfg.layer_norm_eps)
         self.attn_adapter = Adapter(H, adapter_size) if adapter_size else nn.Identity()
         self.ffn_adapter = Adapter(H, adapter_size) if adapter_size else nn.Identity()
-        self.drop, self.attn_drop = nn.Dropout(cfg.dropout), cfg.attention_dropout
+        self.drop, self.attn_drop = Dropout(cfg.dropout), cfg.attention_dropout
 
     def forward(self, x, attn_mask, token_mask, taps: dict | None):
         B, T, H = x.shape
         q, k, v = self.qkv(x).view(B, T, 3, self.nh, H // self.nh).permute(2, 0, 3, 1, 4)  # (B, nh, T, hs) each
-        a = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask,
-                                           dropout_p=self.attn_drop if self.training else 0.0)
+        a = attention(q, k, v, attn_mask, self.attn_drop, self.training)
         a = self.attn_out(a.transpose(1, 2).reshape(B, T, H))
         x = self.ln1(x + self.drop(self.attn_adapter(a)))
         f, balance_loss = self.ffn(x, token_mask)
@@ -152,7 +184,7 @@ class BertModel(nn.Module):
         self.position = nn.Embedding(cfg.max_position, H)
         self.token_type = nn.Embedding(cfg.type_vocab_size, H)
         self.ln = nn.LayerNorm(H, eps=cfg.layer_norm_eps)
-        self.drop = nn.Dropout(cfg.dropout)
+        self.drop = Dropout(cfg.dropout)
         self.layers = nn.ModuleList(Layer(cfg, adapter_size, expert_group) for _ in range(cfg.num_layers))
 
     def forward(self, input_ids, attention_mask=None, token_type_ids=None, taps: bool = False) -> EncoderOutput:
@@ -225,7 +257,7 @@ class BertForSequenceClassification(nn.Module):
         self.config, self.num_labels, self.adapter_size = cfg, num_labels, adapter_size
         self.bert = BertModel(cfg, adapter_size=adapter_size)
         self.pooler = nn.Linear(cfg.hidden_size, cfg.hidden_size)
-        self.drop = nn.Dropout(cfg.dropout)
+        self.drop = Dropout(cfg.dropout)
         self.classifier = nn.Linear(cfg.hidden_size, num_labels)
         _init_weights(self)
         if adapter_size:
@@ -250,14 +282,14 @@ class BertForSequenceClassification(nn.Module):
 
 
 def adamw_warmup_linear(model: nn.Module, lr: float, weight_decay: float, warmup: int, total: int):
-    """AdamW (β 0.9/0.999) without decay on biases and LayerNorms over the trainable parameters,
-    lr warmed up linearly for `warmup` steps, then decayed linearly to 0 at `total`."""
+    """AdamW (β 0.9/0.999, fused kernel) without decay on biases and LayerNorms over the trainable
+    parameters, lr warmed up linearly for `warmup` steps, then decayed linearly to 0 at `total`."""
     norms = {id(p) for mod in model.modules() if isinstance(mod, nn.LayerNorm) for p in mod.parameters()}
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     plain = [id(p) in norms or n.endswith(("bias", ".b1", ".b2")) for n, p in named]
     optimizer = torch.optim.AdamW([{"params": [p for (_, p), x in zip(named, plain) if not x], "weight_decay": weight_decay},
                                    {"params": [p for (_, p), x in zip(named, plain) if x], "weight_decay": 0.0}],
-                                  lr=lr, betas=(0.9, 0.999))
+                                  lr=lr, betas=(0.9, 0.999), fused=True)  # one pass: 3x faster on CPU
     schedule = lambda s: min((s + 1) / warmup, max(0.0, (total - s) / max(1, total - warmup)))
     return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
 

@@ -69,9 +69,11 @@ class _ExpertFFN(torch.autograd.Function):
     def backward(ctx, gy):
         xs, h, a, w1, w2 = ctx.saved_tensors
         gy = gy.contiguous()
-        # experts that got no token get zero gradients
-        gw1, gb1 = torch.zeros_like(w1), w1.new_zeros(w1.shape[0], w1.shape[2])
-        gw2, gb2 = torch.zeros_like(w2), w2.new_zeros(w2.shape[0], w2.shape[2])
+        gw1, gb1 = torch.empty_like(w1), w1.new_empty(w1.shape[0], w1.shape[2])
+        gw2, gb2 = torch.empty_like(w2), w2.new_empty(w2.shape[0], w2.shape[2])
+        for e in set(range(w1.shape[0])) - {e for e, _, _ in ctx.spans}:  # experts that got no token
+            for g in (gw1, gb1, gw2, gb2):
+                g[e].zero_()
         ga, gx = torch.empty_like(h), torch.empty_like(xs)
         for e, s, t in ctx.spans:
             torch.mm(a[s:t].T, gy[s:t], out=gw2[e])
@@ -83,6 +85,26 @@ class _ExpertFFN(torch.autograd.Function):
             torch.sum(gh[s:t], 0, out=gb1[e])
             torch.mm(gh[s:t], w1[e].T, out=gx[s:t])
         return gx, None, gw1, gb1, gw2, gb2
+
+
+def _expert_ffn(xs: torch.Tensor, counts: torch.Tensor, w1, b1, w2, b2) -> torch.Tensor:
+    """The experts on rows sorted by expert, counts[e] rows each: on CPUs one addmm per expert
+    (_ExpertFFN), on GPUs padded batched matmuls (_padded_experts)."""
+    if xs.is_cuda:
+        return _padded_experts(xs, counts, w1, b1, w2, b2)
+    return _ExpertFFN.apply(xs, counts.tolist(), w1, b1, w2, b2)
+
+
+def _padded_experts(xs: torch.Tensor, counts: torch.Tensor, w1, b1, w2, b2) -> torch.Tensor:
+    """Every expert padded to the busiest one, then two batched matmuls: on a GPU, E small
+    kernels and their launches cost far more than multiplying the padding rows."""
+    E, N = counts.numel(), xs.shape[0]
+    expert = torch.repeat_interleave(torch.arange(E, device=xs.device), counts, output_size=N)
+    slot = torch.arange(N, device=xs.device) - (counts.cumsum(0) - counts)[expert]  # row within its expert
+    capacity = int(counts.max()) if N else 0
+    padded = xs.new_zeros(E, capacity, xs.shape[1]).index_put((expert, slot), xs)  # (E, C, H)
+    h = F.gelu(torch.baddbmm(b1.unsqueeze(1), padded, w1))                        # (E, C, F)
+    return torch.baddbmm(b2.unsqueeze(1), h, w2)[expert, slot]                     # padding rows never read
 
 
 def _all_to_all(x: torch.Tensor, send: list[int], recv: list[int], group) -> torch.Tensor:
@@ -114,7 +136,7 @@ class SwitchFFN(nn.Module):
         for p in (self.w1, self.b1, self.w2, self.b2):
             p.expert = True
         self.reset_parameters()
-        self.last_counts = torch.zeros(num_experts, dtype=torch.long)  # tokens per expert, last call
+        self.last_counts = torch.zeros(num_experts, dtype=torch.long)  # tokens per expert, last call (on x's device)
         if group is not None:
             self._check_group(hidden_size, intermediate_size)
 
@@ -150,7 +172,7 @@ class SwitchFFN(nn.Module):
         balance_loss = -math.log(self.num_experts) - mean_prob.log().mean()  # Eq. 5
         order = expert.argsort(stable=True)
         counts = torch.bincount(expert, minlength=self.num_experts)
-        self.last_counts = counts.detach().cpu()
+        self.last_counts = counts.detach()
         y = self._experts(_Permute.apply(tokens, order), counts)   # the seam: tokens leave and return
         unsort = torch.empty_like(order)
         unsort[order] = torch.arange(order.numel(), device=order.device)
@@ -168,7 +190,7 @@ class SwitchFFN(nn.Module):
             xs, weights = xs.to(dtype), [w.to(dtype) for w in weights]
         with torch.autocast(xs.device.type, enabled=False):
             if self.group is None:
-                return _ExpertFFN.apply(xs, counts.tolist(), *weights)
+                return _expert_ffn(xs, counts, *weights)
             return self._experts_remote(xs, counts, weights)
 
     def _experts_remote(self, xs, counts, weights) -> torch.Tensor:
@@ -183,7 +205,7 @@ class SwitchFFN(nn.Module):
         # regroup by local expert: arrived is source-major, experts need expert-major
         owner = torch.arange(E, device=xs.device).repeat(W).repeat_interleave(recv_matrix.reshape(-1))
         by_expert = owner.argsort(stable=True)
-        ys = _ExpertFFN.apply(_Permute.apply(arrived, by_expert), recv_matrix.sum(0).tolist(), *weights)
+        ys = _expert_ffn(_Permute.apply(arrived, by_expert), recv_matrix.sum(0), *weights)
         back = torch.empty_like(by_expert)
         back[by_expert] = torch.arange(by_expert.numel(), device=xs.device)
         return _all_to_all(_Permute.apply(ys, back), recv, send, self.group)

@@ -119,6 +119,7 @@ def setup_distributed(args):
     local = int(os.environ.get("LOCAL_RANK", 0))
     device = torch.device(args.device or (f"cuda:{local}" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda":
+        device = device if device.index is not None else torch.device("cuda", local)  # plain "cuda"
         torch.cuda.set_device(device)
     if world > 1:
         dist.init_process_group(args.backend or ("nccl" if device.type == "cuda" else "gloo"))

@@ -4,7 +4,7 @@ import json
 import pytest
 import torch
 
-from model import (BertConfig, BertForMaskedLM, BertForSequenceClassification, CheckpointError, mask_tokens,
+from model import (BertConfig, attention, dropout, BertForMaskedLM, BertForSequenceClassification, CheckpointError, mask_tokens,
                    from_hf_bert, load_checkpoint, read_checkpoint, save_checkpoint)
 
 transformers = pytest.importorskip("transformers")
@@ -197,3 +197,59 @@ def test_masking_follows_bert():
     again = mask_tokens(ids, special, 103, 30522, torch.Generator().manual_seed(0))
     assert torch.equal(again[0], inputs)
     assert not torch.equal(mask_tokens(ids, special, 103, 30522, torch.Generator().manual_seed(1))[0], inputs)
+
+
+def test_dropout_rate_scale_and_gradient():
+    p = 0.1
+    x = torch.ones(4, 256, 1024, requires_grad=True)           # 2^20 elements
+    torch.manual_seed(0)
+    y = dropout(x, p)
+    kept = y != 0
+    n = kept.numel()
+    assert abs(kept.float().mean().item() - (1 - p)) < 4 * (p * (1 - p) / n) ** 0.5
+    lanes = kept.reshape(-1, 4).float().mean(0)                # each 16-bit slice of a 64-bit draw
+    assert ((lanes - (1 - p)).abs() < 4 * (p * (1 - p) / (n / 4)) ** 0.5).all(), lanes
+    scale = 65536 / (65536 - round(p * 65536))
+    assert torch.equal(y[kept], torch.full_like(y[kept], scale))  # unbiased: E[y] = x
+    y.backward(torch.arange(n, dtype=torch.float32).view_as(x))
+    assert torch.equal(x.grad, torch.arange(n, dtype=torch.float32).view_as(x) * kept * scale)
+    torch.manual_seed(0)
+    assert torch.equal(dropout(x.detach(), p), y.detach())     # torch.manual_seed reproduces it
+    assert dropout(x, p, training=False) is x and dropout(x, 0.0) is x
+
+
+def test_attention_with_dropout_equals_written_out_attention():
+    torch.manual_seed(0)
+    B, nh, T, hs = 3, 2, 7, 4
+    q, k, v = (torch.randn(B, nh, T, hs) for _ in range(3))
+    mask = torch.ones(B, 1, 1, T, dtype=torch.bool)
+    mask[1, ..., 5:] = False                                    # padding keys
+    torch.manual_seed(1)
+    out = attention(q, k, v, mask, 0.25, training=True)
+    torch.manual_seed(1)
+    keep = dropout(torch.ones(B, nh, T, T), 0.25)               # the same draw
+    scores = (q @ k.transpose(-2, -1)) / hs ** 0.5
+    probs = scores.masked_fill(~mask, float("-inf")).softmax(-1)
+    assert torch.allclose(out, (probs * keep) @ v, atol=1e-6)
+    no_drop = attention(q, k, v, mask, 0.25, training=False)   # SDPA path
+    assert torch.allclose(no_drop, probs @ v, atol=1e-6)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_equals_cpu_and_trains_in_bf16():
+    import copy
+    torch.manual_seed(0)
+    cpu = BertForMaskedLM(BertConfig.preset("tiny", vocab_size=200, num_experts=4)).eval()
+    ids = torch.randint(5, 200, (3, 16))
+    mask = torch.ones_like(ids)
+    mask[1, 10:] = 0
+    gpu = copy.deepcopy(cpu).cuda()
+    assert torch.allclose(gpu(ids.cuda(), mask.cuda()).logits.cpu(), cpu(ids, mask).logits, atol=1e-4)
+    gpu.train()
+    labels = torch.where(torch.rand(ids.shape) < 0.3, ids, -100).cuda()
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        res = gpu(ids.cuda(), mask.cuda(), labels=labels)
+    (res.loss + res.balance_loss).backward()
+    assert torch.isfinite(res.loss) and all(torch.isfinite(p.grad).all() for p in gpu.parameters() if p.grad is not None)
+    kept = (dropout(torch.ones(1 << 20, device="cuda"), 0.1) != 0).float().mean().item()
+    assert abs(kept - 0.9) < 0.002

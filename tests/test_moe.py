@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from moe import SwitchFFN
+from moe import SwitchFFN, _ExpertFFN, _padded_experts
 
 
 def brute_force(ffn: SwitchFFN, x: torch.Tensor, mask=None):
@@ -63,6 +63,24 @@ def test_matches_brute_force(padding):
         assert (y[~mask] == 0).all()
 
 
+def test_gpu_expert_path_equals_cpu_path():
+    """_padded_experts (what runs on GPUs) against _ExpertFFN (CPUs), run here on the CPU."""
+    torch.manual_seed(4)
+    E, H, Fd = 5, 8, 12
+    counts = torch.tensor([3, 0, 7, 1, 4])                      # expert 1 gets no token
+    weights = [torch.randn(E, H, Fd), torch.randn(E, Fd), torch.randn(E, Fd, H), torch.randn(E, H)]
+    xs, gy = torch.randn(int(counts.sum()), H), torch.randn(int(counts.sum()), H)
+    results = []
+    for run in (lambda *a: _ExpertFFN.apply(a[0], counts.tolist(), *a[1:]), lambda *a: _padded_experts(a[0], counts, *a[1:])):
+        inputs = [t.clone().requires_grad_() for t in (xs, *weights)]
+        y = run(*inputs)
+        y.backward(gy)
+        results.append([y] + [t.grad for t in inputs])
+    for a, b in zip(*results):
+        assert torch.allclose(a, b, atol=1e-5), (a - b).abs().max()
+    assert (results[1][2][1] == 0).all()                      # the idle expert's w1 gradient
+
+
 def test_padding_changes_nothing_for_real_tokens():
     torch.manual_seed(1)
     ffn = SwitchFFN(8, 16, 4)
@@ -103,6 +121,28 @@ def test_bf16_autocast_close_to_fp32():
     assert ffn.w1.grad.dtype == torch.float32 and ffn.w1.grad.abs().sum() > 0
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_equals_cpu_and_experts_run_in_bf16():
+    import copy
+    torch.manual_seed(3)
+    ffn = SwitchFFN(16, 24, 6)
+    x = torch.randn(40, 16, requires_grad=True)
+    mask = torch.rand(40) < 0.8
+    weight = torch.randn(40, 16)
+    y, bal = ffn(x, mask)
+    ref = grads(ffn, x, y, bal, weight)
+    gpu = copy.deepcopy(ffn).cuda()
+    xg = x.detach().cuda().requires_grad_()
+    yg, balg = gpu(xg, mask.cuda())
+    assert torch.allclose(yg.cpu(), y, atol=1e-5) and torch.allclose(balg.cpu(), bal, atol=1e-6)
+    for g, g_ref in zip(grads(gpu, xg, yg, balg, weight.cuda()), ref):
+        assert torch.allclose(g.cpu(), g_ref, atol=1e-5)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        y16, _ = gpu(xg, mask.cuda())
+    assert y16.dtype == torch.bfloat16                # on GPUs the experts run in the autocast dtype
+    assert torch.allclose(y16.float().cpu(), y, atol=0.05, rtol=0.05)
+
+
 def test_expert_parameters_are_marked():
     ffn = SwitchFFN(8, 16, 4)
     marked = {n for n, p in ffn.named_parameters() if getattr(p, "expert", False)}
@@ -116,6 +156,14 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def _exit_now() -> None:
+    """End a spawned worker once its results are stored, skipping C++ static destructors: at
+    interpreter shutdown torch + gloo abort about one run in ten ('terminate called without an
+    active exception', no Python frame), after all the work is done."""
+    import os
+    os._exit(0)
 
 
 def _sharded_worker(rank: int, world: int, store: str, results):
@@ -162,6 +210,7 @@ def _sharded_worker(rank: int, world: int, store: str, results):
             torch.allclose(getattr(shard, n).grad, expert_grads[n][lo:lo + 3], atol=1e-5) for n in expert_grads)
     finally:
         dist.destroy_process_group()
+    _exit_now()
 
 
 def test_sharded_layer_equals_one_process(tmp_path):
@@ -187,6 +236,7 @@ def _bad_world_worker(rank: int, world: int, store: str, results):
         results[rank] = errors
     finally:
         dist.destroy_process_group()
+    _exit_now()
 
 
 def test_experts_not_divisible_by_world_fail_fast(tmp_path):

@@ -87,6 +87,16 @@ def test_resume_equals_uninterrupted_run(tmp_path, corpus):
     assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_bf16_tcd_run(tmp_path, corpus):
+    save_checkpoint(tmp_path / "teacher.pt", BertForMaskedLM(BertConfig.preset("tiny")), vocab=VOCAB)
+    rows, out = run(tmp_path, corpus, "--moe", "--experts", "4", "--bf16", "--device", "cuda",
+                    "--teacher", str(tmp_path / "teacher.pt"), "--lambda-a", "1", "--out", str(tmp_path / "g.pt"))
+    first, last = sum(r["mlm"] for r in rows[:3]) / 3, sum(r["mlm"] for r in rows[-3:]) / 3
+    assert last < first - 1.0 and all(r["attention"] > 0 for r in rows), (first, last)
+    assert load_checkpoint(out)[1]["step"] == 30                   # loads on the CPU
+
+
 def cli(*args, cwd):
     return subprocess.run([sys.executable, str(ROOT / "pretrain.py"), *args], cwd=cwd, capture_output=True,
                           text=True, timeout=300)
@@ -128,6 +138,12 @@ def torchrun(*args, cwd, nproc=2):
     return subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=300)
 
 
+# Adam divides by sqrt(v): where a gradient is a near-cancelling sum (the decoder rows of tokens that
+# never occur), summation-order noise of ~1e-8 between W ranks and W-fold accumulation moves the
+# update by up to ~1e-5 at lr 1e-3; a missing or mis-scaled all-reduce moves it by ~lr = 1e-3.
+CROSS_WORLD_ATOL = 5e-5
+
+
 def same_weights(a, b, atol=1e-5):
     sa, sb = torch.load(a, weights_only=True)["model"], torch.load(b, weights_only=True)["model"]
     assert sa.keys() == sb.keys()
@@ -145,7 +161,7 @@ def test_two_ranks_equal_one_process_and_resume_on_any_world(tmp_path, corpus, m
     r = torchrun(*common, "--out", "two.pt", cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
     assert pretrain.main([*common, "--grad-accum", "2", "--out", str(tmp_path / "one.pt")]) == 0
-    same_weights(tmp_path / "one.pt", tmp_path / "two.pt")
+    same_weights(tmp_path / "one.pt", tmp_path / "two.pt", CROSS_WORLD_ATOL)
     one, _ = load_checkpoint(tmp_path / "two.pt")                    # consolidated: loads in one process
     assert one.bert.layers[0].ffn.w1.shape[0] == 4
     r = torchrun(*common, "--out", "part.pt", "--stop-at", "3", cwd=tmp_path)
@@ -155,7 +171,7 @@ def test_two_ranks_equal_one_process_and_resume_on_any_world(tmp_path, corpus, m
     same_weights(tmp_path / "resumed2.pt", tmp_path / "two.pt")
     assert pretrain.main([*common, "--grad-accum", "2", "--out", str(tmp_path / "resumed1.pt"),
                           "--resume", str(tmp_path / "part.pt")]) == 0
-    same_weights(tmp_path / "resumed1.pt", tmp_path / "two.pt")
+    same_weights(tmp_path / "resumed1.pt", tmp_path / "two.pt", CROSS_WORLD_ATOL)
 
 
 def test_experts_not_divisible_by_world_exit_cleanly(tmp_path, corpus):
