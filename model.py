@@ -106,14 +106,15 @@ class Dropout(nn.Dropout):
 
 def attention(q, k, v, mask: torch.Tensor | None, p: float, training: bool) -> torch.Tensor:
     """Softmax attention over (B, nh, T, hs) tensors; mask (B, 1, 1, T) is True at keys to attend.
-    SDPA, except when training with dropout on the CPU: its CPU kernels have no dropout and its
-    fallback draws the mask with bernoulli_, so the same arithmetic is written out here."""
-    if not (training and p > 0.0 and q.device.type == "cpu"):
+    SDPA, except on the CPU when training with dropout (SDPA's CPU kernels have none and its
+    fallback draws the mask with bernoulli_) or in bf16 (its CPU flash kernel is 2-4x slower than
+    these three ops at BERT's lengths, see README): there the same arithmetic is written out."""
+    if q.device.type != "cpu" or not ((training and p > 0.0) or q.dtype == torch.bfloat16):
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p if training else 0.0)
     scores = (q @ k.transpose(-2, -1)).mul_(q.shape[-1] ** -0.5)      # (B, nh, T, T)
     if mask is not None:
-        scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
-    return dropout(scores.softmax(-1), p) @ v
+        scores.masked_fill_(~mask, torch.finfo(scores.dtype).min)
+    return dropout(scores.softmax(-1), p, training) @ v
 
 
 class Adapter(nn.Module):
@@ -369,14 +370,16 @@ def load_checkpoint(path) -> tuple[BertForMaskedLM, dict]:
 
 def tune_allocator() -> None:
     """Keep freed memory in the process (glibc): training re-allocates the same big buffers each
-    step, and re-mapping them page-faults for 1.3-1.7x tokens/s. Scripts call it; import does not."""
+    step, and re-mapping them page-faults for 1.3-1.7x tokens/s. The limits are mallopt's largest
+    (2 GiB): at 1 GiB, HF's reference step still gave its heap top back and re-faulted 1.5-2 GB a
+    step (1.3 s -> 1.7-2.1 s, small preset). Scripts call it; import does not."""
     import ctypes
     try:
         libc = ctypes.CDLL("libc.so.6")
     except OSError:
         return
-    libc.mallopt(-1, 1 << 30)          # M_TRIM_THRESHOLD: do not give the heap top back
-    libc.mallopt(-3, 1 << 30)          # M_MMAP_THRESHOLD: serve large blocks from the heap
+    libc.mallopt(-1, 2**31 - 1)        # M_TRIM_THRESHOLD: do not give the heap top back
+    libc.mallopt(-3, 2**31 - 1)        # M_MMAP_THRESHOLD: serve large blocks from the heap
 
 
 def read_vocab(path) -> list[str]:

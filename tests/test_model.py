@@ -3,6 +3,7 @@ import json
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from model import (BertConfig, attention, dropout, BertForMaskedLM, BertForSequenceClassification, CheckpointError, mask_tokens,
                    from_hf_bert, load_checkpoint, read_checkpoint, save_checkpoint)
@@ -233,6 +234,31 @@ def test_attention_with_dropout_equals_written_out_attention():
     assert torch.allclose(out, (probs * keep) @ v, atol=1e-6)
     no_drop = attention(q, k, v, mask, 0.25, training=False)   # SDPA path
     assert torch.allclose(no_drop, probs @ v, atol=1e-6)
+
+
+def test_bf16_attention_on_cpu_matches_sdpa():
+    """bf16 on the CPU takes the written-out path (faster than SDPA's flash kernel there): it must
+    agree with SDPA in float32 to bf16 precision, forward and backward, padding masked."""
+    torch.manual_seed(0)
+    B, nh, T, hs = 2, 2, 24, 16
+    q32, k32, v32 = (torch.randn(B, nh, T, hs, requires_grad=True) for _ in range(3))
+    mask = torch.ones(B, 1, 1, T, dtype=torch.bool)
+    mask[1, ..., 17:] = False
+    ref = F.scaled_dot_product_attention(q32, k32, v32, attn_mask=mask)
+    g = torch.randn_like(ref)
+    ref.backward(g)
+    q, k, v = (t.detach().bfloat16().requires_grad_() for t in (q32, k32, v32))
+    out = attention(q, k, v, mask, 0.1, training=False)         # no dropout in eval
+    out.backward(g.bfloat16())
+    assert out.dtype == torch.bfloat16
+    assert torch.allclose(out.float(), ref, atol=0.03)
+    for ours, theirs in ((q, q32), (k, k32), (v, v32)):
+        assert torch.allclose(ours.grad.float(), theirs.grad, atol=0.05)
+    assert (out.float() - ref).abs().mean() < 0.005                  # not just within tolerance by luck
+    k2 = k.detach().clone()
+    k2[1, :, 17:] = 100.0                                            # padding keys must not matter
+    out2 = attention(q.detach(), k2, v.detach(), mask, 0.0, training=False)
+    assert torch.equal(out2, out.detach())
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
