@@ -11,14 +11,15 @@ hf         BertForMaskedLM train step (small preset, batch 32x128 or --batch, 15
 step       train step time, same batch (small preset): MoE-64 / vanilla and MoE+TCD / MoE.
 throughput tokens/s and peak memory (CPU: RSS; GPU: allocated) of full training steps per preset,
            each in a fresh process.
-Timings interleave the two sides (A B A B ...) and report medians, so a busy machine slows both.
+Timings interleave the two sides (A B A B ...) and report the fastest run of each: on a shared
+machine, neighbours and page faults only ever add time (the same matmul here takes 93-155 ms from
+one second to the next), so the minimum is the steadiest estimate of what the code costs.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import resource
-import statistics
 import subprocess
 import sys
 import time
@@ -33,7 +34,7 @@ from moe import SwitchFFN
 
 
 def race(fns: dict, repeats: int, device) -> dict[str, float]:
-    """Median seconds per call of each function, calls interleaved round-robin."""
+    """Fastest seconds per call of each function, calls interleaved round-robin."""
     times = {k: [] for k in fns}
     for _ in range(2):                                   # warm-up
         for fn in fns.values():
@@ -47,7 +48,7 @@ def race(fns: dict, repeats: int, device) -> dict[str, float]:
             if device.type == "cuda":
                 torch.cuda.synchronize()
             times[k].append(time.perf_counter() - t)
-    return {k: statistics.median(v) for k, v in times.items()}
+    return {k: min(v) for k, v in times.items()}
 
 
 def bench_moe(args, device) -> list[dict]:
@@ -164,14 +165,23 @@ def bench_step(args, device) -> list[dict]:
     return rows
 
 
+def peak_rss_mb() -> float:
+    """This process's peak resident memory. VmHWM, not ru_maxrss: Linux carries ru_maxrss over
+    from the parent through fork and exec, so a child would report the bench's own peak."""
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith("VmHWM")) / 1024
+    except (OSError, StopIteration):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 def throughput_child(preset: str, experts: int, bf16: bool, device) -> dict:
     cfg = BertConfig.preset(preset, num_experts=experts)
     model = BertForMaskedLM(cfg).to(device)
     ids, labels = mlm_batch(cfg, 32, 128, device)
     t = race({"step": train_step(model, adamw(model), ids, labels, bf16, device)},
              8, device)
-    peak = (torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda"
-            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+    peak = torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else peak_rss_mb()
     return {"preset": preset, "experts": experts, "bf16": bf16, "tokens_per_s": ids.numel() / t["step"],
             "peak_mb": peak}
 
