@@ -3,6 +3,7 @@
     python bench.py                       # everything (about 10 minutes on 2 CPU cores)
     python bench.py --only moe hf         # some sections: moe, hf, step, throughput
     python bench.py --device cuda         # the same on a GPU
+    python bench.py --default-malloc      # without model.tune_allocator(), as a plain script runs
 
 moe        SwitchFFN forward+backward (64 experts, H=128, F=512, default init) / a dense FFN of the
            same width on the same tokens, at 16,384 and 4,096 tokens; torch's grouped_mm for scale.
@@ -191,7 +192,8 @@ def bench_throughput(args, device) -> list[dict]:
     for preset, experts in (("tiny", 0), ("tiny", 8), ("small", 0), ("small", 64)):
         for bf16 in (False, True):
             out = subprocess.run([sys.executable, __file__, "--child", preset, str(experts), str(int(bf16)),
-                                  "--device", str(device)], capture_output=True, text=True, check=True)
+                                  "--device", str(device)] + ["--default-malloc"] * args.default_malloc,
+                                 capture_output=True, text=True, check=True)
             rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
     return rows
 
@@ -211,9 +213,12 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=32, help="sequences of 128 tokens per step (hf, step)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--json", help="also write the rows here")
+    p.add_argument("--default-malloc", action="store_true",
+                   help="skip model.tune_allocator(): glibc's defaults, as a plain HF script runs")
     p.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
     args = p.parse_args()
-    tune_allocator()
+    if not args.default_malloc:
+        tune_allocator()
     device = torch.device(args.device)
     if args.child:
         print(json.dumps(throughput_child(args.child[0], int(args.child[1]), bool(int(args.child[2])), device)))
