@@ -13,7 +13,7 @@ step       train step time, same batch (small preset): MoE-64 / vanilla and MoE+
 throughput tokens/s and peak memory (CPU: RSS; GPU: allocated) of full training steps per preset,
            each in a fresh process.
 Timings interleave the two sides (A B A B ...) and report the fastest run of each: on a shared
-machine, neighbours and page faults only ever add time (the same matmul here takes 93-155 ms from
+machine, neighbours and page faults only ever add time (the same matmul here takes 88-155 ms from
 one second to the next), so the minimum is the steadiest estimate of what the code costs.
 """
 from __future__ import annotations
