@@ -286,10 +286,11 @@ def adamw_warmup_linear(model: nn.Module, lr: float, weight_decay: float, warmup
     """AdamW (β 0.9/0.999, fused kernel) without decay on biases and LayerNorms over the trainable
     parameters, lr warmed up linearly for `warmup` steps, then decayed linearly to 0 at `total`."""
     norms = {id(p) for mod in model.modules() if isinstance(mod, nn.LayerNorm) for p in mod.parameters()}
-    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    plain = [id(p) in norms or n.endswith(("bias", ".b1", ".b2")) for n, p in named]
-    optimizer = torch.optim.AdamW([{"params": [p for (_, p), x in zip(named, plain) if not x], "weight_decay": weight_decay},
-                                   {"params": [p for (_, p), x in zip(named, plain) if x], "weight_decay": 0.0}],
+    decay, plain = [], []
+    for n, p in model.named_parameters():
+        if p.requires_grad:
+            (plain if id(p) in norms or n.endswith(("bias", ".b1", ".b2")) else decay).append(p)
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay}, {"params": plain, "weight_decay": 0.0}],
                                   lr=lr, betas=(0.9, 0.999), fused=True)  # one pass: 3x faster on CPU
     schedule = lambda s: min((s + 1) / warmup, max(0.0, (total - s) / max(1, total - warmup)))
     return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
