@@ -87,6 +87,24 @@ def test_identical_teacher_gives_zero_and_gradients_reach_only_student():
     assert not teacher.encoder.training                        # stays in eval mode
 
 
+def test_tcd_losses_sum_eq8_over_taps_and_average_over_groups():
+    torch.manual_seed(2)
+    B, T = 2, 6
+    student = {"trunk": [torch.randn(B, T, 5) for _ in range(4)], "inner": [torch.randn(B, T, 5) for _ in range(4)]}
+    teacher = {"trunk": [torch.randn(B, T, 3) for _ in range(4)], "inner": [torch.randn(B, T, 3) for _ in range(4)]}
+    mask = torch.ones(B, T, dtype=torch.long)
+    mask[0, 4:] = 0
+    index = sample_groups(mask, tokens=8, group=4, generator=torch.Generator().manual_seed(0))  # (2, 4)
+    parts = tcd_losses(student, teacher, index, mask, attention=False)
+    for site in ("trunk", "inner"):
+        expected = 0.0
+        for s, t in zip(student[site], teacher[site]):           # L_T / L_I: sum over the 2L taps
+            groups = [(s.reshape(-1, 5)[g], t.reshape(-1, 3)[g]) for g in index]  # same tokens for both
+            expected += sum(naive_loss(hs, ht) for hs, ht in groups) / len(groups)
+        assert abs(float(parts[site]) - expected) < 1e-5
+    assert float(parts["attention"]) == 0.0
+
+
 def test_teacher_check_student():
     teacher = Teacher(tiny(0).bert, vocab=["a", "b"])
     teacher.check_student(BertConfig.preset("tiny", num_layers=2, hidden_size=64, num_heads=2), ["a", "b"], True)

@@ -91,17 +91,29 @@ def test_unknown_preset():
 
 
 @pytest.mark.parametrize("experts", [0, 4])
-def test_taps_shapes_and_no_taps_by_default(experts):
+def test_taps_are_the_relation_sites_of_fig3(experts):
     cfg = BertConfig.preset("tiny", num_experts=experts, num_layers=2, vocab_size=100)
-    model = BertForMaskedLM(cfg)
+    model = BertForMaskedLM(cfg).eval()
     ids, mask = torch.randint(1, 100, (2, 7)), torch.ones(2, 7, dtype=torch.long)
+    mask[1, 5:] = 0
     assert model.bert(ids, mask).taps is None
-    taps = model.bert(ids, mask, taps=True).taps
+    seen = {}                                     # each module's output, recorded by hooks
+    for i, layer in enumerate(model.bert.layers):
+        for name in ("qkv", "attn_out", "ln1", "ffn", "ln2"):
+            getattr(layer, name).register_forward_hook(
+                lambda m, inp, out, key=(i, name): seen.__setitem__(key, out[0] if isinstance(out, tuple) else out))
+    out = model.bert(ids, mask, taps=True)
+    taps = out.taps
     assert [len(taps[k]) for k in ("trunk", "inner", "q", "k")] == [4, 4, 2, 2]
+    for i in range(2):
+        # trunk: after the LayerNorm of the MHA and of the FFN sublayer
+        assert torch.equal(taps["trunk"][2 * i], seen[i, "ln1"]) and torch.equal(taps["trunk"][2 * i + 1], seen[i, "ln2"])
+        # residual inner: the sublayer outputs before the residual connection
+        assert torch.equal(taps["inner"][2 * i], seen[i, "attn_out"]) and torch.equal(taps["inner"][2 * i + 1], seen[i, "ffn"])
+        q, k, _ = seen[i, "qkv"].view(2, 7, 3, 2, 64).unbind(2)                 # (B, T, nh, hs)
+        assert torch.equal(taps["q"][i], q.transpose(1, 2)) and torch.equal(taps["k"][i], k.transpose(1, 2))
     assert taps["trunk"][0].shape == taps["inner"][3].shape == (2, 7, 128)
-    assert taps["q"][1].shape == taps["k"][0].shape == (2, 2, 7, 64)
-    # the trunk tap after the last FFN is the encoder output itself
-    assert torch.equal(taps["trunk"][-1], model.bert(ids, mask).hidden) or model.training
+    assert torch.equal(taps["trunk"][-1], out.hidden)  # the last trunk tap is the encoder output
 
 
 def test_masked_head_and_loss():
