@@ -107,11 +107,28 @@ def _padded_experts(xs: torch.Tensor, counts: torch.Tensor, w1, b1, w2, b2) -> t
     return torch.baddbmm(b2.unsqueeze(1), h, w2)[expert, slot]                     # padding rows never read
 
 
+class _AllToAll(torch.autograd.Function):
+    """Uneven all-to-all of rows: send[r] rows go to rank r, recv[r] rows arrive from it. The
+    backward is the same exchange with the roles swapped (gradients travel back the way the
+    rows came). Written over `dist.all_to_all_single`, which has no autograd of its own."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, send: list[int], recv: list[int], group) -> torch.Tensor:
+        ctx.send, ctx.recv, ctx.group = send, recv, group
+        out = x.new_empty(sum(recv), *x.shape[1:])
+        dist.all_to_all_single(out, x.contiguous(), recv, send, group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        back = grad.new_empty(sum(ctx.send), *grad.shape[1:])
+        dist.all_to_all_single(back, grad.contiguous(), ctx.send, ctx.recv, group=ctx.group)
+        return back, None, None, None
+
+
 def _all_to_all(x: torch.Tensor, send: list[int], recv: list[int], group) -> torch.Tensor:
     """Differentiable uneven all-to-all of rows: send[r] rows go to rank r, recv[r] come back."""
-    from torch.distributed.nn.functional import all_to_all_single
-    out = x.new_empty(sum(recv), *x.shape[1:])
-    return all_to_all_single(out, x.contiguous(), recv, send, group=group)
+    return _AllToAll.apply(x, send, recv, group)
 
 
 class SwitchFFN(nn.Module):
@@ -261,37 +278,54 @@ def sync_gradients(model: nn.Module, world: int) -> None:
             p.grad.div_(world)
 
 
+def _expert_groups(model: nn.Module) -> dict:
+    """id(expert parameter) -> its SwitchFFN, for every expert-parallel layer."""
+    return {id(getattr(m, n)): m for _, m in _sharded(model) for n in ("w1", "b1", "w2", "b2")}
+
+
 def clip_gradients(model: nn.Module, max_norm: float, sharded: bool) -> float:
-    """clip_grad_norm_ over the whole model, including expert shards held by other ranks."""
-    grads = [(p.grad, getattr(p, "expert", False)) for p in model.parameters() if p.grad is not None]
-    dense_sq = sum(g.float().pow(2).sum() for g, e in grads if not e)
-    expert_sq = sum((g.float().pow(2).sum() for g, e in grads if e), torch.zeros((), device=grads[0][0].device))
-    if sharded:
-        dist.all_reduce(expert_sq)
-    norm = float((dense_sq + expert_sq).sqrt())
+    """clip_grad_norm_ over the whole model, including expert shards held by other ranks of
+    each layer's expert group (dense gradients are already equal on every rank)."""
+    owners = _expert_groups(model) if sharded else {}
+    grads = [(p.grad, getattr(p, "expert", False), owners.get(id(p))) for p in model.parameters() if p.grad is not None]
+    dense_sq = sum(g.float().pow(2).sum() for g, e, _ in grads if not e)
+    total_sq = dense_sq + sum((g.float().pow(2).sum() for g, e, m in grads if e and m is None),
+                              torch.zeros((), device=grads[0][0].device))
+    by_group: dict = {}
+    for g, _, m in grads:
+        if m is not None:
+            by_group.setdefault(m.group, []).append(g)
+    for group, gs in by_group.items():                # experts: summed over their group's shards
+        sq = sum(g.float().pow(2).sum() for g in gs)
+        dist.all_reduce(sq, group=group)
+        total_sq = total_sq + sq
+    norm = float(total_sq.sqrt())
     if max_norm > 0 and norm > max_norm:
-        for g, _ in grads:
+        for g, _, _ in grads:
             g.mul_(max_norm / (norm + 1e-6))
     return norm
 
 
 def optimizer_state(optimizer, model, sharded: bool, full: dict | None = None) -> dict:
-    """With full=None: the optimizer state with expert moments gathered (collective).
-    With full: that consolidated state cut down to this rank's experts."""
+    """With full=None: the optimizer state with expert moments gathered over each layer's expert
+    group (collective). With full: that consolidated state cut down to this rank's experts."""
     state = optimizer.state_dict() if full is None else {**full, "state": dict(full["state"])}
     if not sharded:
         return state
+    owners = _expert_groups(model)
     params = [p for g in optimizer.param_groups for p in g["params"]]
     for i, p in enumerate(params):
-        if getattr(p, "expert", False) and i in state["state"]:
-            s = dict(state["state"][i])
-            for k in ("exp_avg", "exp_avg_sq"):
-                if full is None:
-                    parts = [torch.empty_like(s[k]) for _ in range(dist.get_world_size())]
-                    dist.all_gather(parts, s[k].contiguous())
-                    s[k] = torch.cat(parts)
-                else:
-                    n = p.shape[0]
-                    s[k] = s[k][dist.get_rank() * n:(dist.get_rank() + 1) * n].clone()
-            state["state"][i] = s
+        m = owners.get(id(p))
+        if m is None or i not in state["state"]:
+            continue
+        s = dict(state["state"][i])
+        for k in ("exp_avg", "exp_avg_sq"):
+            if full is None:
+                parts = [torch.empty_like(s[k]) for _ in range(m.world)]
+                dist.all_gather(parts, s[k].contiguous(), group=m.group)
+                s[k] = torch.cat(parts)
+            else:
+                n = p.shape[0]
+                s[k] = s[k][m.rank * n:(m.rank + 1) * n].clone()
+        state["state"][i] = s
     return state

@@ -3,11 +3,20 @@
     python pretrain.py                                     # teacher, Eq. 12: L = L_MLM     -> ckpt/vanilla.pt
     python pretrain.py --moe                               # baseline: L_MLM + λB·L_B        -> ckpt/moe.pt
     python pretrain.py --moe --teacher ckpt/vanilla.pt     # TCD, Eq. 13                     -> ckpt/moe_tcd.pt
+    python pretrain.py --resume ckpt/moe_tcd.pt            # continue that run, with its own settings
     torchrun --nproc_per_node=4 pretrain.py --moe --teacher ckpt/vanilla.pt   # data + expert parallel
 
 Defaults are the paper's (Appendix A): small preset, 64 experts, λB=1000, λT=λI=1, λA=0 (1 for
-base), 4096 relation tokens in groups of 128, AdamW lr 1e-4, 10k warm-up steps, batch 512,
-sequence length 128, 15% dynamic masking. Without --data it trains on data/sample.txt.
+base), 4096 relation tokens in groups of 128, AdamW lr 1e-4, 10k warm-up steps, batch 512 (1024
+for base), sequence length 128, 15% dynamic masking, a schedule sized for 40 epochs. Without
+--data it trains on data/sample.txt; without --valid it holds out a fixed random 1% of the
+documents. "Pre-Train Perf." is the mean log-likelihood of the original token at masked
+positions of the held-out text, with masks fixed once (closer to 0 is better).
+
+Resume. A checkpoint carries every setting of its run. `--resume [CKPT]` (default: the --out
+checkpoint) continues that run with those settings; only flags that do not change the run may be
+given again (--stop-at, --stop-epochs, --eval-every, --log-every, --keep-*, --out, --cache-dir,
+--device, --backend, and the world size with --grad-accum). Ctrl-C and SIGTERM save and exit.
 
 Batches and randomness. --batch-size is the global batch of one optimizer step. It is cut into
 world_size x grad_accum micro-batches; rank r runs micro-batches r*A ... r*A+A-1. The MLM
@@ -27,7 +36,9 @@ import math
 import os
 import signal
 import sys
+import tempfile
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -42,6 +53,11 @@ from moe import clip_gradients, gather_experts, optimizer_state, shard_experts, 
 
 HERE = Path(__file__).resolve().parent
 VALID_SEED = 1234                      # fixed validation masks: every model is scored on the same ones
+VALID_SHARE = 0.01                     # documents held out when no --valid is given
+PARTS = ("loss", "mlm", "balance", "trunk", "inner", "attention")
+# flags that may differ when a run is resumed: where output goes, how often, on what hardware
+FREE_ON_RESUME = {"resume", "out", "overwrite", "stop_at", "stop_epochs", "eval_every", "log_every", "keep_epochs",
+                  "keep_every", "cache_dir", "device", "backend", "grad_accum"}
 
 
 class UsageError(Exception):
@@ -49,6 +65,16 @@ class UsageError(Exception):
 
 
 # ----------------------------------------------------------------------------- data
+
+def read_text(path: Path) -> str:
+    data = path.read_bytes()
+    if b"\0" in data[:65536]:
+        raise UsageError(f"{path} looks binary (NUL bytes): pass UTF-8 text or .jsonl files")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise UsageError(f"{path} is not UTF-8 (byte {e.start}): convert it, e.g. iconv -f latin1 -t utf-8") from None
+
 
 def read_documents(spec: str) -> list[str]:
     """Documents from a text file (blank-line separated), a .jsonl file (a `text` field per
@@ -63,40 +89,55 @@ def read_documents(spec: str) -> list[str]:
         return [doc for f in files for doc in read_documents(str(f))]
     if not path.is_file():
         raise UsageError(f"corpus {spec} not found: pass text/.jsonl files, directories, or hf:NAME")
-    text = path.read_text(encoding="utf-8", errors="replace")
+    text = read_text(path)
     if path.suffix == ".jsonl":
         docs = []
         for n, line in enumerate(text.splitlines(), 1):
             if line.strip():
                 try:
-                    docs.append(json.loads(line)["text"])
+                    doc = json.loads(line)["text"]
                 except (ValueError, KeyError, TypeError):
-                    raise UsageError(f"{spec} line {n}: not a JSON object with a 'text' field") from None
+                    doc = None
+                if not isinstance(doc, str):
+                    raise UsageError(f"{spec} line {n}: not a JSON object with a 'text' string")
+                docs.append(doc)
         return docs
     return [d for d in text.split("\n\n") if d.strip()]
 
 
-def segments(specs: list[str], vocab: list[str], seq_len: int, cache_dir: Path, log) -> np.ndarray:
-    """The corpus as continuous [CLS] ... [SEP] segments, (S, seq_len) uint16, cached on disk
-    by (data files with sizes and times, vocab, seq_len) so a second run does not re-tokenize."""
-    key = hashlib.sha1(json.dumps([seq_len, vocab, [
-        [s, *(lambda p: [p.stat().st_size, p.stat().st_mtime_ns] if p.is_file() else [])(Path(s))]
-        for s in specs]]).encode()).hexdigest()[:16]
-    cache = cache_dir / f"tokens-{key}.npy"
+def split_documents(docs: list[str], share: float, seed: int) -> tuple[list[str], list[str]]:
+    """(train, valid): a fixed random `share` of the documents (at least one) held out whole,
+    so no text is in both."""
+    if not docs:
+        raise UsageError("the corpus holds no text: give files with documents in them")
+    if len(docs) < 2:
+        raise UsageError("the corpus holds one document: pass held-out text with --valid")
+    n_valid = max(1, round(len(docs) * share))
+    held = set(torch.randperm(len(docs), generator=seeded(seed, len(docs)))[:n_valid].tolist())
+    return [d for i, d in enumerate(docs) if i not in held], [d for i, d in enumerate(docs) if i in held]
+
+
+def segments(docs: list[str], vocab: list[str], seq_len: int, cache_dir: Path, log) -> np.ndarray:
+    """The documents as continuous [CLS] ... [SEP] segments, (S, seq_len) uint16, cached on disk
+    by their content (with the vocab and seq_len), so a second run does not re-tokenize and a
+    changed corpus never reads a stale cache."""
+    digest = hashlib.sha1(json.dumps([seq_len, vocab]).encode())
+    for d in docs:
+        digest.update(d.encode("utf-8", "surrogatepass") + b"\0\1")
+    cache = cache_dir / f"tokens-{digest.hexdigest()[:16]}.npy"
     if cache.is_file():
         seg = np.load(cache, mmap_mode="r")
         log(f"token cache {cache}: {seg.size:,} tokens in {len(seg):,} segments")
         return seg
-    docs = [d for s in specs for d in read_documents(s)]
     if not docs:
-        raise UsageError(f"corpus {' '.join(specs)} holds no text: give files with documents in them")
+        raise UsageError("the corpus holds no text: give files with documents in them")
     tok, ids = make_tokenizer(vocab), []
     for enc in tok.encode_batch(docs, add_special_tokens=False):
         ids.extend(enc.ids)
     body = seq_len - 2
     n = len(ids) // body
     if n == 0:
-        raise UsageError(f"corpus has {len(ids)} tokens, fewer than one segment of {seq_len}: add text")
+        raise UsageError(f"the corpus has {len(ids)} tokens, fewer than one segment of {seq_len}: add text")
     seg = np.empty((n, seq_len), dtype=np.uint16)
     seg[:, 0], seg[:, -1] = vocab.index("[CLS]"), vocab.index("[SEP]")
     seg[:, 1:-1] = np.asarray(ids[: n * body], dtype=np.uint16).reshape(n, body)
@@ -106,6 +147,30 @@ def segments(specs: list[str], vocab: list[str], seq_len: int, cache_dir: Path, 
     os.replace(tmp, cache)
     log(f"tokenized {len(docs):,} documents: {n * seq_len:,} tokens in {n:,} segments -> {cache}")
     return seg
+
+
+def load_corpus(args, vocab: list[str], cache_dir: Path, log, rank: int, world: int):
+    """(train segments, valid segments). Rank 0 tokenizes first; the others then read its cache."""
+    def build():
+        docs = [d for s in args.data for d in read_documents(s)]
+        if args.valid:
+            valid = [d for s in args.valid for d in read_documents(s)]
+        else:
+            docs, valid = split_documents(docs, VALID_SHARE, args.seed)
+        return (segments(docs, vocab, args.seq_len, cache_dir, log),
+                segments(valid, vocab, args.seq_len, cache_dir, log))
+    if rank == 0:
+        result = build()
+    if world > 1:
+        dist.barrier()
+        result = build() if rank else result
+    return result
+
+
+def shown(path) -> str:
+    """A path as short as it can be said from here."""
+    rel = os.path.relpath(path)
+    return rel if not rel.startswith("..") else str(path)
 
 
 def seeded(*parts: int) -> torch.Generator:
@@ -126,7 +191,93 @@ def setup_distributed(args):
     return rank, world, device
 
 
-# ----------------------------------------------------------------------------- training
+# ----------------------------------------------------------------------------- the objective
+
+def objective(mlm: torch.Tensor, balance: torch.Tensor, tcd: dict, args) -> torch.Tensor:
+    """Eq. 13; a dense model has balance = 0, and without a teacher tcd's parts are 0 (Eq. 12)."""
+    return (mlm + args.lambda_b * balance + args.lambda_t * tcd["trunk"] + args.lambda_i * tcd["inner"]
+            + args.lambda_a * tcd["attention"])
+
+
+def micro_batch_losses(run: Run, x: torch.Tensor, y: torch.Tensor, step: int, m: int) -> dict:
+    """Every part of Eq. 13 on one micro-batch (scalars, with gradients)."""
+    res = run.model(x, labels=y, taps=run.teacher is not None)
+    zero = res.loss.new_zeros((), dtype=torch.float32)
+    tcd = {"trunk": zero, "inner": zero, "attention": zero}
+    if run.teacher is not None:
+        index = sample_groups(torch.ones_like(x, dtype=torch.bool), run.relation_tokens, run.args.relation_group,
+                              seeded(run.args.seed, step, m, 2))        # the same tokens for teacher and student
+        tcd = tcd_losses(res.taps, run.teacher(x), index, None, attention=run.args.lambda_a > 0)
+    parts = {"mlm": res.loss, "balance": res.balance_loss, **tcd}       # mlm: L_MLM, Eq. 12
+    return {"loss": objective(res.loss, res.balance_loss, tcd, run.args), **parts}
+
+
+# ----------------------------------------------------------------------------- one run
+
+@dataclass
+class Run:
+    """Everything a training step, an evaluation and a checkpoint need."""
+    args: argparse.Namespace
+    rank: int
+    world: int
+    device: torch.device
+    out: Path
+    vocab: list
+    train_seg: np.ndarray
+    model: BertForMaskedLM
+    optimizer: torch.optim.Optimizer
+    scheduler: object
+    group: object
+    teacher: Teacher | None
+    steps_per_epoch: int
+    total_steps: int
+    relation_tokens: int
+    metrics: dict = field(default_factory=dict)
+    stop: dict = field(default_factory=lambda: {"signal": 0})
+
+    @property
+    def micro(self) -> int:
+        return self.args.batch_size // (self.world * self.args.grad_accum)
+
+    def log(self, msg: str) -> None:
+        if self.rank == 0:
+            tqdm.write(msg)
+
+
+def global_batch(run: Run, step: int, special, mask_id: int):
+    """The step's whole global batch, masked: a fresh permutation each epoch, fresh masks each step."""
+    epoch, pos = divmod(step, run.steps_per_epoch)
+    if getattr(run, "_perm_epoch", None) != epoch:
+        run._perm, run._perm_epoch = torch.randperm(len(run.train_seg), generator=seeded(run.args.seed, epoch)), epoch
+    rows = run._perm[pos * run.args.batch_size:(pos + 1) * run.args.batch_size].sort().values.numpy()
+    ids = torch.from_numpy(run.train_seg[rows].astype(np.int64))
+    return mask_tokens(ids, special, mask_id, len(run.vocab), seeded(run.args.seed, step), run.args.mask_prob)
+
+
+def train_step(run: Run, inputs, labels, step: int) -> dict:
+    """Forward, backward and update over this rank's micro-batches; returns the step's parts."""
+    args, micro = run.args, run.micro
+    parts = torch.zeros(len(PARTS))
+    autocast = torch.autocast(run.device.type, dtype=torch.bfloat16, enabled=args.bf16)
+    for m in range(run.rank * args.grad_accum, (run.rank + 1) * args.grad_accum):
+        torch.manual_seed(int(seeded(args.seed, step, m, 1).initial_seed()))   # dropout
+        x = inputs[m * micro:(m + 1) * micro].to(run.device)
+        y = labels[m * micro:(m + 1) * micro].to(run.device)
+        with autocast:
+            losses = micro_batch_losses(run, x, y, step, m)
+        (losses["loss"] / args.grad_accum).backward()
+        parts += torch.stack([losses[k].detach().float().cpu() for k in PARTS]) / args.grad_accum
+    if run.world > 1:
+        sync_gradients(run.model, run.world)
+        parts = parts.to(run.device)
+        dist.all_reduce(parts)
+        parts = parts.cpu() / run.world
+    grad_norm = clip_gradients(run.model, args.clip, run.group is not None)
+    run.optimizer.step()
+    run.scheduler.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    return {**dict(zip(PARTS, parts.tolist())), "grad_norm": grad_norm}
+
 
 def evaluate(model, inputs, labels, batch_size, bf16, rank, world) -> float:
     """Mean log-likelihood of the original token at masked positions ("Pre-Train Perf.")."""
@@ -150,207 +301,336 @@ def evaluate(model, inputs, labels, batch_size, bf16, rank, world) -> float:
     return float(total[0] / total[1].clamp_min(1))
 
 
-def train(args) -> int:
-    rank, world, device = setup_distributed(args)
-    log = (lambda msg: tqdm.write(msg)) if rank == 0 else (lambda msg: None)
-    out = Path(args.out or f"ckpt/{'moe_tcd' if args.teacher else 'moe' if args.moe else 'vanilla'}.pt")
+def save(run: Run, step: int, path: Path | None = None) -> None:
+    """A consolidated checkpoint that carries everything needed to continue the run (collective)."""
+    state = gather_experts(run.model) if run.group is not None else run.model.state_dict()
+    opt = optimizer_state(run.optimizer, run.model, run.group is not None)
+    if run.rank == 0:
+        saved_args = {**vars(run.args), "micro_batches": run.world * run.args.grad_accum}
+        save_checkpoint(path or run.out, run.model, model=state, vocab=run.vocab, step=step,
+                        epoch=step / run.steps_per_epoch, metrics=run.metrics, optimizer=opt,
+                        scheduler=run.scheduler.state_dict(), rng=torch.get_rng_state(),
+                        data_state={"seed": run.args.seed, "step": step, "batch_size": run.args.batch_size,
+                                    "segments": len(run.train_seg)}, args=saved_args)
+    if run.world > 1:
+        dist.barrier()
+
+
+def record(run: Run, row: dict) -> None:
+    if run.rank == 0:
+        with run.out.with_suffix(".metrics.jsonl").open("a") as f:
+            f.write(json.dumps(row) + "\n")
+
+
+def start_metrics(out: Path, start: int) -> None:
+    """A fresh run starts an empty metrics file; a resumed one keeps the rows up to its step
+    (rows a crash left after the last checkpoint would be replayed)."""
+    path = out.with_suffix(".metrics.jsonl")
+    rows = path.read_text().splitlines() if start and path.is_file() else []
+    kept = [r for r in rows if r.strip() and json.loads(r).get("step", 0) <= start]
+    tmp = path.with_suffix(".jsonl.tmp")
+    tmp.write_text("".join(r + "\n" for r in kept))
+    os.replace(tmp, path)
+
+
+# ----------------------------------------------------------------------------- set-up
+
+def build(args, rank: int, world: int, device) -> tuple[Run, int, np.ndarray]:
+    """The run (model, teacher, optimizer, data), restored from --resume if given: (run, start, valid)."""
+    out = Path(args.out)
     resume = read_checkpoint(args.resume) if args.resume else None
     vocab = resume["vocab"] if resume else read_vocab(args.vocab)
     cache_dir = Path(args.cache_dir) if args.cache_dir else out.resolve().parent.parent / "cache"
-    specs = args.data or [str(HERE / "data" / "sample.txt")]
-    if rank == 0:                                  # one rank tokenizes, the others read the cache
-        train_seg = segments(specs, vocab, args.seq_len, cache_dir, log)
-    if world > 1:
-        dist.barrier()
-        train_seg = segments(specs, vocab, args.seq_len, cache_dir, log) if rank else train_seg
-    if args.valid:
-        valid_seg = segments(args.valid, vocab, args.seq_len, cache_dir, log)
-    else:                                          # hold out a fixed 1% slice at the end
-        n_valid = max(1, min(len(train_seg) // 100, 2000))
-        train_seg, valid_seg = train_seg[:-n_valid], train_seg[-n_valid:]
+    train_seg, valid_seg = load_corpus(args, vocab, cache_dir, lambda m: tqdm.write(m) if rank == 0 else None,
+                                       rank, world)
     steps_per_epoch = len(train_seg) // args.batch_size
-    if steps_per_epoch == 0 or args.batch_size % (world * args.grad_accum):
-        raise UsageError(f"--batch-size {args.batch_size} must be a multiple of world size x --grad-accum "
-                         f"({world} x {args.grad_accum}) and at most the {len(train_seg)} training segments")
+    if steps_per_epoch == 0:
+        raise UsageError(f"--batch-size {args.batch_size} is more than the {len(train_seg)} training segments: "
+                         "use a smaller batch or more text")
     total_steps = min(args.epochs * steps_per_epoch, args.max_steps or sys.maxsize)
     warmup = min(args.warmup_steps, max(1, total_steps // 10))
-
-    if resume:
-        cfg = BertConfig.from_dict(resume["config"])
-    else:
-        cfg = BertConfig.preset(args.preset, vocab_size=len(vocab), num_experts=args.experts if args.moe else 0,
-                                dropout=args.dropout, attention_dropout=args.dropout)
+    cfg = (BertConfig.from_dict(resume["config"]) if resume else
+           BertConfig.preset(args.preset, vocab_size=len(vocab), num_experts=args.experts if args.moe else 0,
+                             dropout=args.dropout, attention_dropout=args.dropout))
     torch.manual_seed(args.seed)
     group = dist.group.WORLD if world > 1 and cfg.moe else None
     model = BertForMaskedLM(cfg, expert_group=group).to(device)
-    lambda_a = args.lambda_a if args.lambda_a is not None else (1.0 if args.preset == "base" else 0.0)
     teacher = None
     if args.teacher:
         teacher = Teacher.load(args.teacher, bf16=args.bf16).to(device)
-        teacher.check_student(cfg, vocab, attention=lambda_a > 0)
-    optimizer, scheduler = adamw_warmup_linear(model, args.lr, args.weight_decay, warmup, total_steps)
+        teacher.check_student(cfg, vocab, attention=args.lambda_a > 0)
+    optimizer, scheduler = adamw_warmup_linear(model, args.lr, args.weight_decay, warmup, total_steps,
+                                               betas=(0.9, args.beta2))
+    relation_tokens = max(args.relation_group, args.relation_tokens // (world * args.grad_accum))
+    run = Run(args, rank, world, device, out, vocab, train_seg, model, optimizer, scheduler, group, teacher,
+              steps_per_epoch, total_steps, relation_tokens)
+    if teacher is not None and args.relation_group > run.micro * args.seq_len:
+        raise UsageError(f"--relation-group {args.relation_group} is more than the {run.micro * args.seq_len} "
+                         "tokens of a micro-batch: lower it or raise --batch-size")
     start = 0
     if resume:
         model.load_state_dict(shard_experts(resume["model"], model))
         optimizer.load_state_dict(optimizer_state(optimizer, model, group is not None, resume["optimizer"]))
         scheduler.load_state_dict(resume["scheduler"])
-        start = resume["step"]
-        log(f"resumed {args.resume} at step {start}")
-    n_params = sum(p.numel() for p in model.parameters()) * (world if group is not None else 1)
-    log(f"{args.preset if not resume else 'resumed'} {'MoE x' + str(cfg.num_experts) if cfg.moe else 'vanilla'} "
-        f"BERT, ~{n_params / 1e6:.1f}M parameters, {'TCD from ' + args.teacher if teacher else 'no teacher'}; "
-        f"{len(train_seg):,} train / {len(valid_seg):,} valid segments, {total_steps} steps, warm-up {warmup}")
+        start, run.metrics = resume["step"], resume.get("metrics") or {}
+    run.log(f"{args.preset} {'MoE x' + str(cfg.num_experts) if cfg.moe else 'vanilla'} BERT, "
+            f"~{sum(p.numel() for p in model.parameters()) * (world if group is not None else 1) / 1e6:.1f}M "
+            f"parameters, {'TCD from ' + args.teacher if teacher else 'no teacher'}; {len(train_seg):,} train / "
+            f"{len(valid_seg):,} valid segments, {total_steps} steps, warm-up {warmup}"
+            + (f"; resumed {args.resume} at step {start}" if resume else ""))
+    return run, start, valid_seg
 
-    special = torch.tensor([vocab.index(t) for t in ("[PAD]", "[CLS]", "[SEP]", "[MASK]", "[UNK]")])
-    mask_id = vocab.index("[MASK]")
+
+def on_signal(run: Run):
+    def handler(signum, frame):
+        run.stop["signal"] = signum
+    return handler
+
+
+# ----------------------------------------------------------------------------- the loop
+
+def train(args) -> int:
+    rank, world, device = setup_distributed(args)
+    run, start, valid_seg = build(args, rank, world, device)
+    special = torch.tensor([run.vocab.index(t) for t in ("[PAD]", "[CLS]", "[SEP]", "[MASK]", "[UNK]")])
+    mask_id = run.vocab.index("[MASK]")
     valid_in, valid_labels = mask_tokens(torch.from_numpy(valid_seg.astype(np.int64)), special, mask_id,
-                                         len(vocab), seeded(VALID_SEED))
-    metrics_file = out.with_suffix(".metrics.jsonl")
-    micro = args.batch_size // (world * args.grad_accum)
-    rel_tokens = max(args.relation_group, args.relation_tokens // (world * args.grad_accum))
-    stop = {"now": False}
-    signal.signal(signal.SIGINT, lambda *_: stop.update(now=True))
-    metrics = {}
-
-    def save(step: int, path: Path = out) -> None:
-        state = gather_experts(model) if group is not None else model.state_dict()
-        opt = optimizer_state(optimizer, model, group is not None)
-        if rank == 0:
-            save_checkpoint(path, model, model=state, vocab=vocab, step=step, epoch=step / steps_per_epoch,
-                            metrics=metrics, optimizer=opt, scheduler=scheduler.state_dict(),
-                            rng=torch.get_rng_state(), data_state={"seed": args.seed, "step": step,
-                            "batch_size": args.batch_size, "segments": len(train_seg)}, args=vars(args))
-        if world > 1:
-            dist.barrier()
-
-    def record(row: dict) -> None:
-        if rank == 0:
-            metrics_file.parent.mkdir(parents=True, exist_ok=True)
-            with metrics_file.open("a") as f:
-                f.write(json.dumps(row) + "\n")
-
-    bar = tqdm(total=total_steps, initial=start, disable=rank != 0, dynamic_ncols=True)
-    model.train()
-    t0, tokens_seen, perm_epoch, perm = time.time(), 0, -1, None
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16)
-    for step in range(start, total_steps):
-        epoch, pos = divmod(step, steps_per_epoch)
-        if epoch != perm_epoch:
-            perm, perm_epoch = torch.randperm(len(train_seg), generator=seeded(args.seed, epoch)), epoch
-        rows = perm[pos * args.batch_size:(pos + 1) * args.batch_size].sort().values.numpy()
-        inputs, labels = mask_tokens(torch.from_numpy(train_seg[rows].astype(np.int64)), special, mask_id,
-                                     len(vocab), seeded(args.seed, step))   # the whole global batch
-        parts = torch.zeros(6)
-        for m in range(rank * args.grad_accum, (rank + 1) * args.grad_accum):
-            torch.manual_seed(int(seeded(args.seed, step, m, 1).initial_seed()))   # dropout
-            x, y = inputs[m * micro:(m + 1) * micro].to(device), labels[m * micro:(m + 1) * micro].to(device)
-            with autocast:
-                res = model(x, labels=y, taps=teacher is not None)
-                tcd = {"trunk": torch.zeros(()), "inner": torch.zeros(()), "attention": torch.zeros(())}
-                if teacher is not None:
-                    index = sample_groups(torch.ones_like(x, dtype=torch.bool), rel_tokens, args.relation_group,
-                                          seeded(args.seed, step, m, 2))
-                    tcd = tcd_losses(res.taps, teacher(x), index, None, attention=lambda_a > 0)
-                loss = (res.loss + args.lambda_b * res.balance_loss + args.lambda_t * tcd["trunk"]   # Eq. 13
-                        + args.lambda_i * tcd["inner"] + lambda_a * tcd["attention"])
-            (loss / args.grad_accum).backward()
-            parts += torch.stack([loss.detach().float().cpu(), res.loss.detach().float().cpu(),
-                                  res.balance_loss.detach().float().cpu(),
-                                  *(tcd[k].detach().float().cpu() for k in ("trunk", "inner", "attention"))]) / args.grad_accum
-        if world > 1:
-            sync_gradients(model, world)
-            parts = parts.to(device)
-            dist.all_reduce(parts)
-            parts = parts.cpu() / world
-        grad_norm = clip_gradients(model, args.clip, group is not None)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
+                                         len(run.vocab), seeded(VALID_SEED))
+    if rank == 0:
+        start_metrics(run.out, start)
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, on_signal(run))
+    stop_at = min(args.stop_at or sys.maxsize, (args.stop_epochs or sys.maxsize) * run.steps_per_epoch)
+    bar = tqdm(total=run.total_steps, initial=start, disable=rank != 0, dynamic_ncols=True)
+    t0, tokens_seen = time.time(), 0
+    run.model.train()
+    for step in range(start, run.total_steps):
+        # forward backward update
+        inputs, labels = global_batch(run, step, special, mask_id)
+        row = train_step(run, inputs, labels, step)
+        done, epoch_end = step + 1, (step + 1) % run.steps_per_epoch == 0
         tokens_seen += args.batch_size * args.seq_len
         bar.update(1)
-        done = step + 1
-        row = dict(zip(("loss", "mlm", "balance", "trunk", "inner", "attention"), parts.tolist()))
-        row.update(step=done, lr=scheduler.get_last_lr()[0], grad_norm=grad_norm,
-                   tokens_per_s=tokens_seen / (time.time() - t0))
-        if cfg.moe:
-            counts = torch.stack([layer.ffn.last_counts for layer in model.bert.layers])
+        # log
+        row.update(step=done, lr=run.scheduler.get_last_lr()[0], tokens_per_s=tokens_seen / (time.time() - t0))
+        if run.model.config.moe:
+            counts = torch.stack([layer.ffn.last_counts for layer in run.model.bert.layers])
             row.update(load_max=int(counts.max()), load_min=int(counts.min()))
-        if done % args.log_every == 0 or done == total_steps:
-            bar.set_postfix({k: f"{row[k]:.3g}" for k in ("mlm", "balance", "trunk", "inner", "attention", "lr")}
-                            | {"tok/s": f"{row['tokens_per_s']:.0f}"})
-            record(row)
-        if done % args.eval_every == 0 or done % steps_per_epoch == 0 or done == total_steps:
-            metrics = {"step": done, "epoch": done / steps_per_epoch,
-                       "pretrain_perf": evaluate(model, valid_in, valid_labels, micro, args.bf16, rank, world)}
-            record({"valid": True, **metrics})
-            log(f"step {done} epoch {done / steps_per_epoch:.2f}: Pre-Train Perf. {metrics['pretrain_perf']:.5f}")
-        if done % steps_per_epoch == 0 and done != total_steps:
-            save(done)
-        if done % steps_per_epoch == 0 and args.keep_epochs:
-            save(done, out.with_name(f"{out.stem}.epoch{done // steps_per_epoch}.pt"))
+        if done % args.log_every == 0 or done == run.total_steps:
+            columns = ("mlm", "balance", "trunk", "inner", "attention") if run.teacher else \
+                ("mlm", "balance") if run.model.config.moe else ("mlm",)
+            bar.set_postfix({k: f"{row[k]:.3g}" for k in (*columns, "lr")} | {"tok/s": f"{row['tokens_per_s']:.0f}"})
+            record(run, row)
+        # evaluate
+        keep_step = bool(args.keep_every) and done % args.keep_every == 0
+        if done % args.eval_every == 0 or epoch_end or keep_step or done == run.total_steps:
+            run.metrics = {"step": done, "epoch": done / run.steps_per_epoch, "pretrain_perf": evaluate(
+                run.model, valid_in, valid_labels, min(run.micro, 64), args.bf16, rank, world)}
+            record(run, {"valid": True, **run.metrics})
+            run.log(f"step {done} epoch {done / run.steps_per_epoch:.2f}: Pre-Train Perf. "
+                    f"{run.metrics['pretrain_perf']:.5f} (mean log-likelihood of masked tokens, held out)")
+        # checkpoint
+        if epoch_end and args.keep_epochs:
+            save(run, done, run.out.with_name(f"{run.out.stem}.epoch{done // run.steps_per_epoch}.pt"))
+        if keep_step:
+            save(run, done, run.out.with_name(f"{run.out.stem}.step{done}.pt"))
+        if epoch_end and done != run.total_steps:
+            save(run, done)
+        # termination
         if world > 1:
-            flag = torch.tensor([float(stop["now"])], device=device)
+            flag = torch.tensor([float(run.stop["signal"])], device=device)
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-            stop["now"] = bool(flag)
-        if stop["now"] or done == args.stop_at:
-            save(done)
-            log(f"stopped at step {done}; saved {out}: continue with --resume {out}")
+            run.stop["signal"] = int(flag)
+        if run.stop["signal"] or done == stop_at:
+            save(run, done)
+            run.log(f"stopped at step {done}; saved {shown(run.out)}: continue with "
+                    f"python pretrain.py --resume {shown(run.out)}")
             bar.close()
-            return 130 if stop["now"] else 0
+            return 128 + run.stop["signal"] if run.stop["signal"] else 0
     bar.close()
-    save(total_steps)
-    log(f"done: {total_steps} steps, saved {out}")
+    save(run, run.total_steps)
+    run.log(f"done: {run.total_steps} steps, saved {shown(run.out)}")
     return 0
 
 
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--data", nargs="+", help="text/.jsonl files, directories, or hf:NAME[:CONFIG] (default data/sample.txt)")
-    p.add_argument("--valid", nargs="+", help="held-out text (default: the last 1%% of the corpus' segments)")
-    p.add_argument("--vocab", default=str(HERE / "data" / "bert-base-uncased-vocab.txt"))
-    p.add_argument("--seq-len", type=int, default=128)
-    p.add_argument("--preset", default="small", choices=["tiny", "small", "base"])
-    p.add_argument("--moe", action="store_true", help="replace every FFN by a top-1 Switch MoE layer")
-    p.add_argument("--experts", type=int, default=64)
-    p.add_argument("--teacher", help="vanilla BERT checkpoint to distill transfer capability from (TCD)")
-    p.add_argument("--lambda-b", type=float, default=1000.0, help="balance loss weight λB")
-    p.add_argument("--lambda-t", type=float, default=1.0, help="trunk relation weight λT")
-    p.add_argument("--lambda-i", type=float, default=1.0, help="residual-inner relation weight λI")
-    p.add_argument("--lambda-a", type=float, default=None, help="attention relation weight λA (0 tiny/small, 1 base)")
-    p.add_argument("--relation-tokens", type=int, default=4096, help="tokens sampled per batch for L_T, L_I")
-    p.add_argument("--relation-group", type=int, default=128, help="tokens per relation group")
-    p.add_argument("--batch-size", type=int, default=512, help="global batch (sequences per optimizer step)")
-    p.add_argument("--grad-accum", type=int, default=1)
-    p.add_argument("--epochs", type=int, default=40)
-    p.add_argument("--max-steps", type=int, default=0, help="cap on optimizer steps (0: epochs decide)")
-    p.add_argument("--stop-at", type=int, default=0, help="save and stop after this step, schedule unchanged")
-    p.add_argument("--lr", type=float, default=1e-4)
-    p.add_argument("--weight-decay", type=float, default=0.01)
-    p.add_argument("--warmup-steps", type=int, default=10_000, help="capped at 10%% of the run")
-    p.add_argument("--clip", type=float, default=1.0, help="gradient norm clip (0: off)")
-    p.add_argument("--dropout", type=float, default=0.1)
-    p.add_argument("--bf16", action="store_true", help="bfloat16 autocast (CPU and CUDA)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", help="checkpoint path (default ckpt/vanilla.pt, ckpt/moe.pt or ckpt/moe_tcd.pt)")
-    p.add_argument("--cache-dir", help="token cache (default: cache/ beside the checkpoint directory)")
-    p.add_argument("--keep-epochs", action="store_true", help="also keep NAME.epochN.pt at each epoch end")
-    p.add_argument("--resume", help="checkpoint to continue from (model, optimizer, schedule, data position)")
-    p.add_argument("--log-every", type=int, default=10)
-    p.add_argument("--eval-every", type=int, default=1000)
-    p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda:LOCAL_RANK if available)")
-    p.add_argument("--backend", help="torch.distributed backend (default nccl on CUDA, gloo on CPU)")
-    return p.parse_args(argv)
+# ----------------------------------------------------------------------------- command line
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows a default once, and only when there is one."""
+
+    def _get_help_string(self, action):
+        if action.default in (None, False, argparse.SUPPRESS) or "default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
+def make_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="pretrain.py", description=__doc__.split("\n")[0], formatter_class=HelpFormatter)
+    a = p.add_argument
+    a("--data", nargs="+", help="text/.jsonl files, directories, or hf:NAME[:CONFIG] (default: data/sample.txt)")
+    a("--valid", nargs="+", help="held-out text for Pre-Train Perf. (default: a fixed random 1%% of the documents)")
+    a("--vocab", default=str(HERE / "data" / "bert-base-uncased-vocab.txt"), help="WordPiece vocab.txt")
+    a("--seq-len", type=int, default=128, help="tokens per segment, [CLS] and [SEP] included (paper: 128)")
+    a("--preset", default="small", choices=["tiny", "small", "base"],
+      help="model size: small H=128 x 12 layers (paper), base H=768 x 12, tiny H=128 x 4 (CPU demo)")
+    a("--moe", action="store_true", help="replace every FFN by a top-1 Switch MoE layer")
+    a("--experts", type=int, default=64, help="experts per MoE layer (paper: 64)")
+    a("--teacher", help="vanilla BERT checkpoint to distill transfer capability from (TCD, Eq. 13)")
+    a("--lambda-b", type=float, default=1000.0, help="balance loss weight λB (paper: 1000)")
+    a("--lambda-t", type=float, default=1.0, help="trunk relation weight λT (paper: 1)")
+    a("--lambda-i", type=float, default=1.0, help="residual-inner relation weight λI (paper: 1)")
+    a("--lambda-a", type=float, help="attention relation weight λA (default: the paper's, 0 tiny/small, 1 base)")
+    a("--relation-tokens", type=int, default=4096, help="tokens sampled per batch for L_T, L_I (paper: 4096)")
+    a("--relation-group", type=int, default=128, help="tokens per relation group (paper: 128)")
+    a("--batch-size", type=int, help="global batch in sequences per optimizer step (default: the paper's, "
+      "512; 1024 for base)")
+    a("--grad-accum", type=int, default=1, help="micro-batches per rank per step (same update, less memory)")
+    a("--epochs", type=int, default=40, help="epochs the learning-rate schedule is sized for (paper: 40)")
+    a("--max-steps", type=int, default=0, help="cap on the schedule's optimizer steps (0: --epochs decide)")
+    a("--stop-at", type=int, default=0, help="save and stop after this step, schedule unchanged (0: never)")
+    a("--stop-epochs", type=int, default=0, help="save and stop after this many epochs, schedule unchanged")
+    a("--lr", type=float, default=1e-4, help="peak learning rate (paper: 1e-4)")
+    a("--weight-decay", type=float, default=0.01, help="AdamW weight decay (paper: 0.01)")
+    a("--beta2", type=float, default=0.999, help="Adam β2 (paper: 0.999)")
+    a("--warmup-steps", type=int, default=10_000, help="linear warm-up steps, capped at 10%% of the schedule "
+      "(paper: 10,000)")
+    a("--clip", type=float, default=1.0, help="gradient norm clip (0: off)")
+    a("--dropout", type=float, default=0.1, help="hidden and attention dropout (paper: BERT's 0.1)")
+    a("--mask-prob", type=float, default=0.15, help="share of tokens masked in training; validation "
+      "always uses 0.15 (paper: 0.15)")
+    a("--bf16", action="store_true", help="bfloat16 autocast (CPU and CUDA)")
+    a("--seed", type=int, default=0, help="seed of the weights, batches, masks and dropout")
+    a("--out", help="checkpoint path (default: ckpt/vanilla.pt, ckpt/moe.pt or ckpt/moe_tcd.pt; "
+      "with --resume, the checkpoint resumed)")
+    a("--overwrite", action="store_true", help="start afresh over an existing --out checkpoint")
+    a("--cache-dir", help="token cache (default: cache/ beside the checkpoint directory)")
+    a("--keep-epochs", action="store_true", help="also keep NAME.epochN.pt at each epoch end")
+    a("--keep-every", type=int, default=0, help="also keep NAME.stepN.pt every N steps (0: off)")
+    a("--resume", nargs="?", const="", help="continue the run saved in this checkpoint (default: --out) "
+      "with its own settings")
+    a("--log-every", type=int, default=10, help="steps between lines of NAME.metrics.jsonl")
+    a("--eval-every", type=int, default=1000, help="steps between Pre-Train Perf. evaluations (also at epoch ends)")
+    a("--device", help="cpu, cuda, cuda:1 ... (default: cuda:LOCAL_RANK if available)")
+    a("--backend", help="torch.distributed backend (default: nccl on CUDA, gloo on CPU)")
+    return p
+
+
+def parse_args(argv=None) -> tuple[argparse.Namespace, set]:
+    """(args with defaults, the names of the flags given on the command line)."""
+    p = make_parser()
+    args = p.parse_args(argv)
+    for action in p._actions:
+        action.default = argparse.SUPPRESS
+    explicit = set(vars(p.parse_args(argv)))
+    return args, explicit
+
+
+def fill_defaults(args) -> None:
+    """Settings that depend on others, made explicit so a checkpoint records what ran."""
+    args.data = [s if s.startswith("hf:") else str(Path(s).resolve()) for s in
+                 (args.data or [str(HERE / "data" / "sample.txt")])]
+    args.valid = [s if s.startswith("hf:") else str(Path(s).resolve()) for s in args.valid] if args.valid else None
+    args.vocab = str(Path(args.vocab).resolve())
+    args.cache_dir = str(Path(args.cache_dir).resolve()) if args.cache_dir else None
+    args.teacher = str(Path(args.teacher).resolve()) if args.teacher else None
+    if args.batch_size is None:
+        args.batch_size = 1024 if args.preset == "base" else 512
+    if args.lambda_a is None:
+        args.lambda_a = 1.0 if args.preset == "base" else 0.0
+    default_out = f"ckpt/{'moe_tcd' if args.teacher else 'moe' if args.moe else 'vanilla'}.pt"
+    args.out = str(Path(args.out or default_out).resolve())
+
+
+def check_args(args) -> None:
+    """One line per bad value, before any work."""
+    positive = ["batch_size", "grad_accum", "epochs", "seq_len", "relation_tokens", "relation_group", "log_every",
+                "eval_every", "lr"]
+    non_negative = ["max_steps", "stop_at", "stop_epochs", "warmup_steps", "weight_decay", "clip", "keep_every",
+                    "lambda_b", "lambda_t", "lambda_i", "lambda_a"]
+    for name in positive:
+        if not getattr(args, name) > 0:
+            raise UsageError(f"--{name.replace('_', '-')} {getattr(args, name)} must be positive")
+    for name in non_negative:
+        if not getattr(args, name) >= 0:
+            raise UsageError(f"--{name.replace('_', '-')} {getattr(args, name)} must be 0 or more")
+    for name, lo, hi in (("dropout", 0.0, 1.0), ("beta2", 0.0, 1.0)):
+        if not lo <= getattr(args, name) < hi:
+            raise UsageError(f"--{name} {getattr(args, name)} must be in [{lo:g}, {hi:g})")
+    if not 0 < args.mask_prob < 1:
+        raise UsageError(f"--mask-prob {args.mask_prob} must be between 0 and 1")
+    max_position = BertConfig.preset(args.preset).max_position
+    if not 3 <= args.seq_len <= max_position:
+        raise UsageError(f"--seq-len {args.seq_len} must be from 3 to {max_position}, the model's positions")
+    if args.moe and args.experts < 2:
+        raise UsageError(f"--moe needs --experts 2 or more (got {args.experts}); drop --moe for a vanilla model")
+    if args.relation_group > args.relation_tokens:
+        raise UsageError(f"--relation-group {args.relation_group} is more than --relation-tokens "
+                         f"{args.relation_tokens}")
+    if args.batch_size % args.grad_accum:
+        raise UsageError(f"--batch-size {args.batch_size} is not a multiple of --grad-accum {args.grad_accum}")
+
+
+
+def settle_resume(args, explicit: set, world: int) -> None:
+    """With --resume: the run's own settings from its checkpoint; a flag given again must agree
+    with them, unless it is one that does not change the run (FREE_ON_RESUME)."""
+    path = Path(args.resume or args.out)
+    saved = read_checkpoint(path).get("args")
+    if not saved or "micro_batches" not in saved:
+        raise UsageError(f"{path} does not carry its run's settings (written by an older pretrain.py): "
+                         "start a new run")
+    defaults = vars(make_parser().parse_args([]))
+    for name in explicit - FREE_ON_RESUME:
+        if getattr(args, name) != saved.get(name, defaults.get(name)):
+            raise UsageError(f"--{name.replace('_', '-')} {getattr(args, name)} differs from the run in {path} "
+                             f"({saved.get(name)}): resume without it, or start a new run with another --out")
+    per_invocation = {"resume", "out", "overwrite", "stop_at", "stop_epochs", "device", "backend", "grad_accum"}
+    for name, value in saved.items():                # cadences and paths too, unless given again
+        if name in defaults and name not in per_invocation and name not in explicit:
+            setattr(args, name, value)
+    if "grad_accum" not in explicit:
+        if saved["micro_batches"] % world:
+            raise UsageError(f"the run in {path} has {saved['micro_batches']} micro-batches per step, not "
+                             f"divisible over {world} ranks: pass --grad-accum")
+        args.grad_accum = saved["micro_batches"] // world
+    elif world * args.grad_accum != saved["micro_batches"]:
+        raise UsageError(f"{world} ranks x --grad-accum {args.grad_accum} must make the run's "
+                         f"{saved['micro_batches']} micro-batches per step")
+    args.resume = str(path)
+    if "out" not in explicit:
+        args.out = str(path.resolve())
+
+
+def check_out(args, explicit: set) -> None:
+    """Fail before any work when --out cannot be written or would overwrite another run."""
+    out = Path(args.out)
+    if not args.resume and out.exists() and not args.overwrite:
+        raise UsageError(f"{out} exists: continue it with --resume {out}, start afresh with --overwrite, "
+                         "or pass another --out")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=out.parent).close()
+    except OSError as e:
+        raise UsageError(f"cannot write checkpoints to {out.parent} ({e.strerror}): pass another --out") from None
 
 
 def main(argv=None) -> int:
-    args = parse_args(argv)
     tune_allocator()
     try:
+        args, explicit = parse_args(argv)
+        fill_defaults(args)
+        if args.resume is not None:
+            settle_resume(args, explicit, int(os.environ.get("WORLD_SIZE", 1)))
+        check_args(args)
+        if int(os.environ.get("RANK", 0)) == 0:
+            check_out(args, explicit)
         return train(args)
     except (UsageError, CheckpointError, FileNotFoundError, ValueError) as e:
         print(f"pretrain.py: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("pretrain.py: interrupted before training started; nothing was saved", file=sys.stderr)
+        return 130
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

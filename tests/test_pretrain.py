@@ -34,15 +34,19 @@ def run(tmp_path, corpus, *extra, steps=30):
 
 
 def test_segments_and_cache(tmp_path, corpus, monkeypatch):
-    seg = pretrain.segments([str(corpus / "train.txt")], VOCAB, 32, tmp_path, print)
+    docs = pretrain.read_documents(str(corpus / "train.txt"))
+    seg = pretrain.segments(docs, VOCAB, 32, tmp_path, print)
     assert seg.dtype.name == "uint16" and seg.shape[1] == 32
     assert (seg[:, 0] == 101).all() and (seg[:, -1] == 102).all()
     tok = pretrain.make_tokenizer(VOCAB)
     first = tok.encode((corpus / "train.txt").read_text().split("\n\n")[0], add_special_tokens=False).ids
     assert list(seg[0, 1:-1]) == first[:30]                           # continuous text, in order
     monkeypatch.setattr(pretrain, "make_tokenizer", lambda v: pytest.fail("re-tokenized"))
-    assert (pretrain.segments([str(corpus / "train.txt")], VOCAB, 32, tmp_path, print) == seg).all()
+    assert (pretrain.segments(docs, VOCAB, 32, tmp_path, print) == seg).all()
     assert len(list(tmp_path.glob("tokens-*.npy"))) == 1
+    monkeypatch.undo()                                                # a changed corpus is tokenized anew
+    changed = pretrain.segments(docs[:-1] + [docs[-1] + " more words here"], VOCAB, 32, tmp_path, print)
+    assert len(list(tmp_path.glob("tokens-*.npy"))) == 2 and changed.shape[0] >= seg.shape[0]
 
 
 def test_jsonl_and_directory_corpora(tmp_path):
@@ -102,31 +106,126 @@ def cli(*args, cwd):
                           text=True, timeout=300)
 
 
-def test_bad_input_is_one_clear_line(tmp_path, corpus):
+def bad_input_cases(tmp_path, corpus):
     (tmp_path / "empty.txt").write_text("\n\n")
-    other_vocab = VOCAB[:-1] + ["zzz"]
-    save_checkpoint(tmp_path / "vocab.pt", BertForMaskedLM(BertConfig.preset("tiny", vocab_size=len(VOCAB))),
-                    vocab=other_vocab)
+    (tmp_path / "latin1.txt").write_bytes("caf\xe9 au lait\n\nsecond doc".encode("latin-1"))
+    (tmp_path / "binary.txt").write_bytes(bytes(range(256)) * 40)
+    (tmp_path / "number.jsonl").write_text('{"text": 5}\n')
+    (tmp_path / "one.txt").write_text("a single document " * 50)
+    save_checkpoint(tmp_path / "vocab.pt", BertForMaskedLM(BertConfig.preset("tiny")), vocab=VOCAB[:-1] + ["zzz"])
     save_checkpoint(tmp_path / "layers.pt", BertForMaskedLM(BertConfig.preset("tiny", num_layers=2)), vocab=VOCAB)
-    base = ["--preset", "tiny", "--seq-len", "32", "--batch-size", "4", "--max-steps", "1",
-            "--data", str(corpus / "train.txt"), "--moe", "--experts", "4", "--out", str(tmp_path / "x.pt")]
-    cases = [
+    save_checkpoint(tmp_path / "good.pt", BertForMaskedLM(BertConfig.preset("tiny")), vocab=VOCAB)
+    (tmp_path / "exists.pt").write_bytes(b"a run somebody wants to keep")
+    return [  # (flags added to a valid tiny MoE run, words in the one-line error)
         (["--data", str(tmp_path / "nope.txt")], "not found"),
         (["--data", str(tmp_path / "empty.txt")], "no text"),
+        (["--data", str(tmp_path / "latin1.txt")], "not UTF-8"),
+        (["--data", str(tmp_path / "binary.txt")], "binary"),
+        (["--data", str(tmp_path / "number.jsonl")], "'text' string"),
+        (["--data", str(tmp_path / "one.txt")], "holds one document"),
+        (["--valid"], "expected at least one argument"),
         (["--teacher", str(tmp_path / "missing.pt")], "not found"),
         (["--teacher", str(tmp_path / "vocab.pt")], "vocabularies differ"),
         (["--teacher", str(tmp_path / "layers.pt")], "layers differ"),
         (["--resume", str(corpus / "train.txt")], "not a readable checkpoint"),
         (["--batch-size", "100000"], "--batch-size"),
+        (["--batch-size", "0"], "--batch-size 0 must be positive"),
+        (["--grad-accum", "0"], "--grad-accum 0 must be positive"),
+        (["--grad-accum", "3"], "not a multiple of --grad-accum"),
+        (["--seq-len", "100000"], "--seq-len 100000 must be from 3 to 512"),
+        (["--seq-len", "2"], "--seq-len 2"),
+        (["--epochs", "-1"], "--epochs -1 must be positive"),
+        (["--max-steps", "-5"], "--max-steps -5 must be 0 or more"),
+        (["--warmup-steps", "-1"], "--warmup-steps -1 must be 0 or more"),
+        (["--lr", "0"], "--lr 0.0 must be positive"),
+        (["--lr=-1e-3"], "must be positive"),
+        (["--dropout", "1.5"], "--dropout 1.5 must be in [0, 1)"),
+        (["--beta2", "1"], "--beta2 1.0 must be in [0, 1)"),
+        (["--mask-prob", "0"], "--mask-prob 0.0 must be between 0 and 1"),
+        (["--experts", "1"], "--moe needs --experts 2 or more"),
+        (["--experts", "0"], "--moe needs --experts 2 or more"),
+        (["--lambda-b", "-1"], "--lambda-b -1.0 must be 0 or more"),
+        (["--relation-group", "0"], "--relation-group 0 must be positive"),
+        (["--relation-tokens", "64", "--relation-group", "128"], "more than --relation-tokens"),
+        (["--teacher", str(tmp_path / "good.pt"), "--relation-tokens", "9999", "--relation-group", "9999"],
+         "tokens of a micro-batch"),
+        (["--log-every", "0"], "--log-every 0 must be positive"),
+        (["--out", str(tmp_path / "exists.pt")], "exists: continue it with --resume"),
+        (["--out", "/proc/nope/x.pt"], "cannot write checkpoints"),
+        (["--preset", "huge"], "invalid choice"),
+        (["--epochs", "two"], "invalid int value"),
     ]
-    for extra, words in cases:
-        r = cli(*base, *extra, cwd=tmp_path)
-        assert r.returncode != 0 and "Traceback" not in r.stderr, r.stderr
-        last = [line for line in r.stderr.splitlines() if line.strip()][-1]
-        assert last.startswith("pretrain.py: error:") and words in last, r.stderr
-    r = cli("--preset", "huge", cwd=tmp_path)
-    assert r.returncode == 2 and "invalid choice" in r.stderr and "Traceback" not in r.stderr
-    assert not (tmp_path / "x.pt").exists()
+
+
+def test_bad_input_is_one_clear_line(tmp_path, corpus, capsys):
+    """Each bad input: one line naming it, exit code 2, nothing written, no traceback."""
+    base = ["--preset", "tiny", "--seq-len", "32", "--batch-size", "4", "--max-steps", "1", "--relation-group", "32",
+            "--data", str(corpus / "train.txt"), "--moe", "--experts", "4", "--out", str(tmp_path / "x.pt"),
+            "--cache-dir", str(tmp_path / "cache")]
+    for extra, words in bad_input_cases(tmp_path, corpus):
+        try:
+            code = pretrain.main(base + extra)
+        except SystemExit as e:                                         # argparse's own usage errors
+            code = e.code
+        err = capsys.readouterr().err
+        lines = [line for line in err.splitlines() if line.strip()]
+        assert code == 2 and "Traceback" not in err and words in lines[-1], (extra, err)
+        assert lines[-1].startswith("pretrain.py: error:"), (extra, err)
+        assert not (tmp_path / "x.pt").exists() and not (tmp_path / "x.metrics.jsonl").exists(), extra
+    assert (tmp_path / "exists.pt").read_bytes() == b"a run somebody wants to keep"
+    r = cli(*base, "--lr", "-1", cwd=tmp_path)                         # the same from a shell
+    assert r.returncode == 2 and r.stderr.strip().splitlines()[-1].startswith("pretrain.py: error: --lr -1")
+
+
+def test_resume_as_the_message_says_equals_uninterrupted_tcd_run(tmp_path, corpus):
+    """Stop a TCD run, resume it with only the printed command: same losses, same weights, and
+    the resumed run writes nothing but its own checkpoint and metrics."""
+    save_checkpoint(tmp_path / "teacher.pt", BertForMaskedLM(BertConfig.preset("tiny")), vocab=VOCAB)
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    flags = ["--data", str(corpus / "train.txt"), "--valid", str(corpus / "valid.txt"), "--preset", "tiny",
+             "--seq-len", "32", "--batch-size", "16", "--grad-accum", "2", "--max-steps", "8", "--lr", "1e-3",
+             "--warmup-steps", "2", "--beta2", "0.98", "--moe", "--experts", "4", "--teacher", str(tmp_path / "teacher.pt"),
+             "--relation-tokens", "256", "--relation-group", "32", "--lambda-a", "1", "--log-every", "1",
+             "--cache-dir", str(tmp_path / "cache")]
+    full, _ = run(tmp_path, corpus, *flags, "--out", str(tmp_path / "full.pt"), steps=8)
+    r = cli(*flags, "--out", "ckpt/moe_tcd.pt", "--stop-at", "3", cwd=run_dir)
+    assert r.returncode == 0, r.stderr[-2000:]
+    command = r.stdout.split("continue with ")[-1].split()                # python pretrain.py --resume PATH
+    assert command[:2] == ["python", "pretrain.py"], command
+    before = sorted(p.name for p in (run_dir / "ckpt").iterdir())
+    r = cli(*command[2:], cwd=run_dir)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert sorted(p.name for p in (run_dir / "ckpt").iterdir()) == before == ["moe_tcd.metrics.jsonl", "moe_tcd.pt"]
+    rows = [json.loads(x) for x in (run_dir / "ckpt" / "moe_tcd.metrics.jsonl").read_text().splitlines()]
+    rows = [x for x in rows if "mlm" in x]
+    assert [x["step"] for x in rows] == list(range(1, 9))
+    for part in pretrain.PARTS:
+        assert [x[part] for x in rows] == pytest.approx([x[part] for x in full], abs=1e-6), part
+    assert all(x["trunk"] > 0 and x["attention"] > 0 for x in rows)     # the teacher came back with the run
+    same_weights(tmp_path / "full.pt", run_dir / "ckpt" / "moe_tcd.pt", atol=1e-6)
+    r = cli("--resume", "ckpt/moe_tcd.pt", "--batch-size", "32", cwd=run_dir)   # a flag that changes the run
+    assert r.returncode == 2 and "--batch-size 32 differs from the run" in r.stderr, r.stderr
+
+
+def test_resume_with_no_path_takes_out_and_a_fresh_run_starts_a_fresh_log(tmp_path, corpus):
+    flags = ["--data", str(corpus / "train.txt"), "--preset", "tiny", "--seq-len", "32", "--batch-size", "16",
+             "--max-steps", "6", "--log-every", "1", "--cache-dir", str(tmp_path / "cache"),
+             "--out", str(tmp_path / "v.pt")]
+    assert pretrain.main([*flags, "--stop-at", "2"]) == 0
+    assert pretrain.main(["--resume", "--out", str(tmp_path / "v.pt")]) == 0
+    assert torch.load(tmp_path / "v.pt", weights_only=True)["step"] == 6
+    assert pretrain.main([*flags, "--max-steps", "3", "--overwrite"]) == 0
+    rows = [json.loads(x) for x in (tmp_path / "v.metrics.jsonl").read_text().splitlines()]
+    assert [x["step"] for x in rows if "mlm" in x] == [1, 2, 3]          # nothing of the old run
+
+
+def test_held_out_documents_are_not_trained_on(tmp_path):
+    docs = [f"document number {i} " + "word " * (i % 7 + 20) for i in range(300)]
+    train, valid = pretrain.split_documents(docs, 0.01, seed=0)
+    assert len(valid) == 3 and not set(train) & set(valid) and len(train) + len(valid) == 300
+    assert pretrain.split_documents(docs, 0.01, seed=0) == (train, valid)        # fixed
+    assert valid != docs[-3:]                                                     # random, not the tail
 
 
 # ----------------------------------------------------------------------------- torchrun, 2 ranks (gloo)
