@@ -20,9 +20,10 @@ import torch.nn.functional as F
 def relation(a: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
     """Cosine similarity of every row of a with every row of b (a itself when b is None).
     a: [..., N, D], b: [..., M, D] -> [..., N, M]. Computed in float32."""
-    a = F.normalize(a.float(), dim=-1)
-    b = a if b is None else F.normalize(b.float(), dim=-1)
-    return a @ b.transpose(-1, -2)                               # Eq. 6/7, Eq. 9/10
+    with torch.autocast(a.device.type, enabled=False):          # autocast would cast the matmul down
+        a = F.normalize(a.float(), dim=-1)
+        b = a if b is None else F.normalize(b.float(), dim=-1)
+        return a @ b.transpose(-1, -2)                           # Eq. 6/7, Eq. 9/10
 
 
 def relation_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:

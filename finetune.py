@@ -2,14 +2,16 @@
 
     python finetune.py --task rte --adapter 64                  # adapter fine-tuning of ckpt/moe_tcd.pt
     python finetune.py --task mrpc --ckpt ckpt/vanilla.pt --lr 1e-5 2e-5 5e-5 --seeds 1 2 3
-    python finetune.py --tasks all --ckpt ckpt/moe.pt --adapter 0 64   # full and adapter; the paper's row
+    python finetune.py --tasks all --ckpt ckpt/moe.pt           # the paper's whole protocol and its row
+    python finetune.py --tasks all --ckpt ckpt/moe.pt --adapter 0 64 --seeds 1   # a cheaper first sweep
 
 Data, in order: --data-dir (a task's own train.tsv/dev.tsv, or a glue_data/ directory holding
 <Task>/ folders), $GLUE_DIR/<Task>, else Hugging Face `nyu-mll/glue` for users with a network.
 Each run trains for --epochs, evaluates on dev after every epoch and keeps its best epoch. The
-summary is the paper's: for each setting (mode, adapter size, lr) the mean over seeds of the
-best-epoch scores, then the best setting; with several --adapter values (0 = full) that is
-"the better of full and adapter fine-tuning".
+summary is the paper's (Sec. 3.1, App. B): for each setting (mode, adapter size, lr) the mean over
+seeds of the best-epoch scores, then the best setting, which by default is "the better of full and
+adapter fine-tuning" over the paper's grids. Results are written after every run; the same
+command run again skips the runs already in its --out file.
 
 MoE checkpoints fine-tune with their router (full mode) and without the balance loss: Eq. 5
 keeps expert load even for expert-parallel throughput in pretraining; a single-process task
@@ -22,7 +24,9 @@ import csv
 import json
 import math
 import os
+import signal
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -69,6 +73,7 @@ TASKS = {
     "rte": Task("RTE", "rte", ("sentence1", "sentence2", "label"), ("entailment", "not_entailment"), ("acc",),
                 ("sentence1", "sentence2")),
 }
+ROW_SKIPPING = ("QQP", "MNLI")   # their real files hold rows with a wrong column count
 COLUMNS = [("cola", "mcc"), ("mrpc", "acc"), ("mrpc", "f1"), ("sst2", "acc"), ("stsb", "pearson"),
            ("stsb", "spearman"), ("rte", "acc"), ("mnli", "acc_m"), ("mnli", "acc_mm"), ("qnli", "acc"),
            ("qqp", "acc"), ("qqp", "f1")]                      # the paper's 12 columns, Tables 1-2
@@ -84,7 +89,8 @@ def task_key(name: str) -> str:
 # ----------------------------------------------------------------------------- data
 
 def read_tsv(path: Path, task: Task) -> tuple[list, list, list]:
-    """(texts_a, texts_b, labels) from a GLUE TSV; every row must have the header's column count."""
+    """(texts_a, texts_b, labels) from a GLUE TSV; every row must have the header's column count
+    (QQP and MNLI: rows that do not are skipped and counted, as GLUE's processors do)."""
     if not path.is_file():
         raise UsageError(f"{path} not found: pass --data-dir holding the GLUE {task.name} TSV files")
     with path.open(encoding="utf-8", newline="") as f:
@@ -95,13 +101,18 @@ def read_tsv(path: Path, task: Task) -> tuple[list, list, list]:
         cols = [c if c is None or isinstance(c, int) else header.index(c) for c in task.columns]
     except ValueError:
         raise UsageError(f"{path}: header {header} lacks the {task.name} columns {task.columns}") from None
-    a, b, y = [], [], []
+    a, b, y, skipped = [], [], [], 0
     for n, row in enumerate(rows, 2 if header is not None else 1):
+        if len(row) != width and task.name in ROW_SKIPPING:
+            skipped += 1                              # as GLUE's own processors do for these files
+            continue
         if len(row) != width:
             raise UsageError(f"{path} line {n}: {len(row)} columns, expected {width} for {task.name}")
         a.append(row[cols[0]])
         b.append(row[cols[1]] if cols[1] is not None else None)
         y.append(parse_label(row[cols[2]], task, f"{path} line {n}"))
+    if skipped:
+        print(f"{path}: skipped {skipped} rows with a column count other than {width}", file=sys.stderr)
     if not a:
         raise UsageError(f"{path} holds no examples")
     return a, b, y
@@ -245,7 +256,9 @@ def run_one(args, key, data, mlm, ckpt_config, adapter: int, lr: float, seed: in
                 loss = res.loss + args.lambda_b * res.balance_loss
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
-            optimizer.step(), scheduler.step(), optimizer.zero_grad(set_to_none=True)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
             epoch_loss.append(loss.item())
         dev = evaluate(task, model, data, args.batch_size, device, args.bf16)
         history.append({"epoch": epoch, "train_loss": float(np.mean(epoch_loss)), "seconds": time.time() - t0, **dev})
@@ -289,36 +302,120 @@ def paper_row(summary: dict) -> tuple[list[str], list[str]]:
     return heads + ["Avg"], cells + [f"{np.mean(values):.2f}" if values else "-"]
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows a default once, and only when there is one."""
+
+    def _get_help_string(self, action):
+        if action.default in (None, False, argparse.SUPPRESS) or "default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
+def make_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="finetune.py", description=__doc__.split("\n")[0], formatter_class=HelpFormatter)
+    a = p.add_argument
+    a("--task", nargs="+", default=[], help="one or more of " + ", ".join(TASKS))
+    a("--tasks", choices=["all"], help="every task whose data is present")
+    a("--ckpt", default="ckpt/moe_tcd.pt", help="checkpoint written by pretrain.py")
+    a("--data-dir", help="a task's train.tsv/dev.tsv, or a glue_data/ dir of <Task>/ folders "
+      "(default: $GLUE_DIR, else the HF hub)")
+    a("--adapter", type=int, nargs="+", help="adapter sizes, 0 = full fine-tuning (default: the paper's, "
+      "0 16 64 128, plus 256 at H=768 and 512 for MNLI at H=128)")
+    a("--lr", type=float, nargs="+", help="learning rates (default: the paper's, full 1e-5 2e-5 5e-5; "
+      "adapter 1e-4 2e-4 3e-4)")
+    a("--seeds", type=int, nargs="+", default=[1, 2, 3], help="one run per seed; the summary averages them")
+    a("--epochs", type=int, help="training epochs (default: the paper's, 10; 20 for MNLI/QNLI/QQP adapters at H=128)")
+    a("--batch-size", type=int, default=32, help="examples per step (paper: 32)")
+    a("--max-len", type=int, default=128, help="tokens per example, longer ones are truncated")
+    a("--max-train", type=int, default=0, help="use only the first N training examples (0: all)")
+    a("--warmup", type=float, default=0.06, help="share of steps spent warming up (paper: 0.06)")
+    a("--weight-decay", type=float, default=0.01, help="AdamW weight decay (paper: 0.01)")
+    a("--lambda-b", type=float, default=0.0, help="MoE balance loss weight during fine-tuning")
+    a("--bf16", action="store_true", help="bfloat16 autocast")
+    a("--vocab", help="vocab.txt when the checkpoint carries none")
+    a("--out", help="results JSON, written after every run; a re-run skips the runs it holds "
+      "(default: runs/finetune-<ckpt>-<tasks>.json)")
+    a("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu, cuda, cuda:1 ...")
+    return p
+
+
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--task", nargs="+", default=[], help="one or more of " + ", ".join(TASKS))
-    p.add_argument("--tasks", choices=["all"], help="every task whose data is present")
-    p.add_argument("--ckpt", default="ckpt/moe_tcd.pt")
-    p.add_argument("--data-dir", help="a task's train.tsv/dev.tsv, or a glue_data/ dir of <Task>/ folders")
-    p.add_argument("--adapter", type=int, nargs="+", default=[0], help="adapter sizes; 0 = full fine-tuning")
-    p.add_argument("--lr", type=float, nargs="+", help="default: full 1e-5 2e-5 5e-5; adapter 1e-4 2e-4 3e-4")
-    p.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
-    p.add_argument("--epochs", type=int, help="default 10 (20 for MNLI/QNLI/QQP adapters at H<=128)")
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--max-len", type=int, default=128)
-    p.add_argument("--max-train", type=int, default=0, help="use only the first N training examples (0: all)")
-    p.add_argument("--warmup", type=float, default=0.06)
-    p.add_argument("--weight-decay", type=float, default=0.01)
-    p.add_argument("--lambda-b", type=float, default=0.0, help="MoE balance loss weight during fine-tuning")
-    p.add_argument("--bf16", action="store_true")
-    p.add_argument("--vocab", help="vocab.txt when the checkpoint carries none")
-    p.add_argument("--out", help="results JSON (default results/finetune-<ckpt>-<tasks>.json)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    args = p.parse_args(argv)
+    args = make_parser().parse_args(argv)
     tune_allocator()
+    signal.signal(signal.SIGTERM, interrupt)
     try:
         return run(args)
     except (UsageError, CheckpointError, FileNotFoundError) as e:
         print(f"finetune.py: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("finetune.py: interrupted; every finished run is kept in the --out JSON, and the same command "
+              "continues with the rest", file=sys.stderr)
+        return 130
+
+
+def interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
+def check_args(args) -> None:
+    for name in ("batch_size", "max_len", "epochs"):
+        value = getattr(args, name)
+        if value is not None and value <= 0:
+            raise UsageError(f"--{name.replace('_', '-')} {value} must be positive")
+    for name in ("max_train", "weight_decay", "lambda_b"):
+        if getattr(args, name) < 0:
+            raise UsageError(f"--{name.replace('_', '-')} {getattr(args, name)} must be 0 or more")
+    if any(a < 0 for a in args.adapter or []):
+        raise UsageError(f"--adapter {' '.join(map(str, args.adapter))}: sizes must be 0 (full) or positive")
+    if any(not lr > 0 for lr in args.lr or []):
+        raise UsageError(f"--lr {' '.join(map(str, args.lr))}: learning rates must be positive")
+    if not 0 <= args.warmup < 1:
+        raise UsageError(f"--warmup {args.warmup} must be a share of the steps in [0, 1)")
+
+
+def grid(args, key: str, cfg) -> list[tuple[int, float, int]]:
+    """(adapter size, lr, seed) of every run for one task: the paper's grid unless narrowed."""
+    adapters = args.adapter
+    if adapters is None:
+        adapters = [0, 16, 64, 128] + ([256] if cfg.hidden_size >= 768 else []) + \
+                   ([512] if key == "mnli" and cfg.hidden_size <= 128 else [])
+    return [(adapter, lr, seed) for adapter in adapters
+            for lr in (args.lr or ([1e-4, 2e-4, 3e-4] if adapter else [1e-5, 2e-5, 5e-5])) for seed in args.seeds]
+
+
+SAME_RESULTS = ("ckpt", "epochs", "batch_size", "max_len", "max_train", "warmup", "weight_decay", "lambda_b", "bf16")
+
+
+def earlier_runs(out: Path, args) -> list[dict]:
+    """The runs an earlier invocation left in `out`, if it ran with the same settings."""
+    if not out.is_file():
+        return []
+    try:
+        old = json.loads(out.read_text())
+        runs, old_args = old["runs"], old["args"]
+    except (ValueError, KeyError, TypeError):
+        raise UsageError(f"{out} exists and is not a finetune.py result: pass another --out") from None
+    differ = [k for k in SAME_RESULTS if old_args.get(k) != vars(args).get(k)]
+    if differ:
+        raise UsageError(f"{out} holds runs with other settings ({', '.join('--' + k.replace('_', '-') for k in differ)}): "
+                         "pass another --out")
+    return runs
+
+
+def write_results(out: Path, args, runs: list[dict]) -> dict:
+    summary = summarize(runs) if runs else {}
+    heads, cells = paper_row(summary)
+    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=out.name + ".", suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        json.dump({"ckpt": args.ckpt, "args": vars(args), "runs": runs, "summary": summary,
+                   "paper_row": dict(zip(heads, cells))}, f, indent=1)
+    os.replace(tmp, out)
+    return summary
 
 
 def run(args) -> int:
+    check_args(args)
     if args.tasks == "all":
         root = args.data_dir or os.environ.get("GLUE_DIR")
         keys = [k for k in TASKS if root is None or (Path(root) / TASKS[k].name).is_dir()]
@@ -326,37 +423,42 @@ def run(args) -> int:
         keys = [task_key(t) for t in args.task]
     if not keys:
         raise UsageError("no task: pass --task NAME or --tasks all")
+    out = Path(args.out or f"runs/finetune-{Path(args.ckpt).stem}-{'-'.join(keys)}.json")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=out.parent).close()
+    except OSError as e:
+        raise UsageError(f"cannot write results to {out.parent} ({e.strerror}): pass another --out") from None
+    runs = earlier_runs(out, args)
     mlm, ckpt = load_checkpoint(args.ckpt)
+    if args.max_len > mlm.config.max_position:
+        raise UsageError(f"--max-len {args.max_len} is more than the model's {mlm.config.max_position} positions")
     vocab = ckpt.get("vocab") or read_vocab(args.vocab or HERE / "data" / "bert-base-uncased-vocab.txt")
     tokenizer, device = make_tokenizer(vocab), torch.device(args.device)
-    runs = []
     for key in keys:
+        done = {(r["adapter"], r["lr"], r["seed"]) for r in runs if r["task"] == TASKS[key].name}
+        todo = [g for g in grid(args, key, mlm.config) if g not in done]
+        if not todo:
+            continue
         raw = load_task(key, args.data_dir)
         if args.max_train:
             raw["train"] = tuple(col[:args.max_train] for col in raw["train"])
         data = {split: (encode(tokenizer, a, b, args.max_len), y) for split, (a, b, y) in raw.items()}
-        settings = [(adapter, lr) for adapter in args.adapter
-                    for lr in (args.lr or ([1e-4, 2e-4, 3e-4] if adapter else [1e-5, 2e-5, 5e-5]))]
-        bar = tqdm(total=len(settings) * len(args.seeds), desc=TASKS[key].name, dynamic_ncols=True)
-        for adapter, lr in settings:
-            for seed in args.seeds:
-                r = run_one(args, key, data, mlm, mlm.config, adapter, lr, seed, device)
-                runs.append(r)
-                bar.update(1)
-                tqdm.write(f"{r['task']:6s} {r['mode']:7s} adapter={adapter:<4d} lr={lr:.0e} seed={seed}: best epoch "
-                           f"{r['best']['epoch']} " + " ".join(f"{k}={v:.2f}" for k, v in r["best"].items()
-                                                                if k not in ("epoch", "train_loss", "seconds")))
-        bar.close()
-    summary = summarize(runs)
+        for adapter, lr, seed in tqdm(todo, desc=TASKS[key].name, dynamic_ncols=True):
+            r = run_one(args, key, data, mlm, mlm.config, adapter, lr, seed, device)
+            runs.append(r)
+            write_results(out, args, runs)
+            tqdm.write(f"{r['task']:6s} {r['mode']:7s} adapter={adapter:<4d} lr={lr:.0e} seed={seed}: best epoch "
+                       f"{r['best']['epoch']} " + " ".join(f"{k}={v:.2f}" for k, v in r["best"].items()
+                                                            if k not in ("epoch", "train_loss", "seconds")))
+    summary = write_results(out, args, runs)
+    for name, result in summary.items():
+        best = result["best"]
+        print(f"{name}: best setting {best['mode']}" + (f" adapter {best['adapter']}" if best["adapter"] else "")
+              + f", lr {best['lr']:g}, over {best['seeds']} seeds")
     heads, cells = paper_row(summary)
     print("\n| checkpoint | " + " | ".join(heads) + " |\n|" + "---|" * (len(heads) + 1))
     print(f"| {args.ckpt} | " + " | ".join(cells) + " |")
-    out = Path(args.out or f"results/finetune-{Path(args.ckpt).stem}-{'-'.join(keys)}.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"ckpt": args.ckpt, "args": vars(args), "runs": runs, "summary": summary,
-                               "paper_row": dict(zip(heads, cells))}, indent=1))
-    os.replace(tmp, out)
     print(f"wrote {out}")
     return 0
 

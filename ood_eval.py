@@ -17,7 +17,9 @@ import gzip
 import io
 import json
 import os
+import signal
 import sys
+import tempfile
 from pathlib import Path
 
 import torch
@@ -53,6 +55,14 @@ def open_text(path: Path):
 
 def read_pile(path: Path, subsets: list[str], max_docs: int) -> dict[str, list[str]]:
     """Documents per subset, in file order; at most max_docs each (0: all)."""
+    try:
+        return _read_pile(path, subsets, max_docs)
+    except (OSError, EOFError, UnicodeDecodeError) as e:   # gzip.BadGzipFile is an OSError
+        raise UsageError(f"{path} cannot be read as UTF-8 JSON lines{' (' + path.suffix + ')' if path.suffix in ('.gz', '.zst') else ''}: "
+                         f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
+
+
+def _read_pile(path: Path, subsets: list[str], max_docs: int) -> dict[str, list[str]]:
     docs = {s: [] for s in subsets}
     seen = 0
     with open_text(path) as f:
@@ -112,70 +122,153 @@ def score(model, inputs, labels, batch_size: int, bf16: bool, device) -> tuple[f
     return total, count
 
 
+LEGEND = ("AX = ArXiv, DM = DM Mathematics, GH = Github, SE = StackExchange, UI = Ubuntu IRC; each cell is the "
+          "mean log-likelihood of the original token at masked positions (closer to 0 is better)")
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows a default once, and only when there is one."""
+
+    def _get_help_string(self, action):
+        if action.default in (None, False, argparse.SUPPRESS) or "default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
+def make_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="ood_eval.py", description=__doc__.split("\n")[0], formatter_class=HelpFormatter)
+    a = p.add_argument
+    a("--data", required=True, help="Pile-format .jsonl / .jsonl.gz / .jsonl.zst")
+    a("--ckpt", nargs="+", default=["ckpt/vanilla.pt", "ckpt/moe.pt", "ckpt/moe_tcd.pt"],
+      help="checkpoints to score side by side on identical masks")
+    a("--subsets", nargs="+", default=PAPER_SUBSETS, help="Pile subsets (default: the five of Table 4)")
+    a("--max-docs-per-subset", type=int, default=0, help="first N documents of each subset (0: all)")
+    a("--max-tokens-per-subset", type=int, default=0, help="first N tokens of each subset (0: all)")
+    a("--seq-len", type=int, default=128, help="tokens per window, [CLS] and [SEP] included (paper: 128)")
+    a("--seed", type=int, default=0, help="seed of the fixed masks")
+    a("--batch-size", type=int, default=64, help="windows per forward pass")
+    a("--bf16", action="store_true", help="bfloat16 autocast")
+    a("--out", default="runs/ood.json", help="results JSON, written after every checkpoint; a re-run skips "
+      "the checkpoints it holds")
+    a("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu, cuda, cuda:1 ...")
+    return p
+
+
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--data", required=True, help="Pile-format .jsonl / .jsonl.gz / .jsonl.zst")
-    p.add_argument("--ckpt", nargs="+", default=["ckpt/vanilla.pt", "ckpt/moe.pt", "ckpt/moe_tcd.pt"])
-    p.add_argument("--subsets", nargs="+", default=PAPER_SUBSETS)
-    p.add_argument("--max-docs-per-subset", type=int, default=0, help="0: all")
-    p.add_argument("--max-tokens-per-subset", type=int, default=0, help="0: all")
-    p.add_argument("--seq-len", type=int, default=128)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--bf16", action="store_true")
-    p.add_argument("--out", default="results/ood.json")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    args = p.parse_args(argv)
+    args = make_parser().parse_args(argv)
     tune_allocator()
+    signal.signal(signal.SIGTERM, interrupt)
     try:
         return run(args)
     except (UsageError, CheckpointError) as e:
         print(f"ood_eval.py: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("ood_eval.py: interrupted; every finished checkpoint is kept in the --out JSON, and the same "
+              "command continues with the rest", file=sys.stderr)
+        return 130
 
 
-def run(args) -> int:
+def interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
+def check_args(args) -> None:
+    for name in ("seq_len", "batch_size"):
+        if getattr(args, name) <= 0:
+            raise UsageError(f"--{name.replace('_', '-')} {getattr(args, name)} must be positive")
+    for name in ("max_docs_per_subset", "max_tokens_per_subset"):
+        if getattr(args, name) < 0:
+            raise UsageError(f"--{name.replace('_', '-')} {getattr(args, name)} must be 0 (all) or more")
+    if args.seq_len < 3:
+        raise UsageError(f"--seq-len {args.seq_len} leaves no room for text between [CLS] and [SEP]")
     unknown = [s for s in args.subsets if s not in PILE_SUBSETS]
     if unknown:
         raise UsageError(f"unknown subset {unknown[0]!r}: Pile subsets are {', '.join(PILE_SUBSETS)}")
+
+
+SAME_RESULTS = ("data", "subsets", "max_docs_per_subset", "max_tokens_per_subset", "seq_len", "seed", "bf16")
+
+
+def earlier_results(out: Path, args) -> dict:
+    if not out.is_file():
+        return {}
+    try:
+        old = json.loads(out.read_text())
+        results, old_args = old["results"], old["args"]
+    except (ValueError, KeyError, TypeError):
+        raise UsageError(f"{out} exists and is not an ood_eval.py result: pass another --out") from None
+    differ = [k for k in SAME_RESULTS if old_args.get(k) != vars(args).get(k)]
+    if differ:
+        raise UsageError(f"{out} holds scores with other settings ({', '.join('--' + k.replace('_', '-') for k in differ)}): "
+                         "pass another --out")
+    return results
+
+
+def write_results(out: Path, args, absent: list, results: dict) -> None:
+    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=out.name + ".", suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        json.dump({"data": args.data, "args": vars(args), "absent_subsets": absent, "legend": LEGEND,
+                   "results": results}, f, indent=1)
+    os.replace(tmp, out)
+
+
+def score_checkpoint(path: str, docs: dict, prepared: dict, args, device) -> dict:
+    model, ckpt = load_checkpoint(path)
+    vocab = ckpt.get("vocab")
+    if not vocab:
+        raise CheckpointError(f"{path} carries no vocab: it was not written by pretrain.py")
+    if args.seq_len > model.config.max_position:
+        raise UsageError(f"--seq-len {args.seq_len} is more than the {model.config.max_position} positions of {path}")
+    key = hash(tuple(vocab))                       # same vocab -> the very same masked inputs
+    if key not in prepared:
+        prepared[key] = masked_inputs(docs, vocab, args)
+    model.to(device).eval()
+    row = {}
+    for name, (inputs, labels) in tqdm(prepared[key].items(), desc=Path(path).name, dynamic_ncols=True):
+        total, count = score(model, inputs, labels, args.batch_size, args.bf16, device)
+        row[name] = {"log_likelihood": total / count if count else None, "masked_tokens": count, "windows": len(inputs)}
+    return row
+
+
+def run(args) -> int:
+    check_args(args)
     for path in args.ckpt:                          # fail before the slow part
         if not Path(path).is_file():
             raise CheckpointError(f"checkpoint {path} not found: pass .pt files written by pretrain.py")
+    out = Path(args.out)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=out.parent).close()
+    except OSError as e:
+        raise UsageError(f"cannot write results to {out.parent} ({e.strerror}): pass another --out") from None
+    results = earlier_results(out, args)
     docs = read_pile(Path(args.data), args.subsets, args.max_docs_per_subset)
     absent = [s for s, d in docs.items() if not d]
     if absent:
         print(f"subsets absent from {args.data}: {', '.join(absent)}")
     if len(absent) == len(docs):
         raise UsageError(f"none of the subsets {', '.join(args.subsets)} occurs in {args.data}")
-    device, prepared, results = torch.device(args.device), {}, {}
+    device, prepared = torch.device(args.device), {}
     for path in args.ckpt:
-        model, ckpt = load_checkpoint(path)
-        vocab = ckpt.get("vocab")
-        if not vocab:
-            raise CheckpointError(f"{path} carries no vocab: it was not written by pretrain.py")
-        key = hash(tuple(vocab))                   # same vocab -> the very same masked inputs
-        if key not in prepared:
-            prepared[key] = masked_inputs(docs, vocab, args)
-        model.to(device).eval()
-        row = {}
-        for name, (inputs, labels) in tqdm(prepared[key].items(), desc=Path(path).name, dynamic_ncols=True):
-            total, count = score(model, inputs, labels, args.batch_size, args.bf16, device)
-            row[name] = {"log_likelihood": total / max(count, 1), "masked_tokens": count, "windows": len(inputs)}
-        results[path] = row
-    names = [s for s in args.subsets if s not in absent]
-    print("\n| model | " + " | ".join(SHORT.get(s, s) for s in names) + " |\n|" + "---|" * (len(names) + 1))
-    for path, row in results.items():
-        print(f"| {Path(path).stem} | " + " | ".join(f"{row[s]['log_likelihood']:.3f}" for s in names) + " |")
-    first = next(iter(results.values()))
-    print("| masked tokens | " + " | ".join(f"{first[s]['masked_tokens']:,}" for s in names) + " |")
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"data": args.data, "args": vars(args), "absent_subsets": absent, "results": results},
-                              indent=1))
-    os.replace(tmp, out)
+        if path not in results:
+            results[path] = score_checkpoint(path, docs, prepared, args, device)
+            write_results(out, args, absent, results)
+    print_table(args, absent, results)
+    write_results(out, args, absent, results)
     print(f"wrote {out}")
     return 0
+
+
+def print_table(args, absent: list, results: dict) -> None:
+    names = [s for s in args.subsets if s not in absent]
+    cell = lambda r: "-" if r["log_likelihood"] is None else f"{r['log_likelihood']:.3f}"
+    print("\n| model | " + " | ".join(SHORT.get(s, s) for s in names) + " |\n|" + "---|" * (len(names) + 1))
+    for path in args.ckpt:
+        print(f"| {Path(path).stem} | " + " | ".join(cell(results[path][s]) for s in names) + " |")
+    first = results[args.ckpt[0]]
+    print("| masked tokens | " + " | ".join(f"{first[s]['masked_tokens']:,}" for s in names) + " |")
+    print("\n" + LEGEND + "; '-': no masked token in that subset")
 
 
 if __name__ == "__main__":

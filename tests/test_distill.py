@@ -31,6 +31,16 @@ def test_relation_and_loss_match_double_loop():
     assert all(abs(rq[i, j] - cos(q[i], k[j])) < 1e-6 for i in range(4) for j in range(5))
 
 
+def test_relations_stay_float32_under_bf16_autocast():
+    torch.manual_seed(5)
+    hs, ht = torch.randn(2, 64, 32), torch.randn(2, 64, 48)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        r, loss = relation(hs), relation_loss(relation(hs), relation(ht))
+    assert r.dtype == torch.float32
+    assert torch.allclose(r, relation(hs), atol=1e-6)                 # a bf16 matmul is off by ~1e-3
+    assert abs(float(loss) - float(relation_loss(relation(hs), relation(ht)))) < 1e-6
+
+
 def test_attention_loss_matches_double_loop_and_skips_padding():
     torch.manual_seed(1)
     B, nh, T, hs = 2, 3, 5, 4

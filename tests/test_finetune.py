@@ -189,10 +189,72 @@ def test_bad_input_is_one_clear_line(tmp_path, ckpt):
              (["--task", "rte", "--data-dir", str(tmp_path / "ok"), "--ckpt", str(tmp_path / "none.pt")], "not found"),
              (["--task", "rte", "--data-dir", str(tmp_path / "ok"), "--ckpt", str(tmp_path / "junk.pt")],
               "not a readable checkpoint")]
+    ok = ["--task", "rte", "--data-dir", str(tmp_path / "ok")]
+    (tmp_path / "other.json").write_text('{"runs": [], "args": {"epochs": 7}}')
+    cases += [(ok + flags, words) for flags, words in [
+        (["--adapter", "-5"], "--adapter -5: sizes must be 0 (full) or positive"),
+        (["--max-len", "0"], "--max-len 0 must be positive"),
+        (["--max-len", "100000"], "more than the model's 512 positions"),
+        (["--batch-size", "0"], "--batch-size 0 must be positive"),
+        (["--epochs", "0"], "--epochs 0 must be positive"),
+        (["--lr", "0"], "learning rates must be positive"),
+        (["--warmup", "1.5"], "--warmup 1.5 must be a share"),
+        (["--max-train", "-1"], "--max-train -1 must be 0 or more"),
+        (["--out", "/proc/nope/r.json"], "cannot write results"),
+        (["--out", str(tmp_path / "other.json")], "holds runs with other settings"),
+        (["--out", str(tmp_path / "junk.pt")], "is not a finetune.py result")]]
     for extra, words in cases:
         r = cli(*base, *extra, cwd=tmp_path)
         assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
         assert r.stderr.strip().splitlines()[-1].startswith("finetune.py: error:") and words in r.stderr, r.stderr
+
+
+def test_results_written_per_run_and_a_rerun_skips_them(tmp_path, ckpt, monkeypatch):
+    write_task(tmp_path, "rte", n_train=16, n_dev=8)
+    out = tmp_path / "r.json"
+    args = ["--task", "rte", "--ckpt", str(ckpt), "--data-dir", str(tmp_path), "--adapter", "0", "8", "--lr", "1e-3",
+            "--seeds", "1", "2", "--epochs", "1", "--batch-size", "8", "--out", str(out)]
+    real, calls = finetune.run_one, []
+
+    def stop_after_three(*a):
+        if len(calls) == 3:
+            raise KeyboardInterrupt                                   # Ctrl-C during the fourth run
+        calls.append(a[5:8])
+        return real(*a)
+
+    monkeypatch.setattr(finetune, "run_one", stop_after_three)
+    assert finetune.main(args) == 130
+    kept = json.loads(out.read_text())["runs"]
+    assert [(r["adapter"], r["seed"]) for r in kept] == [(0, 1), (0, 2), (8, 1)]
+    calls.clear()
+    monkeypatch.setattr(finetune, "run_one", lambda *a: calls.append(a[5:8]) or real(*a))
+    assert finetune.main(args) == 0
+    assert calls == [(8, 1e-3, 2)]                                     # only the missing run
+    result = json.loads(out.read_text())
+    assert len(result["runs"]) == 4 and result["runs"][:3] == kept
+
+
+def test_default_grid_is_the_papers(ckpt):
+    from model import BertConfig
+    args = finetune.make_parser().parse_args(["--task", "rte"])
+    small, base = BertConfig.preset("small"), BertConfig.preset("base")
+    runs = finetune.grid(args, "rte", small)
+    assert sorted({a for a, _, _ in runs}) == [0, 16, 64, 128] and len(runs) == 4 * 3 * 3
+    assert {lr for a, lr, _ in runs if a == 0} == {1e-5, 2e-5, 5e-5}
+    assert {lr for a, lr, _ in runs if a} == {1e-4, 2e-4, 3e-4}
+    assert sorted({a for a, _, _ in finetune.grid(args, "rte", base)}) == [0, 16, 64, 128, 256]
+    assert sorted({a for a, _, _ in finetune.grid(args, "mnli", small)}) == [0, 16, 64, 128, 512]
+
+
+def test_qqp_rows_with_a_wrong_column_count_are_skipped_and_counted(tmp_path, capsys):
+    d = write_task(tmp_path, "qqp", n_train=10)
+    (d / "train.tsv").write_text((d / "train.tsv").read_text() + "99\tonly three\tcolumns\n")
+    data = finetune.load_task("qqp", str(tmp_path))
+    assert len(data["train"][0]) == 10 and "skipped 1 rows" in capsys.readouterr().err
+    d = write_task(tmp_path, "rte")
+    (d / "train.tsv").write_text((d / "train.tsv").read_text() + "99\tonly three\n")
+    with pytest.raises(finetune.UsageError, match="columns, expected 4"):
+        finetune.load_task("rte", str(tmp_path))                       # other tasks keep the error
 
 
 @pytest.mark.skipif(not (SHARED_GLUE / "RTE").is_dir(), reason="../shared/data/glue not present")

@@ -36,6 +36,7 @@ def ckpts(tmp_path_factory):
 
 def run(tmp_path, *args):
     out = tmp_path / "ood.json"
+    out.unlink(missing_ok=True)
     assert ood_eval.main([*args, "--out", str(out), "--seq-len", "32"]) == 0
     return json.loads(out.read_text())
 
@@ -106,11 +107,48 @@ def test_bad_input_is_one_clear_line(tmp_path, ckpts):
              (["--data", str(tmp_path / "notext.jsonl"), "--ckpt", ck], "line 1: record has no 'text'"),
              (["--data", str(good), "--ckpt", ck, "--subsets", "Reddit"], "unknown subset 'Reddit'"),
              (["--data", str(good), "--ckpt", str(tmp_path / "missing.pt")], "not found"),
-             (["--data", str(tmp_path / "nope.jsonl"), "--ckpt", ck], "not found")]
+             (["--data", str(tmp_path / "nope.jsonl"), "--ckpt", ck], "not found"),
+             (["--data", str(tmp_path / "plain.gz"), "--ckpt", ck], "cannot be read as UTF-8 JSON lines (.gz)"),
+             (["--data", str(tmp_path / "latin1.jsonl"), "--ckpt", ck], "cannot be read as UTF-8"),
+             (["--data", str(good), "--ckpt", ck, "--seq-len", "0"], "--seq-len 0 must be positive"),
+             (["--data", str(good), "--ckpt", ck, "--seq-len", "100000"], "more than the 512 positions"),
+             (["--data", str(good), "--ckpt", ck, "--batch-size", "0"], "--batch-size 0 must be positive"),
+             (["--data", str(good), "--ckpt", ck, "--max-tokens-per-subset", "-1"], "must be 0 (all) or more"),
+             (["--data", str(good), "--ckpt", ck, "--out", "/proc/nope/o.json"], "cannot write results")]
+    (tmp_path / "plain.gz").write_text(good.read_text())
+    (tmp_path / "latin1.jsonl").write_bytes(json.dumps({"text": "caf\u00e9"}).replace("\\u00e9", "\xe9").encode("latin-1"))
     for extra, words in cases:
         r = cli(*extra, cwd=tmp_path)
         assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
         assert r.stderr.strip().splitlines()[-1].startswith("ood_eval.py: error:") and words in r.stderr, r.stderr
+
+
+def test_results_kept_per_checkpoint_rerun_skips_and_empty_subset_is_absent(tmp_path, ckpts, capsys, monkeypatch):
+    data = pile(tmp_path / "p.jsonl")
+    with data.open("a") as f:
+        f.write(json.dumps({"text": "   ", "meta": {"pile_set_name": "StackExchange"}}) + "\n")
+    out = tmp_path / "o.json"
+    args = ["--data", str(data), "--ckpt", str(ckpts / "m0.pt"), str(ckpts / "m1.pt"), "--seq-len", "32",
+            "--subsets", "ArXiv", "StackExchange", "--out", str(out)]
+    real, calls = ood_eval.score_checkpoint, []
+
+    def interrupted_at_second(path, *a):
+        if calls:
+            raise KeyboardInterrupt
+        calls.append(path)
+        return real(path, *a)
+
+    monkeypatch.setattr(ood_eval, "score_checkpoint", interrupted_at_second)
+    assert ood_eval.main(args) == 130
+    first = json.loads(out.read_text())["results"]
+    assert list(first) == [str(ckpts / "m0.pt")]
+    assert first[str(ckpts / "m0.pt")]["StackExchange"] == {"log_likelihood": None, "masked_tokens": 0, "windows": 0}
+    calls.clear()
+    monkeypatch.setattr(ood_eval, "score_checkpoint", lambda path, *a: calls.append(path) or real(path, *a))
+    assert ood_eval.main(args) == 0
+    assert calls == [str(ckpts / "m1.pt")]                              # only the missing checkpoint
+    printed = capsys.readouterr().out
+    assert "AX = ArXiv" in printed and "| - |" in printed               # the legend, and no fake 0.0
 
 
 @pytest.mark.skipif(not SHARED_PILE.is_file(), reason="../shared/data/pile-ood not present")

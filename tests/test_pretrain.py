@@ -289,7 +289,8 @@ def test_hub_corpus_through_a_local_dataset(monkeypatch):
     assert calls == [(("wikitext", "wikitext-2-raw-v1"), {"split": "train"})]
 
 
-def test_ctrl_c_saves_and_says_how_to_resume(tmp_path, corpus):
+@pytest.mark.parametrize("signame", ["SIGINT", "SIGTERM"])
+def test_ctrl_c_and_sigterm_save_and_say_how_to_resume(tmp_path, corpus, signame):
     import signal
     import time
     args = ["--data", str(corpus / "train.txt"), "--preset", "tiny", "--seq-len", "32", "--batch-size", "8",
@@ -300,9 +301,17 @@ def test_ctrl_c_saves_and_says_how_to_resume(tmp_path, corpus):
     deadline = time.time() + 120
     while (not metrics.exists() or len(metrics.read_text().splitlines()) < 3) and time.time() < deadline:
         time.sleep(0.2)
-    proc.send_signal(signal.SIGINT)
+    sig = getattr(signal, signame)
+    proc.send_signal(sig)
     out, err = proc.communicate(timeout=120)
-    assert proc.returncode == 130 and "Traceback" not in err, err
+    assert proc.returncode == 128 + sig and "Traceback" not in err, err
     ckpt = torch.load(tmp_path / "c.pt", weights_only=True)
     assert 3 <= ckpt["step"] < 100000 and "optimizer" in ckpt
-    assert "--resume c.pt" in out                                       # says how to continue
+    assert "python pretrain.py --resume c.pt" in out                   # says how to continue
+
+
+def test_ctrl_c_while_tokenizing_is_one_line(tmp_path, corpus, monkeypatch):
+    monkeypatch.setattr(pretrain, "make_tokenizer", lambda vocab: (_ for _ in ()).throw(KeyboardInterrupt))
+    code = pretrain.main(["--data", str(corpus / "train.txt"), "--preset", "tiny", "--seq-len", "32",
+                          "--cache-dir", str(tmp_path / "cache"), "--out", str(tmp_path / "k.pt")])
+    assert code == 130 and not (tmp_path / "k.pt").exists()
