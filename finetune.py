@@ -403,12 +403,12 @@ def earlier_runs(out: Path, args) -> list[dict]:
     return runs
 
 
-def write_results(out: Path, args, runs: list[dict]) -> dict:
+def write_results(out: Path, args, runs: list[dict], pretrained: dict) -> dict:
     summary = summarize(runs) if runs else {}
     heads, cells = paper_row(summary)
     fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=out.name + ".", suffix=".tmp")
     with os.fdopen(fd, "w") as f:
-        json.dump({"ckpt": args.ckpt, "args": vars(args), "runs": runs, "summary": summary,
+        json.dump({"ckpt": args.ckpt, "pretrained": pretrained, "args": vars(args), "runs": runs, "summary": summary,
                    "paper_row": dict(zip(heads, cells))}, f, indent=1)
     os.replace(tmp, out)
     return summary
@@ -435,6 +435,8 @@ def run(args) -> int:
         raise UsageError(f"--max-len {args.max_len} is more than the model's {mlm.config.max_position} positions")
     vocab = ckpt.get("vocab") or read_vocab(args.vocab or HERE / "data" / "bert-base-uncased-vocab.txt")
     tokenizer, device = make_tokenizer(vocab), torch.device(args.device)
+    pretrained = {"step": ckpt.get("step"), "epoch": ckpt.get("epoch"),
+                  "pretrain_perf": (ckpt.get("metrics") or {}).get("pretrain_perf")}   # where the checkpoint stood
     for key in keys:
         done = {(r["adapter"], r["lr"], r["seed"]) for r in runs if r["task"] == TASKS[key].name}
         todo = [g for g in grid(args, key, mlm.config) if g not in done]
@@ -447,11 +449,11 @@ def run(args) -> int:
         for adapter, lr, seed in tqdm(todo, desc=TASKS[key].name, dynamic_ncols=True):
             r = run_one(args, key, data, mlm, mlm.config, adapter, lr, seed, device)
             runs.append(r)
-            write_results(out, args, runs)
+            write_results(out, args, runs, pretrained)
             tqdm.write(f"{r['task']:6s} {r['mode']:7s} adapter={adapter:<4d} lr={lr:.0e} seed={seed}: best epoch "
                        f"{r['best']['epoch']} " + " ".join(f"{k}={v:.2f}" for k, v in r["best"].items()
                                                             if k not in ("epoch", "train_loss", "seconds")))
-    summary = write_results(out, args, runs)
+    summary = write_results(out, args, runs, pretrained)
     for name, result in summary.items():
         best = result["best"]
         print(f"{name}: best setting {best['mode']}" + (f" adapter {best['adapter']}" if best["adapter"] else "")

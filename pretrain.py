@@ -355,6 +355,8 @@ def build(args, rank: int, world: int, device) -> tuple[Run, int, np.ndarray]:
     torch.manual_seed(args.seed)
     group = dist.group.WORLD if world > 1 and cfg.moe else None
     model = BertForMaskedLM(cfg, expert_group=group).to(device)
+    if args.position_init == "sinusoid" and not resume:
+        sinusoid_positions_(model.bert.position.weight)
     teacher = None
     if args.teacher:
         teacher = Teacher.load(args.teacher, bf16=args.bf16).to(device)
@@ -381,6 +383,19 @@ def build(args, rank: int, world: int, device) -> tuple[Run, int, np.ndarray]:
     return run, start, valid_seg
 
 
+@torch.no_grad()
+def sinusoid_positions_(weight: torch.Tensor, std: float = 0.02) -> None:
+    """Learned position embeddings started as Vaswani et al.'s sinusoids, scaled to BERT's init std:
+    neighbouring positions start similar, so one query/key map can attend "one to the left" at every
+    position at once, instead of each of the 128 positions learning it from noise."""
+    T, H = weight.shape
+    pos = torch.arange(T, dtype=torch.float32)[:, None]
+    freq = torch.exp(-math.log(10000.0) * torch.arange(0, H, 2, dtype=torch.float32) / H)
+    table = torch.zeros(T, H)
+    table[:, 0::2], table[:, 1::2] = torch.sin(pos * freq), torch.cos(pos * freq)
+    weight.copy_(table * std * math.sqrt(2))                   # per-component std = std
+
+
 def on_signal(run: Run):
     def handler(signum, frame):
         run.stop["signal"] = signum
@@ -389,52 +404,66 @@ def on_signal(run: Run):
 
 # ----------------------------------------------------------------------------- the loop
 
+def log_step(run: Run, bar, row: dict, done: int, tokens_per_s: float) -> None:
+    row.update(step=done, tokens=done * run.args.batch_size * run.args.seq_len, lr=run.scheduler.get_last_lr()[0],
+               tokens_per_s=tokens_per_s)
+    if run.model.config.moe:
+        counts = torch.stack([layer.ffn.last_counts for layer in run.model.bert.layers])
+        row.update(load_max=int(counts.max()), load_min=int(counts.min()))
+    if done % run.args.log_every == 0 or done == run.total_steps:
+        shown_parts = ("mlm", "balance", "trunk", "inner", "attention") if run.teacher else \
+            ("mlm", "balance") if run.model.config.moe else ("mlm",)      # no columns that are always 0
+        bar.set_postfix({k: f"{row[k]:.3g}" for k in (*shown_parts, "lr")} | {"tok/s": f"{tokens_per_s:.0f}"})
+        record(run, row)
+
+
+def validate(run: Run, valid: tuple, done: int) -> None:
+    """Pre-Train Perf. now; kept in run.metrics, so every checkpoint saved after it carries it."""
+    perf = evaluate(run.model, *valid, min(run.micro, 64), run.args.bf16, run.rank, run.world)
+    run.metrics = {"step": done, "epoch": done / run.steps_per_epoch,
+                   "tokens": done * run.args.batch_size * run.args.seq_len, "pretrain_perf": perf}
+    record(run, {"valid": True, **run.metrics})
+    run.log(f"step {done} epoch {done / run.steps_per_epoch:.2f}: Pre-Train Perf. {perf:.5f}")
+
+
 def train(args) -> int:
     rank, world, device = setup_distributed(args)
     run, start, valid_seg = build(args, rank, world, device)
     special = torch.tensor([run.vocab.index(t) for t in ("[PAD]", "[CLS]", "[SEP]", "[MASK]", "[UNK]")])
     mask_id = run.vocab.index("[MASK]")
-    valid_in, valid_labels = mask_tokens(torch.from_numpy(valid_seg.astype(np.int64)), special, mask_id,
-                                         len(run.vocab), seeded(VALID_SEED))
+    valid = mask_tokens(torch.from_numpy(valid_seg.astype(np.int64)), special, mask_id, len(run.vocab),
+                        seeded(VALID_SEED))                        # fixed masks, always 15%
+    stop_at = min(args.stop_at or sys.maxsize, (args.stop_epochs or sys.maxsize) * run.steps_per_epoch)
+    if start >= min(stop_at, run.total_steps):
+        run.log(f"{shown(run.out)} is already at step {start}: nothing to do")
+        return 0
     if rank == 0:
         start_metrics(run.out, start)
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, on_signal(run))
-    stop_at = min(args.stop_at or sys.maxsize, (args.stop_epochs or sys.maxsize) * run.steps_per_epoch)
+    run.log("Pre-Train Perf.: mean log-likelihood of the original token at masked positions of the held-out "
+            "text (closer to 0 is better)")
     bar = tqdm(total=run.total_steps, initial=start, disable=rank != 0, dynamic_ncols=True)
-    t0, tokens_seen = time.time(), 0
+    t0 = time.time()
     run.model.train()
     for step in range(start, run.total_steps):
         # forward backward update
         inputs, labels = global_batch(run, step, special, mask_id)
         row = train_step(run, inputs, labels, step)
-        done, epoch_end = step + 1, (step + 1) % run.steps_per_epoch == 0
-        tokens_seen += args.batch_size * args.seq_len
+        done = step + 1
         bar.update(1)
-        # log
-        row.update(step=done, lr=run.scheduler.get_last_lr()[0], tokens_per_s=tokens_seen / (time.time() - t0))
-        if run.model.config.moe:
-            counts = torch.stack([layer.ffn.last_counts for layer in run.model.bert.layers])
-            row.update(load_max=int(counts.max()), load_min=int(counts.min()))
-        if done % args.log_every == 0 or done == run.total_steps:
-            columns = ("mlm", "balance", "trunk", "inner", "attention") if run.teacher else \
-                ("mlm", "balance") if run.model.config.moe else ("mlm",)
-            bar.set_postfix({k: f"{row[k]:.3g}" for k in (*columns, "lr")} | {"tok/s": f"{row['tokens_per_s']:.0f}"})
-            record(run, row)
+        log_step(run, bar, row, done, (done - start) * args.batch_size * args.seq_len / (time.time() - t0))
         # evaluate
+        epoch_end = done % run.steps_per_epoch == 0
         keep_step = bool(args.keep_every) and done % args.keep_every == 0
         if done % args.eval_every == 0 or epoch_end or keep_step or done == run.total_steps:
-            run.metrics = {"step": done, "epoch": done / run.steps_per_epoch, "pretrain_perf": evaluate(
-                run.model, valid_in, valid_labels, min(run.micro, 64), args.bf16, rank, world)}
-            record(run, {"valid": True, **run.metrics})
-            run.log(f"step {done} epoch {done / run.steps_per_epoch:.2f}: Pre-Train Perf. "
-                    f"{run.metrics['pretrain_perf']:.5f} (mean log-likelihood of masked tokens, held out)")
+            validate(run, valid, done)
         # checkpoint
         if epoch_end and args.keep_epochs:
             save(run, done, run.out.with_name(f"{run.out.stem}.epoch{done // run.steps_per_epoch}.pt"))
         if keep_step:
             save(run, done, run.out.with_name(f"{run.out.stem}.step{done}.pt"))
-        if epoch_end and done != run.total_steps:
+        if epoch_end and done not in (run.total_steps, stop_at):
             save(run, done)
         # termination
         if world > 1:
@@ -498,6 +527,8 @@ def make_parser() -> argparse.ArgumentParser:
     a("--dropout", type=float, default=0.1, help="hidden and attention dropout (paper: BERT's 0.1)")
     a("--mask-prob", type=float, default=0.15, help="share of tokens masked in training; validation "
       "always uses 0.15 (paper: 0.15)")
+    a("--position-init", choices=["normal", "sinusoid"], default="normal",
+      help="initial position embeddings: BERT's N(0, 0.02), or sinusoids of the same scale")
     a("--bf16", action="store_true", help="bfloat16 autocast (CPU and CUDA)")
     a("--seed", type=int, default=0, help="seed of the weights, batches, masks and dropout")
     a("--out", help="checkpoint path (default: ckpt/vanilla.pt, ckpt/moe.pt or ckpt/moe_tcd.pt; "

@@ -315,3 +315,21 @@ def test_ctrl_c_while_tokenizing_is_one_line(tmp_path, corpus, monkeypatch):
     code = pretrain.main(["--data", str(corpus / "train.txt"), "--preset", "tiny", "--seq-len", "32",
                           "--cache-dir", str(tmp_path / "cache"), "--out", str(tmp_path / "k.pt")])
     assert code == 130 and not (tmp_path / "k.pt").exists()
+
+
+def test_stop_epochs_keeps_the_schedule_and_keep_every_saves_evaluated_checkpoints(tmp_path, corpus):
+    flags = ["--data", str(corpus / "train.txt"), "--valid", str(corpus / "valid.txt"), "--preset", "tiny",
+             "--seq-len", "32", "--batch-size", "64", "--epochs", "4", "--log-every", "1", "--keep-epochs",
+             "--keep-every", "3", "--cache-dir", str(tmp_path / "cache"), "--out", str(tmp_path / "s.pt")]
+    assert pretrain.main([*flags, "--stop-epochs", "1"]) == 0                # 476 segments: 7 steps an epoch
+    ckpt = torch.load(tmp_path / "s.pt", weights_only=True)
+    assert ckpt["step"] == 7 and ckpt["scheduler"]["last_epoch"] == 7
+    lr = [json.loads(x)["lr"] for x in (tmp_path / "s.metrics.jsonl").read_text().splitlines() if '"lr"' in x]
+    assert lr[-1] > 0.5 * max(lr)                                           # not decayed: sized for 4 epochs
+    kept = torch.load(tmp_path / "s.step6.pt", weights_only=True)
+    assert kept["step"] == 6 and kept["metrics"]["step"] == 6                # evaluated where it was kept
+    assert torch.load(tmp_path / "s.epoch1.pt", weights_only=True)["metrics"]["epoch"] == 1.0
+    assert pretrain.main(["--resume", str(tmp_path / "s.pt"), "--stop-epochs", "1"]) == 0   # nothing to do
+    assert torch.load(tmp_path / "s.pt", weights_only=True)["step"] == 7
+    assert pretrain.main(["--resume", str(tmp_path / "s.pt"), "--stop-epochs", "2"]) == 0
+    assert torch.load(tmp_path / "s.pt", weights_only=True)["step"] == 14 and (tmp_path / "s.epoch2.pt").exists()

@@ -1,0 +1,62 @@
+"""Pick the baseline checkpoint that a TCD model is compared with (paper Tables 1-4, Fig. 5).
+
+    python results/align.py --target runs/ckpt/moe_tcd.pt --candidates runs/ckpt/moe.*.pt            # performance
+    python results/align.py --by epoch --epoch 3 --candidates runs/ckpt/moe.epoch*.pt                # epoch (Table 2)
+
+Performance alignment (Tables 1, 3, 4): the candidate whose Pre-Train Perf. (the held-out masked-LM
+log-likelihood each checkpoint carries from pretrain.py) is closest to the target's. Epoch alignment
+(Table 2): the candidate whose epoch is closest to --epoch, e.g. the teacher's epochs plus the
+student's. Prints the chosen path; --out also writes it with every candidate's numbers as JSON.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+
+def summary(path: str) -> dict:
+    """{path, step, epoch, pretrain_perf} of a pretrain.py checkpoint, without reading its weights."""
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        metrics = ckpt.get("metrics") or {}
+        return {"path": path, "step": ckpt["step"], "epoch": ckpt["epoch"], "pretrain_perf": metrics.get("pretrain_perf")}
+    except Exception as e:            # noqa: BLE001 - any unreadable file is the same user error
+        raise SystemExit(f"align.py: error: {path} is not a pretrain.py checkpoint ({type(e).__name__})")
+
+
+def align(target: dict | None, candidates: list[dict], by: str, epoch: float | None) -> dict:
+    if by == "perf":
+        scored = [c for c in candidates if c["pretrain_perf"] is not None]
+        if target is None or target["pretrain_perf"] is None or not scored:
+            raise SystemExit("align.py: error: performance alignment needs a --target and candidates "
+                             "that carry a Pre-Train Perf. (evaluated at save time)")
+        return min(scored, key=lambda c: abs(c["pretrain_perf"] - target["pretrain_perf"]))
+    if epoch is None:
+        raise SystemExit("align.py: error: --by epoch needs --epoch")
+    return min(candidates, key=lambda c: abs(c["epoch"] - epoch))
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="align.py", description=__doc__.split("\n")[0])
+    p.add_argument("--candidates", nargs="+", required=True, help="baseline checkpoints (e.g. kept epochs)")
+    p.add_argument("--target", help="the model to align to (performance alignment)")
+    p.add_argument("--by", choices=["perf", "epoch"], default="perf", help="performance or epoch alignment")
+    p.add_argument("--epoch", type=float, help="epoch to align to (--by epoch)")
+    p.add_argument("--out", help="also write the choice and every candidate's numbers to this JSON")
+    args = p.parse_args(argv)
+    target = summary(args.target) if args.target else None
+    candidates = [summary(c) for c in args.candidates]
+    chosen = align(target, candidates, args.by, args.epoch)
+    if args.out:
+        Path(args.out).write_text(json.dumps({"by": args.by, "epoch": args.epoch, "target": target,
+                                              "chosen": chosen, "candidates": candidates}, indent=1))
+    print(chosen["path"])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

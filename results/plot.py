@@ -1,0 +1,94 @@
+"""Plots of the miniature reproduction from the JSON/JSONL the scripts write (PNG files in results/).
+
+    python results/plot.py                   # every figure whose data is present
+
+- probes.png: Pre-Train Perf. against training tokens for each recipe probe (results/probes/*.jsonl)
+- pretrain.png: the same for the reproduction's models (results/pretrain/*.jsonl)
+- figure1.png: GLUE average against Pre-Train Perf., one point per fine-tuned checkpoint (Fig. 1)
+- figure5.png: MRPC accuracy against pretraining epoch for each model's kept checkpoints (Fig. 5)
+Needs matplotlib (requirements-dev.txt); the scripts themselves never import it.
+"""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+
+
+def curve(path: Path) -> tuple[list[float], list[float]]:
+    """(tokens in millions, Pre-Train Perf.) of a pretrain.py metrics file."""
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    valid = [r for r in rows if r.get("valid") and "tokens" in r]
+    return [r["tokens"] / 1e6 for r in valid], [r["pretrain_perf"] for r in valid]
+
+
+def plot_curves(files: list[Path], out: Path, title: str) -> None:
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for f in files:
+        x, y = curve(f)
+        if x:
+            ax.plot(x, y, marker=".", label=f.name.split(".")[0])
+    ax.set_xlabel("training tokens (millions)")
+    ax.set_ylabel("Pre-Train Perf. (held-out masked-token log-likelihood)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    print(f"wrote {out}")
+
+
+def finetune_points(directory: Path) -> list[dict]:
+    """One point per finetune.py result: its checkpoint's pretraining state and GLUE scores."""
+    points = []
+    for f in sorted(directory.glob("*.json")):
+        result = json.loads(f.read_text())
+        pre = result.get("pretrained") or {}
+        row = {k: v for k, v in result.get("paper_row", {}).items()}
+        avg = row.get("Avg", "-")
+        mrpc = row.get("MRPC acc", "-")
+        points.append({"name": f.stem, "pretrain_perf": pre.get("pretrain_perf"), "epoch": pre.get("epoch"),
+                       "avg": None if avg == "-" else float(avg), "mrpc": None if mrpc == "-" else float(mrpc)})
+    return points
+
+
+def plot_points(points: list[dict], x: str, y: str, out: Path, xlabel: str, ylabel: str) -> None:
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(6, 4.5))
+    groups: dict = {}
+    for p in points:
+        if p[x] is not None and p[y] is not None:
+            groups.setdefault(p["name"].split(".")[0], []).append(p)
+    for name, ps in groups.items():
+        ps.sort(key=lambda p: p[x])
+        ax.plot([p[x] for p in ps], [p[y] for p in ps], marker="o", label=name)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    print(f"wrote {out}")
+
+
+def main() -> int:
+    for sub, title in (("probes", "Recipe probes, tiny teacher"), ("pretrain", "Pretraining")):
+        files = sorted((HERE / sub).glob("*.jsonl"))
+        if files:
+            plot_curves(files, HERE / f"{sub}.png", title)
+    glue = finetune_points(HERE / "finetune") if (HERE / "finetune").is_dir() else []
+    if glue:
+        plot_points(glue, "pretrain_perf", "avg", HERE / "figure1.png", "Pre-Train Perf.", "GLUE average (dev)")
+    fig5 = finetune_points(HERE / "figure5") if (HERE / "figure5").is_dir() else []
+    if fig5:
+        plot_points(fig5, "epoch", "mrpc", HERE / "figure5.png", "pretraining epoch", "MRPC accuracy (dev)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
