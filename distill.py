@@ -2,12 +2,15 @@
 
     rel = relation(h)                    # cosine similarities of rows of h, Eq. 6/7: [..., N, N]
     rel = relation(q, k)                 # queries against keys, Eq. 9/10: [..., N, M]
-    loss = relation_loss(rel_student, rel_teacher)               # Eq. 8 / Eq. 11
+    loss = relation_loss(rel_student, rel_teacher)               # Eq. 8 (Eq. 11: attention_loss)
     index = sample_groups(attention_mask, tokens=4096, group=128, generator=g)  # (32, 128)
     parts = tcd_losses(student_taps, teacher_taps, index, attention_mask)  # trunk, inner, attention
 
 The student and the teacher are compared through *relations* between token representations,
-never the representations themselves, so their hidden sizes may differ. Copy this file alone
+never the representations themselves, so their hidden sizes may differ.
+
+Shapes: B batch, T sequence length, D a representation's size (student and teacher may differ),
+nh heads, hs head size; G groups of n sampled tokens (the paper's N in Eq. 6-8: 32 groups of 128). Copy this file alone
 into another project: it imports only torch (model.py only inside `Teacher.load`).
 """
 from __future__ import annotations
@@ -28,7 +31,7 @@ def relation(a: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
 
 def relation_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
     """Mean over all pairs (and groups) of the squared difference of two relation matrices."""
-    return (student - teacher.detach()).pow(2).mean()            # Eq. 8 / Eq. 11
+    return (student - teacher.detach()).pow(2).mean()            # Eq. 8: (1/N²) Σ_ij MSE(s_ij, s'_ij)
 
 
 def sample_groups(attention_mask: torch.Tensor, tokens: int, group: int,

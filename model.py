@@ -9,6 +9,10 @@ Also here: the classification model with Houlsby adapters used by finetune.py, c
 save/load (atomic writes, `weights_only=True` loads) and `from_hf_bert`, which reads a
 Hugging Face BERT directory. The layer is numerically the same as `transformers.BertModel`
 (tests/test_model.py checks it on shared random weights).
+
+Shapes: B batch, T sequence length, H hidden size (the paper's H), nh heads, hs = H / nh head
+size, V vocabulary, n_masked scored positions. The paper's code comes first; the CPU speed code
+(cheaper dropout masks, written-out attention, the allocator setting) is at the end.
 """
 from __future__ import annotations
 
@@ -44,6 +48,10 @@ class BertConfig:
     layer_norm_eps: float = 1e-12
     num_experts: int = 0          # 0 or 1: dense FFN; >1: SwitchFFN with that many experts
     pad_token_id: int = 0
+
+    def __post_init__(self):
+        if self.hidden_size % self.num_heads:
+            raise ValueError(f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
 
     @classmethod
     def preset(cls, name: str, **overrides) -> "BertConfig":
@@ -81,40 +89,6 @@ class ClassifierOutput:
     loss: torch.Tensor | None
     logits: torch.Tensor                 # (B, num_labels)
     balance_loss: torch.Tensor
-
-
-def dropout(x: torch.Tensor, p: float, training: bool = True) -> torch.Tensor:
-    """F.dropout with a cheaper mask on the CPU, where torch's bernoulli_ draws one mt19937 number
-    per element (28% of a bf16 train step, small preset). Here each 64-bit draw gives four 16-bit
-    uniforms; p is rounded to a multiple of 2^-16 and the 1/(1-p) scale uses that same p, so the
-    output stays unbiased. It draws from torch's default generator: manual_seed reproduces it."""
-    if not training or p == 0.0:
-        return x
-    if x.device.type != "cpu" or p >= 1.0:
-        return F.dropout(x, p, training=True)
-    n, drop = x.numel(), round(p * 65536)
-    bits = torch.empty((n + 3) // 4, dtype=torch.int64).random_(-2**63, 2**63 - 1)
-    # P(keep) = 1 - drop / 2^16; comparing straight into x's dtype: a bool mask would be 10x slower to apply
-    keep = torch.ge(bits.view(torch.int16)[:n].view(x.shape), drop - 32768, out=torch.empty_like(x))
-    return x * keep.mul_(65536 / (65536 - drop))
-
-
-class Dropout(nn.Dropout):
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return dropout(x, self.p, self.training)
-
-
-def attention(q, k, v, mask: torch.Tensor | None, p: float, training: bool) -> torch.Tensor:
-    """Softmax attention over (B, nh, T, hs) tensors; mask (B, 1, 1, T) is True at keys to attend.
-    SDPA, except on the CPU when training with dropout (SDPA's CPU kernels have none and its
-    fallback draws the mask with bernoulli_) or in bf16 (its CPU flash kernel is 2-4x slower than
-    these three ops at BERT's lengths, see README): there the same arithmetic is written out."""
-    if q.device.type != "cpu" or not ((training and p > 0.0) or q.dtype == torch.bfloat16):
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p if training else 0.0)
-    scores = (q @ k.transpose(-2, -1)).mul_(q.shape[-1] ** -0.5)      # (B, nh, T, T)
-    if mask is not None:
-        scores.masked_fill_(~mask, torch.finfo(scores.dtype).min)
-    return dropout(scores.softmax(-1), p, training) @ v
 
 
 class Adapter(nn.Module):
@@ -170,7 +144,8 @@ class Layer(nn.Module):
         f, balance_loss = self.ffn(x, token_mask)
         y = self.ln2(x + self.drop(self.ffn_adapter(f)))
         if taps is not None:                            # the relation sites of Fig. 3
-            taps["q"].append(q), taps["k"].append(k)
+            taps["q"].append(q)
+            taps["k"].append(k)
             taps["inner"] += [a, f]
             taps["trunk"] += [x, y]
         return y, balance_loss
@@ -190,6 +165,8 @@ class BertModel(nn.Module):
 
     def forward(self, input_ids, attention_mask=None, token_type_ids=None, taps: bool = False) -> EncoderOutput:
         B, T = input_ids.shape
+        if T > self.config.max_position:
+            raise ValueError(f"sequence of {T} tokens is longer than the model's {self.config.max_position} positions")
         if token_type_ids is None:
             token_type_ids = torch.zeros_like(input_ids)
         x = self.word(input_ids) + self.position.weight[:T] + self.token_type(token_type_ids)
@@ -216,7 +193,8 @@ def _init_weights(module: nn.Module) -> None:
             if isinstance(m, nn.Embedding) and m.padding_idx is not None:
                 m.weight.data[m.padding_idx].zero_()
         elif isinstance(m, nn.LayerNorm):
-            nn.init.ones_(m.weight), nn.init.zeros_(m.bias)
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
     for m in module.modules():
         if isinstance(m, Adapter):
             m.reset_parameters()
@@ -254,7 +232,7 @@ class BertForMaskedLM(nn.Module):
         index = torch.cat([index, index.new_zeros(rows - n)])
         logits = self.head(out.hidden.reshape(-1, out.hidden.shape[-1]).index_select(0, index))  # (rows, V)
         targets = torch.cat([labels.reshape(-1)[index[:n]], labels.new_full((rows - n,), -100)])
-        loss = F.cross_entropy(logits.float(), targets) if n else logits.sum() * 0.0
+        loss = F.cross_entropy(logits.float(), targets) if n else logits.sum() * 0.0   # L_MLM, Eq. 12
         return MaskedLMOutput(loss, logits[:n], out.balance_loss, out.taps)
 
 
@@ -299,8 +277,10 @@ def adamw_warmup_linear(model: nn.Module, lr: float, weight_decay: float, warmup
     norms = {id(p) for mod in model.modules() if isinstance(mod, nn.LayerNorm) for p in mod.parameters()}
     decay, plain = [], []
     for n, p in model.named_parameters():
-        if p.requires_grad:
-            (plain if id(p) in norms or n.endswith(("bias", ".b1", ".b2")) else decay).append(p)
+        if not p.requires_grad:
+            continue
+        no_decay = id(p) in norms or n.endswith("bias") or getattr(p, "no_weight_decay", False)  # moe.py tags b1, b2
+        (plain if no_decay else decay).append(p)
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay}, {"params": plain, "weight_decay": 0.0}],
                                   lr=lr, betas=betas, fused=True)  # one pass: 3x faster on CPU
     schedule = lambda s: min((s + 1) / warmup, max(0.0, (total - s) / max(1, total - warmup)))
@@ -380,20 +360,6 @@ def load_checkpoint(path) -> tuple[BertForMaskedLM, dict]:
     return model, ckpt
 
 
-def tune_allocator() -> None:
-    """Keep freed memory in the process (glibc): training re-allocates the same big buffers each
-    step, and re-mapping them page-faults for 1.3-1.7x tokens/s. The limits are mallopt's largest
-    (2 GiB): at 1 GiB, HF's reference step still gave its heap top back and re-faulted 1.5-2 GB a
-    step (1.3 s -> 1.7-2.1 s, small preset). Scripts call it; import does not."""
-    import ctypes
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:
-        return
-    libc.mallopt(-1, 2**31 - 1)        # M_TRIM_THRESHOLD: do not give the heap top back
-    libc.mallopt(-3, 2**31 - 1)        # M_MMAP_THRESHOLD: serve large blocks from the heap
-
-
 def read_vocab(path) -> list[str]:
     """A WordPiece vocab.txt as a list (line number = token id)."""
     path = Path(path)
@@ -469,3 +435,55 @@ def _convert_hf_state(s: dict, cfg: BertConfig) -> dict:
             out[f"transform_ln.{t}"] = s[f"{head}transform.LayerNorm.{t}"]
         out["decoder_bias"] = s[head + "bias"]
     return out
+
+
+# ---------------------------------------------------------------- speed code
+# Not needed to follow the paper: the same arithmetic as F.dropout and F.scaled_dot_product_attention,
+# made cheaper on CPUs (README, Speed). Tests check each against the plain version.
+
+def dropout(x: torch.Tensor, p: float, training: bool = True) -> torch.Tensor:
+    """F.dropout with a cheaper mask on the CPU, where torch's bernoulli_ draws one mt19937 number
+    per element (28% of a bf16 train step, small preset). Here each 64-bit draw gives four 16-bit
+    uniforms; p is rounded to a multiple of 2^-16 and the 1/(1-p) scale uses that same p, so the
+    output stays unbiased. It draws from torch's default generator: manual_seed reproduces it."""
+    if not training or p == 0.0:
+        return x
+    if x.device.type != "cpu" or p >= 1.0:
+        return F.dropout(x, p, training=True)
+    n, drop = x.numel(), round(p * 65536)
+    bits = torch.empty((n + 3) // 4, dtype=torch.int64).random_(-2**63, 2**63 - 1)
+    # P(keep) = 1 - drop / 2^16; comparing straight into x's dtype: a bool mask would be 10x slower to apply
+    keep = torch.ge(bits.view(torch.int16)[:n].view(x.shape), drop - 32768, out=torch.empty_like(x))
+    return x * keep.mul_(65536 / (65536 - drop))
+
+
+class Dropout(nn.Dropout):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return dropout(x, self.p, self.training)
+
+
+def attention(q, k, v, mask: torch.Tensor | None, p: float, training: bool) -> torch.Tensor:
+    """Softmax attention over (B, nh, T, hs) tensors; mask (B, 1, 1, T) is True at keys to attend.
+    SDPA, except on the CPU when training with dropout (SDPA's CPU kernels have none and its
+    fallback draws the mask with bernoulli_) or in bf16 (its CPU flash kernel is 2-4x slower than
+    these three ops at BERT's lengths, see README): there the same arithmetic is written out."""
+    if q.device.type != "cpu" or not ((training and p > 0.0) or q.dtype == torch.bfloat16):
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p if training else 0.0)
+    scores = (q @ k.transpose(-2, -1)).mul_(q.shape[-1] ** -0.5)      # (B, nh, T, T)
+    if mask is not None:
+        scores.masked_fill_(~mask, torch.finfo(scores.dtype).min)
+    return dropout(scores.softmax(-1), p, training) @ v
+
+
+def tune_allocator() -> None:
+    """Keep freed memory in the process (glibc): training re-allocates the same big buffers each
+    step, and re-mapping them page-faults for 1.3-1.7x tokens/s. The limits are mallopt's largest
+    (2 GiB): at 1 GiB, HF's reference step still gave its heap top back and re-faulted 1.5-2 GB a
+    step (1.3 s -> 1.7-2.1 s, small preset). Scripts call it; import does not."""
+    import ctypes
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return
+    libc.mallopt(-1, 2**31 - 1)        # M_TRIM_THRESHOLD: do not give the heap top back
+    libc.mallopt(-3, 2**31 - 1)        # M_MMAP_THRESHOLD: serve large blocks from the heap

@@ -13,6 +13,11 @@ gather_experts / shard_experts, optimizer_state) use it to keep experts out of t
 data-parallel all-reduce and to write and reload consolidated checkpoints. No token is ever dropped, whatever the load: every expert runs on exactly the
 tokens routed to it, as one `addmm` per expert into preallocated buffers (`_ExpertFFN`).
 
+Shapes: N tokens in a batch (padding included), M real tokens (the paper's M, Eq. 4), H hidden
+size, F expert FFN size, E experts (the paper's N in Eq. 3), E_local = E / W experts per rank.
+The paper's layer (SwitchFFN) comes first; the token permutations, the per-expert matmuls and the
+all-to-all it calls come after it, then the helpers for training with sharded experts.
+
 Copy this file alone into another project: it imports only torch.
 """
 from __future__ import annotations
@@ -24,6 +29,113 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
+
+class SwitchFFN(nn.Module):
+    """Switch-Transformer FFN layer: router (Eq. 1), top-1 (Eq. 2), p_i(x)·E_i(x) (Eq. 3),
+    balance loss KL(uniform || mean router probability) over the batch's tokens (Eq. 4-5)."""
+
+    def __init__(self, hidden_size: int, intermediate_size: int, num_experts: int, group=None):
+        super().__init__()
+        self.world = dist.get_world_size(group) if group is not None else 1
+        self.rank = dist.get_rank(group) if group is not None else 0
+        if num_experts % self.world:
+            raise ValueError(f"{num_experts} experts cannot be split evenly over {self.world} "
+                             f"ranks: choose a world size that divides the number of experts")
+        self.group, self.num_experts = group, num_experts
+        self.local_experts = num_experts // self.world
+        self.router = nn.Linear(hidden_size, num_experts)      # W_r, b_r of Eq. 1
+        E, H, Fd = self.local_experts, hidden_size, intermediate_size
+        self.w1 = nn.Parameter(torch.empty(E, H, Fd))
+        self.b1 = nn.Parameter(torch.zeros(E, Fd))
+        self.w2 = nn.Parameter(torch.empty(E, Fd, H))
+        self.b2 = nn.Parameter(torch.zeros(E, H))
+        for p in (self.w1, self.b1, self.w2, self.b2):
+            p.expert = True
+        for p in (self.b1, self.b2):
+            p.no_weight_decay = True                           # biases: see model.adamw_warmup_linear
+        self.reset_parameters()
+        self.last_counts = torch.zeros(num_experts, dtype=torch.long)  # tokens per expert, last call (on x's device)
+        if group is not None:
+            self._check_group(hidden_size, intermediate_size)
+
+    @torch.no_grad()
+    def reset_parameters(self, std: float = 0.02) -> None:
+        # draw all E experts and keep this rank's slice: the same seed gives the same experts
+        # whatever the world size, so a sharded run starts where a one-process run starts
+        lo = self.rank * self.local_experts
+        for w in (self.w1, self.w2):
+            w.copy_(torch.randn(self.num_experts, *w.shape[1:], device=w.device)[lo:lo + self.local_experts] * std)
+        self.b1.zero_()
+        self.b2.zero_()
+
+    def _check_group(self, hidden_size: int, intermediate_size: int) -> None:
+        # every rank must agree before any token moves, or a mismatch would hang the exchange
+        device = "cuda" if dist.get_backend(self.group) == "nccl" else "cpu"  # NCCL moves only GPU tensors
+        mine = torch.tensor([hidden_size, intermediate_size, self.num_experts], dtype=torch.long, device=device)
+        everyone = [torch.empty_like(mine) for _ in range(self.world)]
+        dist.all_gather(everyone, mine, group=self.group)
+        if any(not torch.equal(mine, other) for other in everyone):
+            raise ValueError("SwitchFFN configuration differs across ranks (hidden, intermediate, "
+                             f"experts): {[o.tolist() for o in everyone]}; build the same model everywhere")
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None):
+        """x: [..., H]; mask: [...] bool, False for padding (kept out of routing and Eq. 4).
+        Returns y like x (zero at padding) and the scalar balance loss."""
+        shape = x.shape
+        x = x.reshape(-1, shape[-1])                                 # (N, H)
+        keep = None if mask is None else mask.reshape(-1).nonzero().squeeze(1)
+        tokens = x if keep is None else _Permute.apply(x, keep)     # (M, H) real tokens
+        probs = self.router(tokens).float().softmax(-1)              # Eq. 1, (M, E)
+        gate, expert = probs.max(-1)                                 # Eq. 2
+        mean_prob = probs.mean(0)                                    # Eq. 4
+        # Eq. 5: KL(p || q) with p uniform = sum_k (1/E) log((1/E) / q_k) = -log E - mean_k log q_k
+        balance_loss = -math.log(self.num_experts) - mean_prob.log().mean()
+        order = expert.argsort(stable=True)
+        counts = torch.bincount(expert, minlength=self.num_experts)
+        self.last_counts = counts.detach()
+        y = self._experts(_Permute.apply(tokens, order), counts)   # the seam: tokens leave and return
+        unsort = torch.empty_like(order)
+        unsort[order] = torch.arange(order.numel(), device=order.device)
+        y = _Permute.apply(y, unsort) * gate.unsqueeze(1).to(y.dtype)  # Eq. 3
+        if keep is not None:
+            y = x.new_zeros(x.shape[0], y.shape[1], dtype=y.dtype).index_copy(0, keep, y)  # padding -> 0
+        return y.reshape(shape), balance_loss
+
+    def _experts(self, xs: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        """Run xs (sorted by global expert id, counts[e] rows each) through their experts."""
+        weights = (self.w1, self.b1, self.w2, self.b2)
+        if torch.is_autocast_enabled(xs.device.type):               # one cast, then exact dtypes
+            # on CPUs the experts stay float32: in bf16 each new row count makes oneDNN compile a
+            # kernel, and even with every kernel compiled bf16 was no faster (README, Speed)
+            dtype = torch.get_autocast_dtype(xs.device.type) if xs.is_cuda else torch.float32
+            xs, weights = xs.to(dtype), [w.to(dtype) for w in weights]
+        with torch.autocast(xs.device.type, enabled=False):
+            if self.group is None:
+                return _expert_ffn(xs, counts, *weights)
+            return self._experts_remote(xs, counts, weights)
+
+    def _experts_remote(self, xs, counts, weights) -> torch.Tensor:
+        W, E = self.world, self.local_experts
+        # counts per (destination rank, local expert) go first, so every rank knows what arrives
+        recv_counts = torch.empty_like(counts)
+        dist.all_to_all_single(recv_counts, counts, group=self.group)  # (W*E,) source-major
+        send = counts.view(W, E).sum(1).tolist()
+        recv_matrix = recv_counts.view(W, E)                          # [source rank, local expert]
+        recv = recv_matrix.sum(1).tolist()
+        arrived = _all_to_all(xs, send, recv, self.group)            # grouped by source, then expert
+        # regroup by local expert: arrived is source-major, experts need expert-major
+        owner = torch.arange(E, device=xs.device).repeat(W).repeat_interleave(recv_matrix.reshape(-1))
+        by_expert = owner.argsort(stable=True)
+        ys = _expert_ffn(_Permute.apply(arrived, by_expert), recv_matrix.sum(0), *weights)
+        back = torch.empty_like(by_expert)
+        back[by_expert] = torch.arange(by_expert.numel(), device=xs.device)
+        return _all_to_all(_Permute.apply(ys, back), recv, send, self.group)
+
+
+# ----------------------------------------------------------------------------- inside the layer
+# How SwitchFFN moves tokens and runs its experts. Not needed to follow the paper: plain indexing,
+# a loop over experts and torch.distributed would compute the same (tests/test_moe.py checks them
+# against a token-by-token loop); these are the cheaper forms.
 
 class _Permute(torch.autograd.Function):
     """Rows of x in `index` order. Backward scatters them back without accumulation (index
@@ -131,103 +243,7 @@ def _all_to_all(x: torch.Tensor, send: list[int], recv: list[int], group) -> tor
     return _AllToAll.apply(x, send, recv, group)
 
 
-class SwitchFFN(nn.Module):
-    """Switch-Transformer FFN layer: router (Eq. 1), top-1 (Eq. 2), p_i(x)·E_i(x) (Eq. 3),
-    balance loss KL(uniform || mean router probability) over the batch's tokens (Eq. 4-5)."""
-
-    def __init__(self, hidden_size: int, intermediate_size: int, num_experts: int, group=None):
-        super().__init__()
-        self.world = dist.get_world_size(group) if group is not None else 1
-        self.rank = dist.get_rank(group) if group is not None else 0
-        if num_experts % self.world:
-            raise ValueError(f"{num_experts} experts cannot be split evenly over {self.world} "
-                             f"ranks: choose a world size that divides the number of experts")
-        self.group, self.num_experts = group, num_experts
-        self.local_experts = num_experts // self.world
-        self.router = nn.Linear(hidden_size, num_experts)      # W_r, b_r of Eq. 1
-        E, H, Fd = self.local_experts, hidden_size, intermediate_size
-        self.w1 = nn.Parameter(torch.empty(E, H, Fd))
-        self.b1 = nn.Parameter(torch.zeros(E, Fd))
-        self.w2 = nn.Parameter(torch.empty(E, Fd, H))
-        self.b2 = nn.Parameter(torch.zeros(E, H))
-        for p in (self.w1, self.b1, self.w2, self.b2):
-            p.expert = True
-        self.reset_parameters()
-        self.last_counts = torch.zeros(num_experts, dtype=torch.long)  # tokens per expert, last call (on x's device)
-        if group is not None:
-            self._check_group(hidden_size, intermediate_size)
-
-    @torch.no_grad()
-    def reset_parameters(self, std: float = 0.02) -> None:
-        # draw all E experts and keep this rank's slice: the same seed gives the same experts
-        # whatever the world size, so a sharded run starts where a one-process run starts
-        lo = self.rank * self.local_experts
-        for w in (self.w1, self.w2):
-            w.copy_(torch.randn(self.num_experts, *w.shape[1:], device=w.device)[lo:lo + self.local_experts] * std)
-        self.b1.zero_(), self.b2.zero_()
-
-    def _check_group(self, hidden_size: int, intermediate_size: int) -> None:
-        # every rank must agree before any token moves, or a mismatch would hang the exchange
-        device = "cuda" if dist.get_backend(self.group) == "nccl" else "cpu"  # NCCL moves only GPU tensors
-        mine = torch.tensor([hidden_size, intermediate_size, self.num_experts], dtype=torch.long, device=device)
-        everyone = [torch.empty_like(mine) for _ in range(self.world)]
-        dist.all_gather(everyone, mine, group=self.group)
-        if any(not torch.equal(mine, other) for other in everyone):
-            raise ValueError("SwitchFFN configuration differs across ranks (hidden, intermediate, "
-                             f"experts): {[o.tolist() for o in everyone]}; build the same model everywhere")
-
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None):
-        """x: [..., H]; mask: [...] bool, False for padding (kept out of routing and Eq. 4).
-        Returns y like x (zero at padding) and the scalar balance loss."""
-        shape = x.shape
-        x = x.reshape(-1, shape[-1])                                 # (N, H)
-        keep = None if mask is None else mask.reshape(-1).nonzero().squeeze(1)
-        tokens = x if keep is None else _Permute.apply(x, keep)     # (M, H) real tokens
-        probs = self.router(tokens).float().softmax(-1)              # Eq. 1, (M, E)
-        gate, expert = probs.max(-1)                                 # Eq. 2
-        mean_prob = probs.mean(0)                                    # Eq. 4
-        balance_loss = -math.log(self.num_experts) - mean_prob.log().mean()  # Eq. 5
-        order = expert.argsort(stable=True)
-        counts = torch.bincount(expert, minlength=self.num_experts)
-        self.last_counts = counts.detach()
-        y = self._experts(_Permute.apply(tokens, order), counts)   # the seam: tokens leave and return
-        unsort = torch.empty_like(order)
-        unsort[order] = torch.arange(order.numel(), device=order.device)
-        y = _Permute.apply(y, unsort) * gate.unsqueeze(1).to(y.dtype)  # Eq. 3
-        if keep is not None:
-            y = x.new_zeros(x.shape[0], y.shape[1], dtype=y.dtype).index_copy(0, keep, y)  # padding -> 0
-        return y.reshape(shape), balance_loss
-
-    def _experts(self, xs: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-        """Run xs (sorted by global expert id, counts[e] rows each) through their experts."""
-        weights = (self.w1, self.b1, self.w2, self.b2)
-        if torch.is_autocast_enabled(xs.device.type):               # one cast, then exact dtypes
-            # on CPUs the experts stay float32: in bf16 each new row count makes oneDNN compile a
-            # kernel, and even with every kernel compiled bf16 was no faster (README, Speed)
-            dtype = torch.get_autocast_dtype(xs.device.type) if xs.is_cuda else torch.float32
-            xs, weights = xs.to(dtype), [w.to(dtype) for w in weights]
-        with torch.autocast(xs.device.type, enabled=False):
-            if self.group is None:
-                return _expert_ffn(xs, counts, *weights)
-            return self._experts_remote(xs, counts, weights)
-
-    def _experts_remote(self, xs, counts, weights) -> torch.Tensor:
-        W, E = self.world, self.local_experts
-        # counts per (destination rank, local expert) go first, so every rank knows what arrives
-        recv_counts = torch.empty_like(counts)
-        dist.all_to_all_single(recv_counts, counts, group=self.group)  # (W*E,) source-major
-        send = counts.view(W, E).sum(1).tolist()
-        recv_matrix = recv_counts.view(W, E)                          # [source rank, local expert]
-        recv = recv_matrix.sum(1).tolist()
-        arrived = _all_to_all(xs, send, recv, self.group)            # grouped by source, then expert
-        # regroup by local expert: arrived is source-major, experts need expert-major
-        owner = torch.arange(E, device=xs.device).repeat(W).repeat_interleave(recv_matrix.reshape(-1))
-        by_expert = owner.argsort(stable=True)
-        ys = _expert_ffn(_Permute.apply(arrived, by_expert), recv_matrix.sum(0), *weights)
-        back = torch.empty_like(by_expert)
-        back[by_expert] = torch.arange(by_expert.numel(), device=xs.device)
-        return _all_to_all(_Permute.apply(ys, back), recv, send, self.group)
-
+# ----------------------------------------------------------------------------- checkpoints with sharded experts
 
 def _sharded(model: nn.Module):
     for name, m in model.named_modules():

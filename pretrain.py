@@ -251,12 +251,15 @@ def global_batch(run: Run, step: int, special, mask_id: int):
         run._perm, run._perm_epoch = torch.randperm(len(run.train_seg), generator=seeded(run.args.seed, epoch)), epoch
     rows = run._perm[pos * run.args.batch_size:(pos + 1) * run.args.batch_size].sort().values.numpy()
     ids = torch.from_numpy(run.train_seg[rows].astype(np.int64))
-    return mask_tokens(ids, special, mask_id, len(run.vocab), seeded(run.args.seed, step), run.args.mask_prob)
+    inputs, labels = mask_tokens(ids, special, mask_id, len(run.vocab), seeded(run.args.seed, step), run.args.mask_prob)
+    if step < run.args.short_seq_steps:          # curriculum: the same tokens cut into shorter sequences
+        inputs, labels = inputs.reshape(-1, run.args.short_seq_len), labels.reshape(-1, run.args.short_seq_len)
+    return inputs, labels
 
 
 def train_step(run: Run, inputs, labels, step: int) -> dict:
     """Forward, backward and update over this rank's micro-batches; returns the step's parts."""
-    args, micro = run.args, run.micro
+    args, micro = run.args, inputs.shape[0] // (run.world * run.args.grad_accum)
     parts = torch.zeros(len(PARTS))
     autocast = torch.autocast(run.device.type, dtype=torch.bfloat16, enabled=args.bf16)
     for m in range(run.rank * args.grad_accum, (run.rank + 1) * args.grad_accum):
@@ -527,6 +530,9 @@ def make_parser() -> argparse.ArgumentParser:
     a("--dropout", type=float, default=0.1, help="hidden and attention dropout (paper: BERT's 0.1)")
     a("--mask-prob", type=float, default=0.15, help="share of tokens masked in training; validation "
       "always uses 0.15 (paper: 0.15)")
+    a("--short-seq-len", type=int, default=0, help="curriculum: cut each segment into pieces of this length "
+      "for the first --short-seq-steps steps (0: off; the paper trains at 128 throughout)")
+    a("--short-seq-steps", type=int, default=0, help="steps of the short-sequence curriculum")
     a("--position-init", choices=["normal", "sinusoid"], default="normal",
       help="initial position embeddings: BERT's N(0, 0.02), or sinusoids of the same scale")
     a("--bf16", action="store_true", help="bfloat16 autocast (CPU and CUDA)")
@@ -576,7 +582,7 @@ def check_args(args) -> None:
     """One line per bad value, before any work."""
     positive = ["batch_size", "grad_accum", "epochs", "seq_len", "relation_tokens", "relation_group", "log_every",
                 "eval_every", "lr"]
-    non_negative = ["max_steps", "stop_at", "stop_epochs", "warmup_steps", "weight_decay", "clip", "keep_every",
+    non_negative = ["max_steps", "stop_at", "stop_epochs", "short_seq_steps", "warmup_steps", "weight_decay", "clip", "keep_every",
                     "lambda_b", "lambda_t", "lambda_i", "lambda_a"]
     for name in positive:
         if not getattr(args, name) > 0:
@@ -592,6 +598,8 @@ def check_args(args) -> None:
     max_position = BertConfig.preset(args.preset).max_position
     if not 3 <= args.seq_len <= max_position:
         raise UsageError(f"--seq-len {args.seq_len} must be from 3 to {max_position}, the model's positions")
+    if args.short_seq_steps and not (args.short_seq_len > 0 and args.seq_len % args.short_seq_len == 0):
+        raise UsageError(f"--short-seq-len {args.short_seq_len} must divide --seq-len {args.seq_len}")
     if args.moe and args.experts < 2:
         raise UsageError(f"--moe needs --experts 2 or more (got {args.experts}); drop --moe for a vanilla model")
     if args.relation_group > args.relation_tokens:

@@ -76,17 +76,24 @@ def plot_points(points: list[dict], x: str, y: str, out: Path, xlabel: str, ylab
     print(f"wrote {out}")
 
 
-def main() -> int:
+def main(argv=None) -> int:
+    import argparse
+    p = argparse.ArgumentParser(prog="plot.py", description=__doc__.split("\n")[0])
+    p.add_argument("--results", default=str(HERE), help="directory that results/run.sh filled")
+    return draw(Path(p.parse_args(argv).results))
+
+
+def draw(results: Path) -> int:
     for sub, title in (("probes", "Recipe probes, tiny teacher"), ("pretrain", "Pretraining")):
-        files = sorted((HERE / sub).glob("*.jsonl"))
+        files = sorted((results / sub).glob("*.jsonl"))
         if files:
-            plot_curves(files, HERE / f"{sub}.png", title)
-    glue = finetune_points(HERE / "finetune") if (HERE / "finetune").is_dir() else []
+            plot_curves(files, results / f"{sub}.png", title)
+    glue = finetune_points(results / "finetune") if (results / "finetune").is_dir() else []
     if glue:
-        plot_points(glue, "pretrain_perf", "avg", HERE / "figure1.png", "Pre-Train Perf.", "GLUE average (dev)")
-    fig5 = finetune_points(HERE / "figure5") if (HERE / "figure5").is_dir() else []
+        plot_points(glue, "pretrain_perf", "avg", results / "figure1.png", "Pre-Train Perf.", "GLUE average (dev)")
+    fig5 = finetune_points(results / "figure5") if (results / "figure5").is_dir() else []
     if fig5:
-        plot_points(fig5, "epoch", "mrpc", HERE / "figure5.png", "pretraining epoch", "MRPC accuracy (dev)")
+        plot_points(fig5, "epoch", "mrpc", results / "figure5.png", "pretraining epoch", "MRPC accuracy (dev)")
     return 0
 
 

@@ -124,6 +124,26 @@ def test_parameter_counts_match_paper(preset, experts, paper):
     assert abs(n / paper - 1) < 0.03, n
 
 
+def test_bad_shapes_name_the_numbers():
+    with pytest.raises(ValueError, match="hidden_size 100 is not divisible by num_heads 3"):
+        BertConfig(hidden_size=100, num_heads=3)
+    model = BertForMaskedLM(BertConfig.preset("tiny", max_position=16))
+    with pytest.raises(ValueError, match="sequence of 20 tokens is longer than the model's 16 positions"):
+        model(torch.ones(1, 20, dtype=torch.long))
+
+
+def test_no_weight_decay_on_biases_norms_and_expert_biases():
+    from model import adamw_warmup_linear
+    model = BertForMaskedLM(BertConfig.preset("tiny", num_layers=1, num_experts=4))
+    opt, _ = adamw_warmup_linear(model, 1e-3, 0.01, 1, 10)
+    decayed = {id(p) for p in opt.param_groups[0]["params"]}
+    names = {n for n, p in model.named_parameters() if id(p) in decayed}
+    ffn = "bert.layers.0.ffn."
+    assert {ffn + "w1", ffn + "w2", ffn + "router.weight", "bert.word.weight"} <= names
+    assert not names & {ffn + "b1", ffn + "b2", ffn + "router.bias", "decoder_bias", "bert.ln.weight"}
+    assert opt.param_groups[1]["weight_decay"] == 0.0
+
+
 def test_unknown_preset():
     with pytest.raises(ValueError, match="unknown preset"):
         BertConfig.preset("huge")

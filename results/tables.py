@@ -1,0 +1,110 @@
+"""The README's reproduction tables, in markdown, from the JSON that results/run.sh collects.
+
+    python results/tables.py [--results DIR] > results/tables.md
+
+Tables 1-2 layout (GLUE dev, the better of full and adapter per task, mean ± std over seeds),
+each mode separately, Table 4 (OOD log-likelihood) and Figure 5's numbers (MRPC per kept epoch).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+MODELS = [("teacher", "Vanilla BERT (teacher)"), ("moe_perf", "MoE BERT, perf-aligned"),
+          ("moe_epoch", "MoE BERT, epoch-aligned"), ("moe_tcd", "MoE BERT w/ TCD")]
+COLUMNS = [("CoLA", "mcc"), ("MRPC", "acc"), ("MRPC", "f1"), ("SST-2", "acc"), ("STS-B", "pearson"),
+           ("STS-B", "spearman"), ("RTE", "acc")]
+OOD = [("ArXiv", "AX"), ("DM Mathematics", "DM"), ("Github", "GH"), ("StackExchange", "SE"), ("Ubuntu IRC", "UI")]
+
+
+def cell(setting: dict, metric: str, mark: str = "") -> tuple[str, float | None]:
+    if setting is None or metric not in setting["mean"]:
+        return "-", None
+    m, s = setting["mean"][metric], setting["std"][metric]
+    return f"{m:.2f} ± {s:.2f}{mark}", m
+
+
+def glue_rows(results: Path, mode: str | None) -> list[str]:
+    """One row per model: the best setting per task (mode None) or the best of one mode."""
+    lines = []
+    for key, label in MODELS:
+        f = results / "finetune" / f"{key}.json"
+        if not f.is_file():
+            continue
+        data = json.loads(f.read_text())
+        pre = data.get("pretrained") or {}
+        cells, values = [], []
+        for task, metric in COLUMNS:
+            settings = data["summary"].get(task, {}).get("settings", [])
+            pool = [s for s in settings if mode is None or s["mode"] == mode]
+            best = max(pool, key=lambda s: np.mean(list(s["mean"].values())) if task != "MRPC" else
+                       np.mean([s["mean"]["acc"], s["mean"]["f1"]]), default=None)
+            text, v = cell(best, metric, f" ({best['mode'][0]})" if best and mode is None else "")
+            cells.append(text)
+            values += [] if v is None else [v]
+        perf = pre.get("pretrain_perf")
+        head = [label] + ([mode] if mode else []) + [f"{pre.get('epoch', 0):.0f}", "-" if perf is None else f"{perf:.3f}"]
+        lines.append("| " + " | ".join(head + cells + [f"{np.mean(values):.2f}" if values else "-"]) + " |")
+    return lines
+
+
+def glue_tables(results: Path) -> str:
+    heads = [f"{t} {m}" for t, m in COLUMNS] + ["Avg"]
+    out = ["| Model | Pre-train epochs | Pre-Train Perf. | " + " | ".join(heads) + " |",
+           "|" + "---|" * (len(heads) + 3)] + glue_rows(results, None)
+    out += ["", "| Model | mode | Pre-train epochs | Pre-Train Perf. | " + " | ".join(heads) + " |",
+            "|" + "---|" * (len(heads) + 4)]
+    for mode in ("full", "adapter"):
+        out += glue_rows(results, mode)
+    return "\n".join(out)
+
+
+def ood_table(results: Path) -> str:
+    f = results / "ood.json"
+    if not f.is_file():
+        return ""
+    data = json.loads(f.read_text())
+    out = ["| Model | " + " | ".join(short for _, short in OOD) + " |", "|" + "---|" * (len(OOD) + 1)]
+    for path, row in data["results"].items():
+        out.append(f"| {Path(path).stem} | " + " | ".join(
+            "-" if row.get(name, {}).get("log_likelihood") is None else f"{row[name]['log_likelihood']:.3f}"
+            for name, _ in OOD) + " |")
+    return "\n".join(out + ["", data.get("legend", "")])
+
+
+def figure5_table(results: Path) -> str:
+    rows = {}
+    for f in sorted((results / "figure5").glob("*.json")):
+        data = json.loads(f.read_text())
+        best = data["summary"].get("MRPC", {}).get("best")
+        if best:
+            model, epoch = f.stem.split(".epoch")
+            rows.setdefault(model, {})[int(epoch)] = (best["mean"]["acc"], (data.get("pretrained") or {}).get("pretrain_perf"))
+    if not rows:
+        return ""
+    epochs = sorted({e for r in rows.values() for e in r})
+    out = ["| Model | " + " | ".join(f"epoch {e}" for e in epochs) + " |", "|" + "---|" * (len(epochs) + 1)]
+    for model, r in rows.items():
+        out.append(f"| {model} | " + " | ".join(f"{r[e][0]:.2f} ({r[e][1]:.2f})" if e in r and r[e][1] is not None
+                                                  else "-" for e in epochs) + " |")
+    return "\n".join(out + ["", "MRPC dev accuracy, better of full and adapter, mean over seeds (Pre-Train Perf.)"])
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="tables.py", description=__doc__.split("\n")[0])
+    p.add_argument("--results", default=str(HERE), help="directory that results/run.sh filled")
+    results = Path(p.parse_args(argv).results)
+    for title, text in (("Tables 1-2", glue_tables(results)), ("Table 4", ood_table(results)),
+                        ("Figure 5", figure5_table(results))):
+        if text:
+            print(f"### {title}\n\n{text}\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
