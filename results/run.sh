@@ -27,7 +27,8 @@ EXPERTS=8                  # the paper's 64 do not fit 2 cores at this budget (R
 MAX_EPOCHS=40              # the schedule's length for every run (paper: 40, "not reached in practice")
 TEACHER_EPOCHS=12; TCD_EPOCHS=6; MOE_EPOCHS=18     # the baseline keeps every epoch up to teacher + TCD
 SEEDS="1 2 3"; FT_EPOCHS=3; FT_MAX_TRAIN=9000; OOD_TOKENS=100000
-RECIPE="--preset tiny --bf16 --batch-size 64 --lr 2e-3 --warmup-steps 300 --dropout 0 --beta2 0.98"   # probes: README
+RECIPE="--preset tiny --bf16 --batch-size 64 --lr 2e-3 --warmup-steps 300 --dropout 0 --beta2 0.98"
+RECIPE="$RECIPE --position-init sinusoid --short-seq-len 32 --short-seq-steps 750"   # leaves the plateau: README
 DATA_FLAGS="--data $D/pretrain/train.txt --valid $D/pretrain/valid.txt"
 if [ $QUICK = 1 ]; then
   TEACHER_EPOCHS=1; MOE_EPOCHS=2; TCD_EPOCHS=1; SEEDS="1"; FT_EPOCHS=1; FT_MAX_TRAIN=64; OOD_TOKENS=5000
