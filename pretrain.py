@@ -396,7 +396,7 @@ def sinusoid_positions_(weight: torch.Tensor, std: float = 0.02) -> None:
     freq = torch.exp(-math.log(10000.0) * torch.arange(0, H, 2, dtype=torch.float32) / H)
     table = torch.zeros(T, H)
     table[:, 0::2], table[:, 1::2] = torch.sin(pos * freq), torch.cos(pos * freq)
-    weight.copy_(table * std * math.sqrt(2))                   # per-component std = std
+    weight.copy_(table * std * math.sqrt(2))                   # root-mean-square = std (sin² + cos² = 1)
 
 
 def on_signal(run: Run):

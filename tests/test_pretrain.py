@@ -1,5 +1,6 @@
 """pretrain.py: masking, the three training modes, resume, token cache, bad input."""
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -150,6 +151,7 @@ def bad_input_cases(tmp_path, corpus):
         (["--teacher", str(tmp_path / "good.pt"), "--relation-tokens", "9999", "--relation-group", "9999"],
          "tokens of a micro-batch"),
         (["--log-every", "0"], "--log-every 0 must be positive"),
+        (["--short-seq-len", "5", "--short-seq-steps", "3"], "--short-seq-len 5 must divide --seq-len 32"),
         (["--out", str(tmp_path / "exists.pt")], "exists: continue it with --resume"),
         (["--out", "/proc/nope/x.pt"], "cannot write checkpoints"),
         (["--preset", "huge"], "invalid choice"),
@@ -333,3 +335,28 @@ def test_stop_epochs_keeps_the_schedule_and_keep_every_saves_evaluated_checkpoin
     assert torch.load(tmp_path / "s.pt", weights_only=True)["step"] == 7
     assert pretrain.main(["--resume", str(tmp_path / "s.pt"), "--stop-epochs", "2"]) == 0
     assert torch.load(tmp_path / "s.pt", weights_only=True)["step"] == 14 and (tmp_path / "s.epoch2.pt").exists()
+
+
+def test_short_sequence_curriculum_cuts_the_same_tokens(tmp_path):
+    from types import SimpleNamespace
+    seg = torch.randint(1000, 2000, (40, 32)).numpy().astype("uint16")
+    args = SimpleNamespace(seed=0, batch_size=8, mask_prob=0.15, short_seq_len=8, short_seq_steps=2)
+    run = SimpleNamespace(steps_per_epoch=5, train_seg=seg, args=args, vocab=VOCAB)
+    special, mask_id = torch.tensor([0, 101, 102, 103, 100]), 103
+    early = pretrain.global_batch(run, 1, special, mask_id)
+    args.short_seq_steps = 0
+    plain = pretrain.global_batch(run, 1, special, mask_id)
+    assert early[0].shape == (32, 8) and plain[0].shape == (8, 32)
+    assert torch.equal(early[0].reshape(8, 32), plain[0]) and torch.equal(early[1].reshape(8, 32), plain[1])
+    args.short_seq_steps = 2
+    assert pretrain.global_batch(run, 2, special, mask_id)[0].shape == (8, 32)   # back to full length
+
+
+def test_sinusoid_position_init_has_berts_scale_and_smooth_neighbours():
+    w = torch.empty(128, 128)
+    pretrain.sinusoid_positions_(w)
+    assert abs(w.pow(2).mean().sqrt().item() - 0.02) < 1e-6                    # root-mean-square = BERT std
+    assert torch.allclose(w[5, 0], torch.tensor(0.02 * 2**0.5 * math.sin(5.0)))
+    cos = torch.nn.functional.cosine_similarity(w[:-1], w[1:]).mean()
+    far = torch.nn.functional.cosine_similarity(w[:64], w[64:]).mean()
+    assert cos > 0.8 > far                                                   # neighbours start alike
