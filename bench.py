@@ -12,6 +12,8 @@ hf         BertForMaskedLM train step (small preset, batch 32x128 or --batch, 15
 step       train step time, same batch (small preset): MoE-64 / vanilla and MoE+TCD / MoE.
 throughput tokens/s and peak memory (CPU: RSS; GPU: allocated) of full training steps per preset,
            each in a fresh process.
+memory     a tiny bf16 run at batch 64 with fresh masks and evaluations, as pretrain.py runs it:
+           peak resident memory after 50 steps and at the end, with and without tune_allocator.
 Timings interleave the two sides (A B A B ...) and report the fastest run of each: on a shared
 machine, neighbours and page faults only ever add time (the same matmul here takes 88-155 ms from
 one second to the next), so the minimum is the steadiest estimate of what the code costs.
@@ -187,6 +189,44 @@ def throughput_child(preset: str, experts: int, bf16: bool, device) -> dict:
             "peak_mb": peak}
 
 
+def memory_child(steps: int, device) -> dict:
+    """A tiny run as pretrain.py makes one (batch 64x128, bf16, a fresh 15% mask every step, so the
+    masked count changes, and an evaluation every 50 steps): peak resident memory after 50 steps
+    and at the end, and tokens/s. Before model.MASKED_ROWS_BUCKET this grew to 6 GB by step 100."""
+    from model import masked_log_likelihood
+    cfg = BertConfig.preset("tiny", dropout=0.0, attention_dropout=0.0)
+    model = BertForMaskedLM(cfg).to(device)
+    optimizer = adamw(model)
+    g = torch.Generator().manual_seed(0)
+    valid = torch.randint(1000, cfg.vocab_size, (256, 128), generator=g)
+    valid_labels = torch.where(torch.rand(valid.shape, generator=g) < 0.15, valid, -100)
+    early, t0 = 0.0, time.perf_counter()
+    for step in range(1, steps + 1):
+        ids = torch.randint(1000, cfg.vocab_size, (64, 128), generator=g)
+        labels = torch.where(torch.rand(ids.shape, generator=g) < 0.15, ids, -100)
+        train_step(model, optimizer, ids.to(device), labels.to(device), True, device)()
+        if step % 50 == 0:
+            model.eval()
+            with torch.autocast(device.type, dtype=torch.bfloat16):
+                for b in range(0, len(valid), 64):
+                    masked_log_likelihood(model, valid[b:b + 64].to(device), valid_labels[b:b + 64].to(device))
+            model.train()
+        if step == 50:
+            early = peak_rss_mb()
+    return {"steps": steps, "tokens_per_s": steps * 64 * 128 / (time.perf_counter() - t0),
+            "peak_mb_at_50": early, "peak_mb_at_end": peak_rss_mb()}
+
+
+def bench_memory(args, device) -> list[dict]:
+    rows = []
+    for malloc in ("tuned", "default"):
+        out = subprocess.run([sys.executable, __file__, "--child", "memory", str(args.memory_steps), "0",
+                              "--device", str(device)] + ["--default-malloc"] * (malloc == "default"),
+                             capture_output=True, text=True, check=True)
+        rows.append({"allocator": malloc, **json.loads(out.stdout.strip().splitlines()[-1])})
+    return rows
+
+
 def bench_throughput(args, device) -> list[dict]:
     rows = []
     for preset, experts in (("tiny", 0), ("tiny", 8), ("small", 0), ("small", 64)):
@@ -207,8 +247,9 @@ def table(rows: list[dict]) -> str:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--only", nargs="+", default=["moe", "hf", "step", "throughput"],
-                   choices=["moe", "hf", "step", "throughput"])
+    p.add_argument("--only", nargs="+", default=["moe", "hf", "step", "throughput", "memory"],
+                   choices=["moe", "hf", "step", "throughput", "memory"])
+    p.add_argument("--memory-steps", type=int, default=300, help="steps of the memory section's tiny run")
     p.add_argument("--repeats", type=int, default=10)
     p.add_argument("--batch", type=int, default=32, help="sequences of 128 tokens per step (hf, step)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -220,13 +261,17 @@ def main() -> None:
     if not args.default_malloc:
         tune_allocator()
     device = torch.device(args.device)
+    if args.child and args.child[0] == "memory":
+        print(json.dumps(memory_child(int(args.child[1]), device)))
+        return
     if args.child:
         print(json.dumps(throughput_child(args.child[0], int(args.child[1]), bool(int(args.child[2])), device)))
         return
     print(f"torch {torch.__version__}, {device}, {torch.get_num_threads()} threads")
     results = {}
     for name in args.only:
-        results[name] = {"moe": bench_moe, "hf": bench_hf, "step": bench_step, "throughput": bench_throughput}[name](args, device)
+        results[name] = {"moe": bench_moe, "hf": bench_hf, "step": bench_step, "throughput": bench_throughput,
+                         "memory": bench_memory}[name](args, device)
         print(f"\n## {name}\n{table(results[name])}", flush=True)
     if args.json:
         with open(args.json, "w") as f:

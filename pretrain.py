@@ -234,6 +234,8 @@ class Run:
     relation_tokens: int
     metrics: dict = field(default_factory=dict)
     stop: dict = field(default_factory=lambda: {"signal": 0})
+    order: torch.Tensor | None = None                # this epoch's permutation of the segments
+    order_epoch: int = -1
 
     @property
     def micro(self) -> int:
@@ -247,9 +249,10 @@ class Run:
 def global_batch(run: Run, step: int, special, mask_id: int):
     """The step's whole global batch, masked: a fresh permutation each epoch, fresh masks each step."""
     epoch, pos = divmod(step, run.steps_per_epoch)
-    if getattr(run, "_perm_epoch", None) != epoch:
-        run._perm, run._perm_epoch = torch.randperm(len(run.train_seg), generator=seeded(run.args.seed, epoch)), epoch
-    rows = run._perm[pos * run.args.batch_size:(pos + 1) * run.args.batch_size].sort().values.numpy()
+    if run.order_epoch != epoch:
+        run.order = torch.randperm(len(run.train_seg), generator=seeded(run.args.seed, epoch))
+        run.order_epoch = epoch
+    rows = run.order[pos * run.args.batch_size:(pos + 1) * run.args.batch_size].sort().values.numpy()
     ids = torch.from_numpy(run.train_seg[rows].astype(np.int64))
     inputs, labels = mask_tokens(ids, special, mask_id, len(run.vocab), seeded(run.args.seed, step), run.args.mask_prob)
     if step < run.args.short_seq_steps:          # curriculum: the same tokens cut into shorter sequences

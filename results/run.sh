@@ -25,7 +25,7 @@ export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}     # two jobs at a time, one core 
 # ---------------------------------------------------------------- settings
 EXPERTS=8                  # the paper's 64 do not fit 2 cores at this budget (README, deviations)
 MAX_EPOCHS=40              # the schedule's length for every run (paper: 40, "not reached in practice")
-TEACHER_EPOCHS=12; TCD_EPOCHS=6; MOE_EPOCHS=18     # the baseline keeps every epoch up to teacher + TCD
+TEACHER_EPOCHS=6; TCD_EPOCHS=3; MOE_EPOCHS=9       # the baseline keeps every epoch up to teacher + TCD
 SEEDS="1 2 3"; FT_EPOCHS=3; FT_MAX_TRAIN=9000; OOD_TOKENS=100000
 RECIPE="--preset tiny --bf16 --batch-size 64 --lr 2e-3 --warmup-steps 300 --dropout 0 --beta2 0.98"
 RECIPE="$RECIPE --position-init sinusoid --short-seq-len 32 --short-seq-steps 750"   # leaves the plateau: README

@@ -27,3 +27,12 @@ def test_peak_memory_is_the_child_process_own():
     child = float(subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True).stdout)
     assert peak_rss_mb() > child + 250                     # ru_maxrss would give the child this process's peak
     del big
+
+
+def test_memory_section_runs_both_allocators(tmp_path):
+    out = tmp_path / "bench.json"
+    subprocess.run([sys.executable, str(ROOT / "bench.py"), "--only", "memory", "--memory-steps", "2", "--json",
+                    str(out)], check=True, capture_output=True, text=True, cwd=tmp_path)
+    rows = json.loads(out.read_text())["memory"]
+    assert [r["allocator"] for r in rows] == ["tuned", "default"]
+    assert all(r["steps"] == 2 and r["tokens_per_s"] > 0 and r["peak_mb_at_end"] > 100 for r in rows)
