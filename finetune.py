@@ -26,7 +26,6 @@ import math
 import os
 import signal
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,7 +36,7 @@ from scipy import stats
 from tqdm import tqdm
 
 from model import (BertForSequenceClassification, CheckpointError, adamw_warmup_linear, load_checkpoint, make_tokenizer, read_vocab,
-                   tune_allocator)
+                   tune_allocator, unwritable, write_json)
 
 HERE = Path(__file__).resolve().parent
 
@@ -406,11 +405,8 @@ def earlier_runs(out: Path, args) -> list[dict]:
 def write_results(out: Path, args, runs: list[dict], pretrained: dict) -> dict:
     summary = summarize(runs) if runs else {}
     heads, cells = paper_row(summary)
-    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=out.name + ".", suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump({"ckpt": args.ckpt, "pretrained": pretrained, "args": vars(args), "runs": runs, "summary": summary,
-                   "paper_row": dict(zip(heads, cells))}, f, indent=1)
-    os.replace(tmp, out)
+    write_json(out, {"ckpt": args.ckpt, "pretrained": pretrained, "args": vars(args), "runs": runs,
+                     "summary": summary, "paper_row": dict(zip(heads, cells))})
     return summary
 
 
@@ -424,11 +420,9 @@ def run(args) -> int:
     if not keys:
         raise UsageError("no task: pass --task NAME or --tasks all")
     out = Path(args.out or f"runs/finetune-{Path(args.ckpt).stem}-{'-'.join(keys)}.json")
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tempfile.TemporaryFile(dir=out.parent).close()
-    except OSError as e:
-        raise UsageError(f"cannot write results to {out.parent} ({e.strerror}): pass another --out") from None
+    reason = unwritable(out.parent)
+    if reason:
+        raise UsageError(f"cannot write results to {out.parent} ({reason}): pass another --out")
     runs = earlier_runs(out, args)
     mlm, ckpt = load_checkpoint(args.ckpt)
     if args.max_len > mlm.config.max_position:

@@ -333,6 +333,25 @@ def save_checkpoint(path, module: nn.Module, **extra) -> None:
             os.remove(tmp)
 
 
+def write_json(path, data) -> None:
+    """JSON to a temp file, then os.replace: a reader never sees half a file."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        json.dump(data, f, indent=1)
+    os.replace(tmp, path)
+
+
+def unwritable(directory) -> str | None:
+    """Why files cannot be written into `directory` (created if missing), or None if they can."""
+    try:
+        Path(directory).mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=directory).close()
+    except OSError as e:
+        return e.strerror or type(e).__name__
+    return None
+
+
 def read_checkpoint(path) -> dict:
     """The checkpoint dict, loaded with weights_only=True; CheckpointError if it is not one."""
     path = Path(path)

@@ -16,16 +16,15 @@ import argparse
 import gzip
 import io
 import json
-import os
 import signal
 import sys
-import tempfile
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
-from model import CheckpointError, load_checkpoint, make_tokenizer, mask_tokens, masked_log_likelihood, tune_allocator
+from model import (CheckpointError, load_checkpoint, make_tokenizer, mask_tokens, masked_log_likelihood, tune_allocator,
+                   unwritable, write_json)
 
 PAPER_SUBSETS = ["ArXiv", "DM Mathematics", "Github", "StackExchange", "Ubuntu IRC"]
 PILE_SUBSETS = PAPER_SUBSETS + [
@@ -206,11 +205,8 @@ def earlier_results(out: Path, args) -> dict:
 
 
 def write_results(out: Path, args, absent: list, results: dict) -> None:
-    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=out.name + ".", suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump({"data": args.data, "args": vars(args), "absent_subsets": absent, "legend": LEGEND,
-                   "results": results}, f, indent=1)
-    os.replace(tmp, out)
+    write_json(out, {"data": args.data, "args": vars(args), "absent_subsets": absent, "legend": LEGEND,
+                     "results": results})
 
 
 def score_checkpoint(path: str, docs: dict, prepared: dict, args, device) -> dict:
@@ -237,11 +233,9 @@ def run(args) -> int:
         if not Path(path).is_file():
             raise CheckpointError(f"checkpoint {path} not found: pass .pt files written by pretrain.py")
     out = Path(args.out)
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tempfile.TemporaryFile(dir=out.parent).close()
-    except OSError as e:
-        raise UsageError(f"cannot write results to {out.parent} ({e.strerror}): pass another --out") from None
+    reason = unwritable(out.parent)
+    if reason:
+        raise UsageError(f"cannot write results to {out.parent} ({reason}): pass another --out")
     results = earlier_results(out, args)
     docs = read_pile(Path(args.data), args.subsets, args.max_docs_per_subset)
     absent = [s for s, d in docs.items() if not d]

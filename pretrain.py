@@ -36,7 +36,6 @@ import math
 import os
 import signal
 import sys
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -48,7 +47,7 @@ from tqdm import tqdm
 
 from distill import Teacher, sample_groups, tcd_losses
 from model import (BertConfig, BertForMaskedLM, CheckpointError, adamw_warmup_linear, make_tokenizer, mask_tokens,
-                   masked_log_likelihood, read_checkpoint, read_vocab, save_checkpoint, tune_allocator)
+                   masked_log_likelihood, read_checkpoint, read_vocab, save_checkpoint, tune_allocator, unwritable)
 from moe import clip_gradients, gather_experts, optimizer_state, shard_experts, sync_gradients
 
 HERE = Path(__file__).resolve().parent
@@ -649,11 +648,9 @@ def check_out(args, explicit: set) -> None:
     if not args.resume and out.exists() and not args.overwrite:
         raise UsageError(f"{out} exists: continue it with --resume {out}, start afresh with --overwrite, "
                          "or pass another --out")
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tempfile.TemporaryFile(dir=out.parent).close()
-    except OSError as e:
-        raise UsageError(f"cannot write checkpoints to {out.parent} ({e.strerror}): pass another --out") from None
+    reason = unwritable(out.parent)
+    if reason:
+        raise UsageError(f"cannot write checkpoints to {out.parent} ({reason}): pass another --out")
 
 
 def main(argv=None) -> int:

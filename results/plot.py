@@ -31,9 +31,14 @@ def plot_curves(files: list[Path], out: Path, title: str) -> None:
         x, y = curve(f)
         if x:
             ax.plot(x, y, marker=".", label=f.name.split(".")[0])
-    ax.set_xlabel("training tokens (millions)")
-    ax.set_ylabel("Pre-Train Perf. (held-out masked-token log-likelihood)")
     ax.set_title(title)
+    finish(fig, ax, out, "training tokens (millions)", "Pre-Train Perf. (held-out masked-token log-likelihood)")
+
+
+def finish(fig, ax, out: Path, xlabel: str, ylabel: str) -> None:
+    import matplotlib.pyplot as plt
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
@@ -66,14 +71,7 @@ def plot_points(points: list[dict], x: str, y: str, out: Path, xlabel: str, ylab
     for name, ps in groups.items():
         ps.sort(key=lambda p: p[x])
         ax.plot([p[x] for p in ps], [p[y] for p in ps], marker="o", label=name)
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel(ylabel)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out, dpi=120)
-    plt.close(fig)
-    print(f"wrote {out}")
+    finish(fig, ax, out, xlabel, ylabel)
 
 
 def main(argv=None) -> int:

@@ -4,7 +4,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 from model import BertConfig, BertForMaskedLM, save_checkpoint
 
