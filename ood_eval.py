@@ -126,10 +126,12 @@ LEGEND = ("AX = ArXiv, DM = DM Mathematics, GH = Github, SE = StackExchange, UI 
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Shows a default once, and only when there is one."""
+    """Shows a default once, and only when there is one (the paper's value, where given, is the default)."""
 
     def _get_help_string(self, action):
-        if action.default in (None, False, argparse.SUPPRESS) or "default" in (action.help or ""):
+        if action.default is None or action.default is False or action.default is argparse.SUPPRESS \
+                or "default" in (action.help or "") \
+                or "paper:" in (action.help or ""):
             return action.help
         return super()._get_help_string(action)
 
