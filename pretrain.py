@@ -613,7 +613,6 @@ def check_args(args) -> None:
         raise UsageError(f"--batch-size {args.batch_size} is not a multiple of --grad-accum {args.grad_accum}")
 
 
-
 def settle_resume(args, explicit: set, world: int) -> None:
     """With --resume: the run's own settings from its checkpoint; a flag given again must agree
     with them, unless it is one that does not change the run (FREE_ON_RESUME)."""
