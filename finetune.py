@@ -35,7 +35,7 @@ import torch
 from scipy import stats
 from tqdm import tqdm
 
-from model import (BertForSequenceClassification, CheckpointError, adamw_warmup_linear, load_checkpoint, make_tokenizer, read_vocab,
+from model import (HelpFormatter, BertForSequenceClassification, CheckpointError, adamw_warmup_linear, load_checkpoint, make_tokenizer, read_vocab,
                    tune_allocator, unwritable, write_json)
 
 HERE = Path(__file__).resolve().parent
@@ -299,17 +299,6 @@ def paper_row(summary: dict) -> tuple[list[str], list[str]]:
         cells.append("-" if v is None else f"{v:.2f}")
         values += [] if v is None else [v]
     return heads + ["Avg"], cells + [f"{np.mean(values):.2f}" if values else "-"]
-
-
-class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Shows a default once, and only when there is one (the paper's value, where given, is the default)."""
-
-    def _get_help_string(self, action):
-        if action.default is None or action.default is False or action.default is argparse.SUPPRESS \
-                or "default" in (action.help or "") \
-                or "paper:" in (action.help or ""):
-            return action.help
-        return super()._get_help_string(action)
 
 
 def make_parser() -> argparse.ArgumentParser:

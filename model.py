@@ -16,6 +16,7 @@ size, V vocabulary, n_masked scored positions. The paper's code comes first; the
 """
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import tempfile
@@ -331,6 +332,17 @@ def save_checkpoint(path, module: nn.Module, **extra) -> None:
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows a default once, and only when there is one (the paper's value, where given, is the default)."""
+
+    def _get_help_string(self, action):
+        if action.default is None or action.default is False or action.default is argparse.SUPPRESS \
+                or "default" in (action.help or "") \
+                or "paper:" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
 
 
 def write_json(path, data) -> None:

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from model import (CheckpointError, load_checkpoint, make_tokenizer, mask_tokens, masked_log_likelihood, tune_allocator,
+from model import (HelpFormatter, CheckpointError, load_checkpoint, make_tokenizer, mask_tokens, masked_log_likelihood, tune_allocator,
                    unwritable, write_json)
 
 PAPER_SUBSETS = ["ArXiv", "DM Mathematics", "Github", "StackExchange", "Ubuntu IRC"]
@@ -123,17 +123,6 @@ def score(model, inputs, labels, batch_size: int, bf16: bool, device) -> tuple[f
 
 LEGEND = ("AX = ArXiv, DM = DM Mathematics, GH = Github, SE = StackExchange, UI = Ubuntu IRC; each cell is the "
           "mean log-likelihood of the original token at masked positions (closer to 0 is better)")
-
-
-class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Shows a default once, and only when there is one (the paper's value, where given, is the default)."""
-
-    def _get_help_string(self, action):
-        if action.default is None or action.default is False or action.default is argparse.SUPPRESS \
-                or "default" in (action.help or "") \
-                or "paper:" in (action.help or ""):
-            return action.help
-        return super()._get_help_string(action)
 
 
 def make_parser() -> argparse.ArgumentParser:

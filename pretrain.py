@@ -46,7 +46,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from distill import Teacher, sample_groups, tcd_losses
-from model import (BertConfig, BertForMaskedLM, CheckpointError, adamw_warmup_linear, make_tokenizer, mask_tokens,
+from model import (HelpFormatter, BertConfig, BertForMaskedLM, CheckpointError, adamw_warmup_linear, make_tokenizer, mask_tokens,
                    masked_log_likelihood, read_checkpoint, read_vocab, save_checkpoint, tune_allocator, unwritable)
 from moe import clip_gradients, gather_experts, optimizer_state, shard_experts, sync_gradients
 
@@ -488,17 +488,6 @@ def train(args) -> int:
 
 
 # ----------------------------------------------------------------------------- command line
-
-class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Shows a default once, and only when there is one (the paper's value, where given, is the default)."""
-
-    def _get_help_string(self, action):
-        if action.default is None or action.default is False or action.default is argparse.SUPPRESS \
-                or "default" in (action.help or "") \
-                or "paper:" in (action.help or ""):
-            return action.help
-        return super()._get_help_string(action)
-
 
 def make_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="pretrain.py", description=__doc__.split("\n")[0], formatter_class=HelpFormatter)

@@ -53,7 +53,7 @@ def finetune_points(directory: Path) -> list[dict]:
     for f in sorted(directory.glob("*.json")):
         result = json.loads(f.read_text())
         pre = result.get("pretrained") or {}
-        row = {k: v for k, v in result.get("paper_row", {}).items()}
+        row = result.get("paper_row", {})
         avg = row.get("Avg", "-")
         mrpc = row.get("MRPC acc", "-")
         points.append({"name": f.stem, "pretrain_perf": pre.get("pretrain_perf"), "epoch": pre.get("epoch"),
