@@ -6,6 +6,7 @@
 - pretrain.png: the same for the reproduction's models (results/pretrain/*.jsonl)
 - figure1.png: GLUE average against Pre-Train Perf., one point per fine-tuned checkpoint (Fig. 1)
 - figure5.png: MRPC accuracy against pretraining epoch for each model's kept checkpoints (Fig. 5)
+- hf_curve.png: ours and HF's BertForMaskedLM trained side by side (results/hf_curve.jsonl)
 Needs matplotlib (requirements-dev.txt); the scripts themselves never import it.
 """
 from __future__ import annotations
@@ -33,6 +34,16 @@ def plot_curves(files: list[Path], out: Path, title: str) -> None:
             ax.plot(x, y, marker=".", label=f.name.split(".")[0])
     ax.set_title(title)
     finish(fig, ax, out, "training tokens (millions)", "Pre-Train Perf. (held-out masked-token log-likelihood)")
+
+
+def plot_hf_curve(path: Path, out: Path) -> None:
+    import matplotlib.pyplot as plt
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for side, label in (("ours", "model.py"), ("hf", "transformers.BertForMaskedLM")):
+        ax.plot([r["step"] for r in rows], [r[side] for r in rows], marker=".", label=label)
+    ax.set_title("Same weights, batches and masks (tiny, batch 32)")
+    finish(fig, ax, out, "optimizer steps", "Pre-Train Perf. (held-out masked-token log-likelihood)")
 
 
 def finish(fig, ax, out: Path, xlabel: str, ylabel: str) -> None:
@@ -86,6 +97,8 @@ def draw(results: Path) -> int:
         files = sorted((results / sub).glob("*.jsonl"))
         if files:
             plot_curves(files, results / f"{sub}.png", title)
+    if (results / "hf_curve.jsonl").is_file():
+        plot_hf_curve(results / "hf_curve.jsonl", results / "hf_curve.png")
     glue = finetune_points(results / "finetune") if (results / "finetune").is_dir() else []
     if glue:
         plot_points(glue, "pretrain_perf", "avg", results / "figure1.png", "Pre-Train Perf.", "GLUE average (dev)")

@@ -60,3 +60,45 @@ def test_plots_are_drawn_from_metrics(tmp_path):
     (tmp_path / "pretrain" / "vanilla.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     assert plot.main(["--results", str(tmp_path)]) == 0
     assert (tmp_path / "pretrain.png").stat().st_size > 1000
+
+
+def test_hf_curve_head_on_masked_rows_is_hfs_loss_and_gradient():
+    transformers = pytest.importorskip("transformers")
+    import torch
+    import hf_curve
+    torch.manual_seed(0)
+    cfg = transformers.BertConfig(vocab_size=200, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                  intermediate_size=64, max_position_embeddings=32, hidden_dropout_prob=0.0,
+                                  attention_probs_dropout_prob=0.0)
+    hf = transformers.BertForMaskedLM(cfg)
+    ids = torch.randint(5, 200, (3, 16))
+    labels = torch.where(torch.rand(3, 16) < 0.3, ids, -100)
+    full = hf(input_ids=ids, labels=labels).loss
+    full.backward()
+    want = {n: p.grad.clone() for n, p in hf.named_parameters() if p.grad is not None}
+    hf.zero_grad()
+    rows = hf_curve.MaskedRowsHF(hf)(ids, labels=labels).loss
+    rows.backward()
+    assert abs(full.item() - rows.item()) < 1e-5
+    assert max((p.grad - want[n]).abs().max().item() for n, p in hf.named_parameters() if n in want) < 1e-6
+
+
+def test_hf_curve_resumes_where_it_stopped(tmp_path):
+    pytest.importorskip("transformers")
+    import hf_curve
+    text = tmp_path / "corpus.txt"
+    words = "the cat sat on a mat while its owner read the paper about mixtures of experts".split()
+    text.write_text("\n\n".join(" ".join(words[(i + j) % len(words)] for j in range(300)) for i in range(40)))
+    common = ["--data", str(text), "--valid", str(text), "--batch-size", "4", "--warmup", "2", "--short-seq-steps", "2",
+              "--eval-every", "2", "--valid-segments", "4", "--cache-dir", str(tmp_path / "cache")]
+    whole, parts = tmp_path / "whole.jsonl", tmp_path / "parts.jsonl"
+    hf_curve.main(common + ["--steps", "4", "--out", str(whole), "--state", str(tmp_path / "w" / "s.pt")])
+    # the first run stops at step 2 of a 4-step schedule: its state is then resumed to step 4
+    hf_curve.main(common + ["--steps", "4", "--out", str(parts), "--state", str(tmp_path / "p" / "s.pt"),
+                            "--stop-at", "2"])
+    hf_curve.main(common + ["--steps", "4", "--out", str(parts), "--state", str(tmp_path / "p" / "s.pt")])
+    a, b = ([json.loads(r) for r in f.read_text().splitlines()] for f in (whole, parts))
+    assert [r["step"] for r in b] == [0, 2, 4]
+    for x, y in zip(a, b):
+        assert abs(x["ours"] - y["ours"]) < 1e-9 and abs(x["hf"] - y["hf"]) < 1e-9
+    assert abs(a[0]["ours"] - a[0]["hf"]) < 1e-3                           # the same start

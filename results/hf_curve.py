@@ -1,0 +1,146 @@
+"""Side-by-side pretraining curve: our BertForMaskedLM and Hugging Face's, from the same weights,
+on the same batches and masks, with the same AdamW and schedule (issue 13, part 1: no model bug).
+
+    python results/hf_curve.py --steps 3000 --out results/hf_curve.jsonl --state ../runs/hf_curve.pt
+
+Both start from one HF initialisation (position embeddings set to sinusoids, as in the recipe) copied
+into ours through model.from_hf_bert. Each step feeds the identical masked batch to both; every
+--eval-every steps both are scored on the same validation segments and masks (Pre-Train Perf.).
+Float rounding makes the two runs drift apart after some steps, so the curves, not the weights,
+are what should agree. Resumable: both models and optimizers are saved to --state at every eval.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+import transformers
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+from model import HelpFormatter, adamw_warmup_linear, from_hf_bert, mask_tokens, read_vocab  # noqa: E402
+from pretrain import VALID_SEED, evaluate, read_documents, seeded, segments, sinusoid_positions_  # noqa: E402
+
+
+def hf_twin(vocab_size: int, seed: int, directory: Path) -> transformers.BertForMaskedLM:
+    """The tiny preset as an HF model (dropout off), saved to `directory` for from_hf_bert."""
+    torch.manual_seed(seed)
+    cfg = transformers.BertConfig(vocab_size=vocab_size, hidden_size=128, num_hidden_layers=4, num_attention_heads=2,
+                                  intermediate_size=512, max_position_embeddings=128, hidden_dropout_prob=0.0,
+                                  attention_probs_dropout_prob=0.0, layer_norm_eps=1e-12)
+    hf = transformers.BertForMaskedLM(cfg)
+    sinusoid_positions_(hf.bert.embeddings.position_embeddings.weight)
+    hf.save_pretrained(directory)
+    return hf.train()
+
+
+class MaskedRowsHF(torch.nn.Module):
+    """HF's encoder and HF's MLM head, the head applied to the masked rows only (as ours does):
+    the same loss as BertForMaskedLM's, without 30k-way logits for the 85% of tokens never scored,
+    which made HF's step 5x slower than ours here. Called like ours: (input_ids, mask, labels=)."""
+    def __init__(self, hf: transformers.BertForMaskedLM):
+        super().__init__()
+        self.hf = hf
+
+    def forward(self, input_ids, attention_mask=None, labels=None):
+        hidden = self.hf.bert(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        scored = labels != -100
+        logits = self.hf.cls(hidden[scored])                           # (masked tokens, V)
+        loss = torch.nn.functional.cross_entropy(logits.float(), labels[scored])
+        return type("Out", (), {"logits": logits, "loss": loss})()
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    p.add_argument("--data", default=str(HERE.parent.parent / "shared/data/pretrain/train.txt"))
+    p.add_argument("--valid", default=str(HERE.parent.parent / "shared/data/pretrain/valid.txt"))
+    p.add_argument("--vocab", default=str(HERE.parent / "data" / "bert-base-uncased-vocab.txt"))
+    p.add_argument("--steps", type=int, default=3000)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--warmup", type=int, default=300)
+    p.add_argument("--beta2", type=float, default=0.98)
+    p.add_argument("--short-seq-len", type=int, default=32)
+    p.add_argument("--short-seq-steps", type=int, default=750)
+    p.add_argument("--eval-every", type=int, default=250)
+    p.add_argument("--valid-segments", type=int, default=1024, help="validation segments scored (fixed masks)")
+    p.add_argument("--stop-at", type=int, default=0, help="stop after this step's evaluation (0: at --steps)")
+    p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--out", default=str(HERE / "hf_curve.jsonl"))
+    p.add_argument("--state", default=str(HERE.parent.parent / "runs" / "hf_curve.pt"))
+    p.add_argument("--cache-dir", default=str(HERE.parent.parent / "runs" / "cache"))
+    args = p.parse_args(argv)
+
+    vocab = read_vocab(args.vocab)
+    cache, log = Path(args.cache_dir), lambda m: print(m, flush=True)
+    train = segments(read_documents(args.data), vocab, 128, cache, log)
+    valid_seg = segments(read_documents(args.valid), vocab, 128, cache, log)[:args.valid_segments]
+    special = torch.tensor([vocab.index(t) for t in ("[PAD]", "[CLS]", "[SEP]", "[MASK]", "[UNK]")])
+    mask_id = vocab.index("[MASK]")
+    valid = mask_tokens(torch.from_numpy(valid_seg.astype(np.int64)), special, mask_id, len(vocab), seeded(VALID_SEED))
+
+    state_path = Path(args.state)
+    state_path.parent.mkdir(parents=True, exist_ok=True)
+    hf = hf_twin(len(vocab), args.seed, state_path.parent / "hf_curve_init")
+    ours = from_hf_bert(state_path.parent / "hf_curve_init").train()
+    opt_ours, sched_ours = adamw_warmup_linear(ours, args.lr, 0.01, args.warmup, args.steps, betas=(0.9, args.beta2))
+    opt_hf, sched_hf = adamw_warmup_linear(hf, args.lr, 0.01, args.warmup, args.steps, betas=(0.9, args.beta2))
+    hf_rows = MaskedRowsHF(hf)
+    pairs = (("ours", ours, opt_ours, sched_ours), ("hf", hf_rows, opt_hf, sched_hf))
+    start = 0
+    if state_path.is_file():
+        saved = torch.load(state_path, weights_only=True)
+        for name, model, opt, sched in pairs:
+            model.load_state_dict(saved[name]["model"])
+            opt.load_state_dict(saved[name]["opt"])
+            sched.load_state_dict(saved[name]["sched"])
+        start = saved["step"]
+        kept = [r for r in Path(args.out).read_text().splitlines() if json.loads(r)["step"] < start]
+        Path(args.out).write_text("".join(r + "\n" for r in kept))
+        print(f"resumed {state_path} at step {start}", flush=True)
+    elif Path(args.out).exists():
+        Path(args.out).unlink()
+
+    order = None
+    for step in range(start, args.steps + 1):
+        if step % args.eval_every == 0 or step == args.steps:
+            with torch.no_grad():
+                row = {"step": step, "tokens": step * args.batch_size * 128}
+                row["ours"] = evaluate(ours, *valid, 64, True, 0, 1)
+                row["hf"] = evaluate(hf_rows, *valid, 64, True, 0, 1)
+            with open(args.out, "a") as f:
+                f.write(json.dumps(row) + "\n")
+            print(row, flush=True)
+            tmp = state_path.with_suffix(".tmp")
+            torch.save({"step": step, **{n: {"model": m.state_dict(), "opt": o.state_dict(), "sched": s.state_dict()}
+                                         for n, m, o, s in pairs}}, tmp)
+            os.replace(tmp, state_path)
+        if step in (args.steps, args.stop_at):
+            break
+        # ---- the same batch and masks for both
+        epoch, pos = divmod(step, len(train) // args.batch_size)
+        if order is None or pos == 0:
+            order = torch.randperm(len(train), generator=seeded(args.seed, epoch))
+        rows = order[pos * args.batch_size:(pos + 1) * args.batch_size].sort().values.numpy()
+        ids = torch.from_numpy(train[rows].astype(np.int64))
+        inputs, labels = mask_tokens(ids, special, mask_id, len(vocab), seeded(args.seed, step))
+        if step < args.short_seq_steps:
+            inputs, labels = inputs.reshape(-1, args.short_seq_len), labels.reshape(-1, args.short_seq_len)
+        for name, model, opt, sched in pairs:
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                loss = model(inputs, labels=labels).loss
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            sched.step()
+            opt.zero_grad(set_to_none=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
