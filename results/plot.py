@@ -16,6 +16,8 @@ import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from tables import figure5_points  # noqa: E402
 
 
 def curve(path: Path) -> tuple[list[float], list[float]]:
@@ -66,9 +68,8 @@ def finetune_points(directory: Path) -> list[dict]:
         pre = result.get("pretrained") or {}
         row = result.get("paper_row", {})
         avg = row.get("Avg", "-")
-        mrpc = row.get("MRPC acc", "-")
         points.append({"name": f.stem, "pretrain_perf": pre.get("pretrain_perf"), "epoch": pre.get("epoch"),
-                       "avg": None if avg == "-" else float(avg), "mrpc": None if mrpc == "-" else float(mrpc)})
+                       "avg": None if avg == "-" else float(avg)})
     return points
 
 
@@ -102,9 +103,10 @@ def draw(results: Path) -> int:
     glue = finetune_points(results / "finetune") if (results / "finetune").is_dir() else []
     if glue:
         plot_points(glue, "pretrain_perf", "avg", results / "figure1.png", "Pre-Train Perf.", "GLUE average (dev)")
-    fig5 = finetune_points(results / "figure5") if (results / "figure5").is_dir() else []
+    fig5 = [{"name": model, "epoch": epoch, "mrpc": acc} for model, by_epoch in figure5_points(results).items()
+            for epoch, (acc, _, _) in by_epoch.items()]
     if fig5:
-        plot_points(fig5, "epoch", "mrpc", results / "figure5.png", "pretraining epoch", "MRPC accuracy (dev)")
+        plot_points(fig5, "epoch", "mrpc", results / "figure5.png", "pretraining epoch", "MRPC accuracy (dev, full fine-tuning)")
     return 0
 
 

@@ -86,14 +86,25 @@ finetune moe_perf "$PERF" "$RES/finetune" rte mrpc stsb cola sst2 &
 finetune moe_epoch "$EPOCH" "$RES/finetune" rte mrpc stsb cola sst2 &
 wait
 
-# ---------------------------------------------------------------- 6. OOD (Table 4)
-stamp "ood"
-python "$R/ood_eval.py" --data "$D/pile-ood/val.jsonl" --bf16 --max-tokens-per-subset $OOD_TOKENS \
-  --ckpt "$TEACHER" "$PERF" "$TCD" "$EPOCH" --out "$RES/ood.json" >> "$RUNS/logs/ood.log" 2>&1
+# ---------------------------------------------------------------- 6. OOD (Table 4), and the floor
+( stamp "ood"
+  python "$R/ood_eval.py" --data "$D/pile-ood/val.jsonl" --bf16 --max-tokens-per-subset $OOD_TOKENS \
+    --ckpt "$TEACHER" "$PERF" "$TCD" "$EPOCH" --out "$RES/ood.json" >> "$RUNS/logs/ood.log" 2>&1 ) &
+# the floor: the same full fine-tuning from the initialisation (one step at lr 1e-12 writes it as a
+# checkpoint), so the tables show what pretraining adds at all
+( SCRATCH=$RUNS/ckpt/scratch.pt
+  [ -f "$SCRATCH" ] || python "$R/pretrain.py" $P --max-steps 1 --lr 1e-12 --eval-every 1 --out "$SCRATCH" \
+                         >> "$RUNS/logs/scratch.log" 2>&1
+  stamp "finetune scratch"
+  python "$R/finetune.py" --ckpt "$SCRATCH" --data-dir "$D/glue" --task rte mrpc stsb cola sst2 --adapter 0 --lr 5e-5 \
+    --seeds $SEEDS --epochs $FT_EPOCHS --max-train $FT_MAX_TRAIN --bf16 --out "$RES/finetune/scratch.json" \
+    >> "$RUNS/logs/ft-scratch.log" 2>&1 ) &
+wait
 
 # ---------------------------------------------------------------- 7. Figure 5: MRPC from every kept epoch
 # full fine-tuning only (lr 5e-5, 3 seeds): both modes for 18 checkpoints would take ~2 h of 2 cores,
-# and on MRPC the two modes agree within a seed's spread (Tables 1-2 above)
+# and on MRPC the two modes agree within a seed's spread (Tables 1-2 above); tables.py and plot.py
+# read the four checkpoints of Tables 1-2 from finetune/
 figure5() {  # CKPT...: MRPC from each checkpoint into figure5/<name>.json (finetune.py skips finished runs)
   for ckpt in "$@"; do
     stamp "figure 5 $(basename "$ckpt" .pt)"
@@ -102,7 +113,10 @@ figure5() {  # CKPT...: MRPC from each checkpoint into figure5/<name>.json (fine
       --out "$RES/figure5/$(basename "$ckpt" .pt).json" >> "$RUNS/logs/figure5.log" 2>&1
   done
 }
-KEPT=("$RUNS"/ckpt/vanilla.epoch*.pt "$RUNS"/ckpt/moe.epoch*.pt "$RUNS"/ckpt/moe_tcd.epoch*.pt)
+KEPT=()                                                # all kept epochs but the four of Tables 1-2 (done above)
+for ckpt in "$RUNS"/ckpt/vanilla.epoch*.pt "$RUNS"/ckpt/moe.epoch*.pt "$RUNS"/ckpt/moe_tcd.epoch*.pt; do
+  case " $TEACHER $PERF $EPOCH $TCD " in *" $ckpt "*) ;; *) KEPT+=("$ckpt") ;; esac
+done
 figure5 "${KEPT[@]:0:${#KEPT[@]}/2}" &                 # two jobs, one core each
 figure5 "${KEPT[@]:${#KEPT[@]}/2}" &
 wait

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 HERE = Path(__file__).resolve().parent
-MODELS = [("teacher", "Vanilla BERT (teacher)"), ("moe_perf", "MoE BERT, perf-aligned"),
+MODELS = [("scratch", "BERT, no pretraining (floor)"), ("teacher", "Vanilla BERT (teacher)"), ("moe_perf", "MoE BERT, perf-aligned"),
           ("moe_epoch", "MoE BERT, epoch-aligned"), ("moe_tcd", "MoE BERT w/ TCD")]
 COLUMNS = [("CoLA", "mcc"), ("MRPC", "acc"), ("MRPC", "f1"), ("SST-2", "acc"), ("STS-B", "pearson"),
            ("STS-B", "spearman"), ("RTE", "acc")]
@@ -77,22 +77,36 @@ def ood_table(results: Path) -> str:
     return "\n".join(out + ["", data.get("legend", "")])
 
 
-def figure5_table(results: Path) -> str:
-    rows = {}
-    for f in sorted((results / "figure5").glob("*.json")):
+FIGURE5_SETTING = {"mode": "full", "lr": 5e-5}      # run.sh's Figure 5 fine-tuning
+
+
+def figure5_points(results: Path) -> dict:
+    """{model: {epoch: (MRPC acc mean, std, Pre-Train Perf.)}} for every kept checkpoint fine-tuned on
+    MRPC with Figure 5's setting, from figure5/ and from finetune/ (run.sh does not fine-tune a
+    checkpoint twice: the four of Tables 1-2 are read from there)."""
+    points = {}
+    for f in sorted(results.glob("figure5/*.json")) + sorted(results.glob("finetune/*.json")):
         data = json.loads(f.read_text())
-        best = data["summary"].get("MRPC", {}).get("best")
-        if best:
-            model, epoch = f.stem.split(".epoch")
-            rows.setdefault(model, {})[int(epoch)] = (best["mean"]["acc"], (data.get("pretrained") or {}).get("pretrain_perf"))
+        name = Path(data.get("ckpt") or f.name).stem
+        settings = data["summary"].get("MRPC", {}).get("settings", [])
+        chosen = [s for s in settings if all(s[k] == v for k, v in FIGURE5_SETTING.items())]
+        if ".epoch" in name and chosen:
+            model, epoch = name.split(".epoch")
+            perf = (data.get("pretrained") or {}).get("pretrain_perf")
+            points.setdefault(model, {})[int(epoch)] = (chosen[0]["mean"]["acc"], chosen[0]["std"]["acc"], perf)
+    return points
+
+
+def figure5_table(results: Path) -> str:
+    rows = figure5_points(results)
     if not rows:
         return ""
     epochs = sorted({e for r in rows.values() for e in r})
     out = ["| Model | " + " | ".join(f"epoch {e}" for e in epochs) + " |", "|" + "---|" * (len(epochs) + 1)]
     for model, r in rows.items():
-        out.append(f"| {model} | " + " | ".join(f"{r[e][0]:.2f} ({r[e][1]:.2f})" if e in r and r[e][1] is not None
+        out.append(f"| {model} | " + " | ".join(f"{r[e][0]:.2f} ± {r[e][1]:.2f} ({r[e][2]:.2f})" if e in r and r[e][2] is not None
                                                   else "-" for e in epochs) + " |")
-    return "\n".join(out + ["", "MRPC dev accuracy, better of full and adapter, mean over seeds (Pre-Train Perf.)"])
+    return "\n".join(out + ["", "MRPC dev accuracy, full fine-tuning at lr 5e-5, mean ± std over seeds (Pre-Train Perf.)"])
 
 
 def main(argv=None) -> int:

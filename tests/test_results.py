@@ -52,6 +52,25 @@ def test_tables_take_the_better_mode_per_task(tmp_path, capsys):
     assert "| MoE BERT w/ TCD | full | 3 | -5.500 |" in out
 
 
+def test_figure5_reads_its_setting_from_both_directories(tmp_path, capsys):
+    import finetune
+
+    def write(path, ckpt, accs):        # accs: {(mode, lr): [acc per seed]}
+        runs = [{"task": "MRPC", "mode": mode, "adapter": 0 if mode == "full" else 64, "lr": lr, "seed": s,
+                 "best": {"epoch": 1, "acc": acc, "f1": acc}} for (mode, lr), a in accs.items()
+                for s, acc in enumerate(a)]
+        path.parent.mkdir(exist_ok=True)
+        path.write_text(json.dumps({"ckpt": ckpt, "pretrained": {"pretrain_perf": -5.0}, "runs": runs,
+                                    "summary": finetune.summarize(runs)}))
+    write(tmp_path / "figure5" / "moe.epoch1.json", "/r/moe.epoch1.pt", {("full", 5e-5): [60.0, 62.0]})
+    write(tmp_path / "finetune" / "moe_perf.json", "/r/moe.epoch2.pt",
+          {("full", 5e-5): [70.0, 70.0], ("adapter", 3e-4): [90.0, 90.0]})        # the adapter's 90 is not Fig. 5's
+    write(tmp_path / "finetune" / "scratch.json", "/r/scratch.pt", {("full", 5e-5): [50.0]})  # not a kept epoch
+    assert tables.figure5_points(tmp_path) == {"moe": {1: (61.0, 1.0, -5.0), 2: (70.0, 0.0, -5.0)}}
+    assert tables.main(["--results", str(tmp_path)]) == 0
+    assert "| moe | 61.00 ± 1.00 (-5.00) | 70.00 ± 0.00 (-5.00) |" in capsys.readouterr().out
+
+
 def test_plots_are_drawn_from_metrics(tmp_path):
     pytest.importorskip("matplotlib")
     import plot
