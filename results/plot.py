@@ -73,9 +73,12 @@ def finetune_points(directory: Path) -> list[dict]:
     return points
 
 
-def plot_points(points: list[dict], x: str, y: str, out: Path, xlabel: str, ylabel: str) -> None:
+def plot_points(points: list[dict], x: str, y: str, out: Path, xlabel: str, ylabel: str,
+                floor: float | None = None) -> None:
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(6, 4.5))
+    if floor is not None:
+        ax.axhline(floor, linestyle="--", color="grey", label="no pretraining")
     groups: dict = {}
     for p in points:
         if p[x] is not None and p[y] is not None:
@@ -101,8 +104,11 @@ def draw(results: Path) -> int:
     if (results / "hf_curve.jsonl").is_file():
         plot_hf_curve(results / "hf_curve.jsonl", results / "hf_curve.png")
     glue = finetune_points(results / "finetune") if (results / "finetune").is_dir() else []
+    floor = next((p["avg"] for p in glue if p["name"] == "scratch"), None)
+    glue = [p for p in glue if p["name"] != "scratch"]
     if glue:
-        plot_points(glue, "pretrain_perf", "avg", results / "figure1.png", "Pre-Train Perf.", "GLUE average (dev)")
+        plot_points(glue, "pretrain_perf", "avg", results / "figure1.png", "Pre-Train Perf.", "GLUE average (dev)",
+                    floor)
     fig5 = [{"name": model, "epoch": epoch, "mrpc": acc} for model, by_epoch in figure5_points(results).items()
             for epoch, (acc, _, _) in by_epoch.items()]
     if fig5:
