@@ -15,8 +15,8 @@ from pathlib import Path
 import numpy as np
 
 HERE = Path(__file__).resolve().parent
-MODELS = [("scratch", "BERT, no pretraining (floor)"), ("teacher", "Vanilla BERT (teacher)"), ("moe_perf", "MoE BERT, perf-aligned"),
-          ("moe_epoch", "MoE BERT, epoch-aligned"), ("moe_tcd", "MoE BERT w/ TCD")]
+MODELS = [("scratch", "BERT, no pretraining (floor)"), ("teacher", "Vanilla BERT (teacher)"),
+          ("moe_perf", "MoE BERT, perf-aligned"), ("moe_epoch", "MoE BERT, epoch-aligned"), ("moe_tcd", "MoE BERT w/ TCD")]
 COLUMNS = [("CoLA", "mcc"), ("MRPC", "acc"), ("MRPC", "f1"), ("SST-2", "acc"), ("STS-B", "pearson"),
            ("STS-B", "spearman"), ("RTE", "acc")]
 OOD = [("ArXiv", "AX"), ("DM Mathematics", "DM"), ("Github", "GH"), ("StackExchange", "SE"), ("Ubuntu IRC", "UI")]
