@@ -30,6 +30,7 @@ micro-batch's tokens on its rank, then averaged like the rest.
 from __future__ import annotations
 
 import argparse
+import functools
 import hashlib
 import json
 import math
@@ -233,8 +234,6 @@ class Run:
     relation_tokens: int
     metrics: dict = field(default_factory=dict)
     stop: dict = field(default_factory=lambda: {"signal": 0})
-    order: torch.Tensor | None = None                # this epoch's permutation of the segments
-    order_epoch: int = -1
 
     @property
     def micro(self) -> int:
@@ -245,13 +244,18 @@ class Run:
             tqdm.write(msg)
 
 
+@functools.lru_cache(maxsize=1)
+def epoch_order(n_segments: int, seed: int, epoch: int) -> torch.Tensor:
+    """The epoch's permutation of the segments (drawn once per epoch, not once per step)."""
+    return torch.randperm(n_segments, generator=seeded(seed, epoch))
+
+
 def global_batch(run: Run, step: int, special, mask_id: int):
-    """The step's whole global batch, masked: a fresh permutation each epoch, fresh masks each step."""
+    """The step's whole global batch, masked: a fresh permutation each epoch, fresh masks each step.
+    Reads only run.train_seg, run.steps_per_epoch, run.vocab and run.args (results/hf_curve.py too)."""
     epoch, pos = divmod(step, run.steps_per_epoch)
-    if run.order_epoch != epoch:
-        run.order = torch.randperm(len(run.train_seg), generator=seeded(run.args.seed, epoch))
-        run.order_epoch = epoch
-    rows = run.order[pos * run.args.batch_size:(pos + 1) * run.args.batch_size].sort().values.numpy()
+    order = epoch_order(len(run.train_seg), run.args.seed, epoch)
+    rows = order[pos * run.args.batch_size:(pos + 1) * run.args.batch_size].sort().values.numpy()
     ids = torch.from_numpy(run.train_seg[rows].astype(np.int64))
     inputs, labels = mask_tokens(ids, special, mask_id, len(run.vocab), seeded(run.args.seed, step), run.args.mask_prob)
     if step < run.args.short_seq_steps:          # curriculum: the same tokens cut into shorter sequences

@@ -16,6 +16,7 @@ import json
 import os
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -24,7 +25,7 @@ import transformers
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 from model import HelpFormatter, adamw_warmup_linear, from_hf_bert, mask_tokens, read_vocab  # noqa: E402
-from pretrain import VALID_SEED, evaluate, read_documents, seeded, segments, sinusoid_positions_  # noqa: E402
+from pretrain import VALID_SEED, evaluate, global_batch, read_documents, seeded, segments, sinusoid_positions_  # noqa: E402
 
 
 def hf_twin(vocab_size: int, seed: int, directory: Path) -> transformers.BertForMaskedLM:
@@ -55,7 +56,7 @@ class MaskedRowsHF(torch.nn.Module):
         return type("Out", (), {"logits": logits, "loss": loss})()
 
 
-def main(argv=None) -> int:
+def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--data", default=str(HERE.parent.parent / "shared/data/pretrain/train.txt"))
     p.add_argument("--valid", default=str(HERE.parent.parent / "shared/data/pretrain/valid.txt"))
@@ -65,6 +66,7 @@ def main(argv=None) -> int:
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--warmup", type=int, default=300)
     p.add_argument("--beta2", type=float, default=0.98)
+    p.add_argument("--mask-prob", type=float, default=0.15)
     p.add_argument("--short-seq-len", type=int, default=32)
     p.add_argument("--short-seq-steps", type=int, default=750)
     p.add_argument("--eval-every", type=int, default=250)
@@ -74,8 +76,48 @@ def main(argv=None) -> int:
     p.add_argument("--out", default=str(HERE / "hf_curve.jsonl"))
     p.add_argument("--state", default=str(HERE.parent.parent / "runs" / "hf_curve.pt"))
     p.add_argument("--cache-dir", default=str(HERE.parent.parent / "runs" / "cache"))
-    args = p.parse_args(argv)
+    return p.parse_args(argv)
 
+
+def build_pair(args, vocab_size: int, state: Path) -> tuple:
+    """((name, model, optimizer, schedule) for ours and for HF's, from one initialisation; the step
+    to start from: that of --state if it exists (the curve file then keeps only the rows before it)."""
+    state.parent.mkdir(parents=True, exist_ok=True)
+    hf = hf_twin(vocab_size, args.seed, state.parent / "hf_curve_init")
+    ours = from_hf_bert(state.parent / "hf_curve_init").train()
+    pairs = tuple((name, model, *adamw_warmup_linear(model, args.lr, 0.01, args.warmup, args.steps, betas=(0.9, args.beta2)))
+                  for name, model in (("ours", ours), ("hf", MaskedRowsHF(hf))))
+    out = Path(args.out)
+    if not state.is_file():
+        out.unlink(missing_ok=True)
+        return pairs, 0
+    saved = torch.load(state, weights_only=True)
+    for name, model, opt, sched in pairs:
+        model.load_state_dict(saved[name]["model"])
+        opt.load_state_dict(saved[name]["opt"])
+        sched.load_state_dict(saved[name]["sched"])
+    kept = [r for r in out.read_text().splitlines() if json.loads(r)["step"] < saved["step"]]
+    out.write_text("".join(r + "\n" for r in kept))
+    print(f"resumed {state} at step {saved['step']}", flush=True)
+    return pairs, saved["step"]
+
+
+def evaluate_and_save(pairs, valid, step: int, args, state: Path) -> None:
+    """Both models' Pre-Train Perf. appended to --out; both runs saved to --state."""
+    row = {"step": step, "tokens": step * args.batch_size * 128}
+    for name, model, _, _ in pairs:
+        row[name] = evaluate(model, *valid, 64, True, 0, 1)
+    with open(args.out, "a") as f:
+        f.write(json.dumps(row) + "\n")
+    print(row, flush=True)
+    tmp = state.with_suffix(".tmp")
+    torch.save({"step": step, **{n: {"model": m.state_dict(), "opt": o.state_dict(), "sched": s.state_dict()}
+                                 for n, m, o, s in pairs}}, tmp)
+    os.replace(tmp, state)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
     vocab = read_vocab(args.vocab)
     cache, log = Path(args.cache_dir), lambda m: print(m, flush=True)
     train = segments(read_documents(args.data), vocab, 128, cache, log)
@@ -83,54 +125,15 @@ def main(argv=None) -> int:
     special = torch.tensor([vocab.index(t) for t in ("[PAD]", "[CLS]", "[SEP]", "[MASK]", "[UNK]")])
     mask_id = vocab.index("[MASK]")
     valid = mask_tokens(torch.from_numpy(valid_seg.astype(np.int64)), special, mask_id, len(vocab), seeded(VALID_SEED))
-
-    state_path = Path(args.state)
-    state_path.parent.mkdir(parents=True, exist_ok=True)
-    hf = hf_twin(len(vocab), args.seed, state_path.parent / "hf_curve_init")
-    ours = from_hf_bert(state_path.parent / "hf_curve_init").train()
-    opt_ours, sched_ours = adamw_warmup_linear(ours, args.lr, 0.01, args.warmup, args.steps, betas=(0.9, args.beta2))
-    opt_hf, sched_hf = adamw_warmup_linear(hf, args.lr, 0.01, args.warmup, args.steps, betas=(0.9, args.beta2))
-    hf_rows = MaskedRowsHF(hf)
-    pairs = (("ours", ours, opt_ours, sched_ours), ("hf", hf_rows, opt_hf, sched_hf))
-    start = 0
-    if state_path.is_file():
-        saved = torch.load(state_path, weights_only=True)
-        for name, model, opt, sched in pairs:
-            model.load_state_dict(saved[name]["model"])
-            opt.load_state_dict(saved[name]["opt"])
-            sched.load_state_dict(saved[name]["sched"])
-        start = saved["step"]
-        kept = [r for r in Path(args.out).read_text().splitlines() if json.loads(r)["step"] < start]
-        Path(args.out).write_text("".join(r + "\n" for r in kept))
-        print(f"resumed {state_path} at step {start}", flush=True)
-    elif Path(args.out).exists():
-        Path(args.out).unlink()
-
-    order = None
+    run = SimpleNamespace(train_seg=train, steps_per_epoch=len(train) // args.batch_size, vocab=vocab, args=args)
+    state = Path(args.state)
+    pairs, start = build_pair(args, len(vocab), state)
     for step in range(start, args.steps + 1):
         if step % args.eval_every == 0 or step == args.steps:
-            with torch.no_grad():
-                row = {"step": step, "tokens": step * args.batch_size * 128}
-                row["ours"] = evaluate(ours, *valid, 64, True, 0, 1)
-                row["hf"] = evaluate(hf_rows, *valid, 64, True, 0, 1)
-            with open(args.out, "a") as f:
-                f.write(json.dumps(row) + "\n")
-            print(row, flush=True)
-            tmp = state_path.with_suffix(".tmp")
-            torch.save({"step": step, **{n: {"model": m.state_dict(), "opt": o.state_dict(), "sched": s.state_dict()}
-                                         for n, m, o, s in pairs}}, tmp)
-            os.replace(tmp, state_path)
+            evaluate_and_save(pairs, valid, step, args, state)
         if step in (args.steps, args.stop_at):
             break
-        # ---- the same batch and masks for both
-        epoch, pos = divmod(step, len(train) // args.batch_size)
-        if order is None or pos == 0:
-            order = torch.randperm(len(train), generator=seeded(args.seed, epoch))
-        rows = order[pos * args.batch_size:(pos + 1) * args.batch_size].sort().values.numpy()
-        ids = torch.from_numpy(train[rows].astype(np.int64))
-        inputs, labels = mask_tokens(ids, special, mask_id, len(vocab), seeded(args.seed, step))
-        if step < args.short_seq_steps:
-            inputs, labels = inputs.reshape(-1, args.short_seq_len), labels.reshape(-1, args.short_seq_len)
+        inputs, labels = global_batch(run, step, special, mask_id)    # pretrain.py's batches and masks
         for name, model, opt, sched in pairs:
             with torch.autocast("cpu", dtype=torch.bfloat16):
                 loss = model(inputs, labels=labels).loss

@@ -341,7 +341,7 @@ def test_short_sequence_curriculum_cuts_the_same_tokens(tmp_path):
     from types import SimpleNamespace
     seg = torch.randint(1000, 2000, (40, 32)).numpy().astype("uint16")
     args = SimpleNamespace(seed=0, batch_size=8, mask_prob=0.15, short_seq_len=8, short_seq_steps=2)
-    run = SimpleNamespace(steps_per_epoch=5, train_seg=seg, args=args, vocab=VOCAB, order=None, order_epoch=-1)
+    run = SimpleNamespace(steps_per_epoch=5, train_seg=seg, args=args, vocab=VOCAB)
     special, mask_id = torch.tensor([0, 101, 102, 103, 100]), 103
     early = pretrain.global_batch(run, 1, special, mask_id)
     args.short_seq_steps = 0
