@@ -13,14 +13,17 @@ seeds of the best-epoch scores, then the best setting, which by default is "the 
 adapter fine-tuning" over the paper's grids. Results are written after every run; the same
 command run again skips the runs already in its --out file.
 
-MoE checkpoints fine-tune with their router (full mode) and without the balance loss: Eq. 5
-keeps expert load even for expert-parallel throughput in pretraining; a single-process task
-fine-tune has no such need, and the paper adds no such term to the task loss. --lambda-b adds it back.
+MoE checkpoints fine-tune with their router (full mode) and without the balance loss (our choice;
+the paper does not say whether fine-tuning keeps L_B): Eq. 5 keeps expert load even for
+expert-parallel throughput in pretraining, which a single-process task fine-tune does not need.
+--lambda-b adds it back. Dropout is --dropout (BERT's 0.1 by default; the paper does not state it),
+whatever the pretraining run used.
 """
 from __future__ import annotations
 
 import argparse
 import csv
+import dataclasses
 import json
 import math
 import os
@@ -35,8 +38,8 @@ import torch
 from scipy import stats
 from tqdm import tqdm
 
-from model import (HelpFormatter, BertForSequenceClassification, CheckpointError, adamw_warmup_linear, load_checkpoint, make_tokenizer, read_vocab,
-                   tune_allocator, unwritable, write_json)
+from model import (HelpFormatter, BertForSequenceClassification, InputFileError, adamw_warmup_linear, check_checkpoint_path, finite_float,
+                   load_checkpoint, make_tokenizer, portable_path, read_vocab, tune_allocator, unwritable, write_json)
 
 HERE = Path(__file__).resolve().parent
 
@@ -236,7 +239,8 @@ def evaluate(task: Task, model, data: dict, batch_size, device, bf16) -> dict[st
 def run_one(args, key, data, mlm, ckpt_config, adapter: int, lr: float, seed: int, device) -> dict:
     task = TASKS[key]
     torch.manual_seed(seed)
-    model = BertForSequenceClassification(ckpt_config, num_labels=len(task.labels or [0]), adapter_size=adapter)
+    config = dataclasses.replace(ckpt_config, dropout=args.dropout, attention_dropout=args.dropout)
+    model = BertForSequenceClassification(config, num_labels=len(task.labels or [0]), adapter_size=adapter)
     missing, unexpected = model.bert.load_state_dict(mlm.bert.state_dict(), strict=False)
     assert not unexpected and all("adapter" in k for k in missing), (missing, unexpected)
     model.to(device).train()
@@ -247,6 +251,8 @@ def run_one(args, key, data, mlm, ckpt_config, adapter: int, lr: float, seed: in
     params = [p for p in model.parameters() if p.requires_grad]
     generator = torch.Generator().manual_seed(seed)
     history = []
+    name = f"{task.name} {'adapter ' + str(adapter) if adapter else 'full'} lr={lr:g} seed={seed}"
+    bar = tqdm(total=total, desc=name, leave=False, dynamic_ncols=True)   # where a run is: step, time left
     for epoch in range(1, epochs + 1):
         t0, epoch_loss = time.time(), []
         for ids, mask, types, y in batches(train_x, train_y, args.batch_size, generator):
@@ -259,10 +265,16 @@ def run_one(args, key, data, mlm, ckpt_config, adapter: int, lr: float, seed: in
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             epoch_loss.append(loss.item())
+            bar.update()
         dev = evaluate(task, model, data, args.batch_size, device, args.bf16)
         history.append({"epoch": epoch, "train_loss": float(np.mean(epoch_loss)), "seconds": time.time() - t0, **dev})
+        shown = " ".join(f"{k}={v:.2f}" for k, v in dev.items())
+        bar.set_postfix_str(f"epoch {epoch}/{epochs} dev {shown}")
+        tqdm.write(f"  {name}: epoch {epoch}/{epochs}, train loss {history[-1]['train_loss']:.4f}, dev {shown} "
+                   f"({history[-1]['seconds']:.0f} s)")
+    bar.close()
     best = max(history, key=lambda h: main_score(h, task))
-    return {"task": task.name, "ckpt": args.ckpt, "mode": "adapter" if adapter else "full", "adapter": adapter,
+    return {"task": task.name, "ckpt": portable_path(args.ckpt), "mode": "adapter" if adapter else "full", "adapter": adapter,
             "lr": lr, "seed": seed, "epochs": history, "best": best}
 
 
@@ -311,16 +323,18 @@ def make_parser() -> argparse.ArgumentParser:
       "(default: $GLUE_DIR, else the HF hub)")
     a("--adapter", type=int, nargs="+", help="adapter sizes, 0 = full fine-tuning (default: the paper's, "
       "0 16 64 128, plus 256 at H=768 and 512 for MNLI at H=128)")
-    a("--lr", type=float, nargs="+", help="learning rates (default: the paper's, full 1e-5 2e-5 5e-5; "
+    a("--lr", type=finite_float, nargs="+", help="learning rates (default: the paper's, full 1e-5 2e-5 5e-5; "
       "adapter 1e-4 2e-4 3e-4)")
     a("--seeds", type=int, nargs="+", default=[1, 2, 3], help="one run per seed; the summary averages them")
     a("--epochs", type=int, help="training epochs (default: the paper's, 10; 20 for MNLI/QNLI/QQP adapters at H=128)")
     a("--batch-size", type=int, default=32, help="examples per step (paper: 32)")
     a("--max-len", type=int, default=128, help="tokens per example, longer ones are truncated")
     a("--max-train", type=int, default=0, help="use only the first N training examples (0: all)")
-    a("--warmup", type=float, default=0.06, help="share of steps spent warming up (paper: 0.06)")
-    a("--weight-decay", type=float, default=0.01, help="AdamW weight decay (paper: 0.01)")
-    a("--lambda-b", type=float, default=0.0, help="MoE balance loss weight during fine-tuning")
+    a("--warmup", type=finite_float, default=0.06, help="share of steps spent warming up (paper: 0.06)")
+    a("--weight-decay", type=finite_float, default=0.01, help="AdamW weight decay (paper: 0.01, with Adam; AdamW is our choice)")
+    a("--dropout", type=finite_float, default=0.1, help="hidden and attention dropout while fine-tuning, whatever "
+      "the pretraining run used (BERT's default; the paper does not state it)")
+    a("--lambda-b", type=finite_float, default=0.0, help="MoE balance loss weight during fine-tuning")
     a("--bf16", action="store_true", help="bfloat16 autocast")
     a("--vocab", help="vocab.txt when the checkpoint carries none")
     a("--out", help="results JSON, written after every run; a re-run skips the runs it holds "
@@ -335,7 +349,7 @@ def main(argv=None) -> int:
     signal.signal(signal.SIGTERM, interrupt)
     try:
         return run(args)
-    except (UsageError, CheckpointError, FileNotFoundError) as e:
+    except (UsageError, InputFileError, FileNotFoundError) as e:
         print(f"finetune.py: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
@@ -360,6 +374,8 @@ def check_args(args) -> None:
         raise UsageError(f"--adapter {' '.join(map(str, args.adapter))}: sizes must be 0 (full) or positive")
     if any(not lr > 0 for lr in args.lr or []):
         raise UsageError(f"--lr {' '.join(map(str, args.lr))}: learning rates must be positive")
+    if not 0 <= args.dropout < 1:
+        raise UsageError(f"--dropout {args.dropout} must be a probability in [0, 1)")
     if not 0 <= args.warmup < 1:
         raise UsageError(f"--warmup {args.warmup} must be a share of the steps in [0, 1)")
 
@@ -374,7 +390,7 @@ def grid(args, key: str, cfg) -> list[tuple[int, float, int]]:
             for lr in (args.lr or ([1e-4, 2e-4, 3e-4] if adapter else [1e-5, 2e-5, 5e-5])) for seed in args.seeds]
 
 
-SAME_RESULTS = ("ckpt", "epochs", "batch_size", "max_len", "max_train", "warmup", "weight_decay", "lambda_b", "bf16")
+SAME_RESULTS = ("ckpt", "epochs", "dropout", "batch_size", "max_len", "max_train", "warmup", "weight_decay", "lambda_b", "bf16")
 
 
 def earlier_runs(out: Path, args) -> list[dict]:
@@ -386,17 +402,23 @@ def earlier_runs(out: Path, args) -> list[dict]:
         runs, old_args = old["runs"], old["args"]
     except (ValueError, KeyError, TypeError):
         raise UsageError(f"{out} exists and is not a finetune.py result: pass another --out") from None
-    differ = [k for k in SAME_RESULTS if old_args.get(k) != vars(args).get(k)]
+    differ = [k for k in SAME_RESULTS if old_args.get(k) != recorded_args(args).get(k)]
     if differ:
         raise UsageError(f"{out} holds runs with other settings ({', '.join('--' + k.replace('_', '-') for k in differ)}): "
                          "pass another --out")
     return runs
 
 
+def recorded_args(args) -> dict:
+    """The settings as the results JSON keeps them, paths relative to the repository."""
+    paths = {k: portable_path(getattr(args, k)) for k in ("ckpt", "data_dir", "vocab", "out") if getattr(args, k)}
+    return {**vars(args), **paths}
+
+
 def write_results(out: Path, args, runs: list[dict], pretrained: dict) -> dict:
     summary = summarize(runs) if runs else {}
     heads, cells = paper_row(summary)
-    write_json(out, {"ckpt": args.ckpt, "pretrained": pretrained, "args": vars(args), "runs": runs,
+    write_json(out, {"ckpt": portable_path(args.ckpt), "pretrained": pretrained, "args": recorded_args(args), "runs": runs,
                      "summary": summary, "paper_row": dict(zip(heads, cells))})
     return summary
 
@@ -414,6 +436,7 @@ def run(args) -> int:
     reason = unwritable(out.parent)
     if reason:
         raise UsageError(f"cannot write results to {out.parent} ({reason}): pass another --out")
+    check_checkpoint_path(args.ckpt)
     runs = earlier_runs(out, args)
     mlm, ckpt = load_checkpoint(args.ckpt)
     if args.max_len > mlm.config.max_position:

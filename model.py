@@ -6,8 +6,9 @@
     out = mlm.bert(input_ids, attention_mask, taps=True)  # out.taps: the relation sites of Fig. 3
 
 Also here: the classification model with Houlsby adapters used by finetune.py, checkpoint
-save/load (atomic writes, `weights_only=True` loads) and `from_hf_bert`, which reads a
-Hugging Face BERT directory. The layer is numerically the same as `transformers.BertModel`
+save/load (atomic writes, `weights_only=True` loads), and Hugging Face BERT directories in and
+out: `read_checkpoint` takes one wherever a checkpoint is expected, `from_hf_bert` reads one and
+`to_hf_bert` writes a dense model as one. The layer is numerically the same as `transformers.BertModel`
 (tests/test_model.py checks it on shared random weights).
 
 Shapes: B batch, T sequence length, H hidden size (the paper's H), nh heads, hs = H / nh head
@@ -18,7 +19,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
+import shutil
 import tempfile
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -273,7 +276,8 @@ class BertForSequenceClassification(nn.Module):
 
 def adamw_warmup_linear(model: nn.Module, lr: float, weight_decay: float, warmup: int, total: int,
                         betas: tuple[float, float] = (0.9, 0.999)):
-    """AdamW (β 0.9/0.999 by default, fused kernel) without decay on biases and LayerNorms over the trainable
+    """AdamW (β 0.9/0.999 by default, fused kernel; the paper says Adam with an L2 weight, AdamW's decoupled
+    decay is our choice) without decay on biases and LayerNorms over the trainable
     parameters, lr warmed up linearly for `warmup` steps, then decayed linearly to 0 at `total`."""
     norms = {id(p) for mod in model.modules() if isinstance(mod, nn.LayerNorm) for p in mod.parameters()}
     decay, plain = [], []
@@ -314,8 +318,26 @@ def masked_log_likelihood(model: BertForMaskedLM, input_ids, labels, attention_m
 
 # ---------------------------------------------------------------- checkpoints and tokenizer
 
-class CheckpointError(ValueError):
+class InputFileError(ValueError):
+    """An input file that is missing or is not what it should be (reported as one line, exit code 2)."""
+
+
+class CheckpointError(InputFileError):
     """A file that is missing or is not a checkpoint of this project."""
+
+
+BERT_SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
+
+
+def finite_float(text: str) -> float:
+    """argparse type for float flags: a number, and a finite one (inf or nan would train to NaN weights)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid number {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"{text} is not a finite number")
+    return value
 
 
 def save_checkpoint(path, module: nn.Module, **extra) -> None:
@@ -354,6 +376,26 @@ def write_json(path, data) -> None:
     os.replace(tmp, path)
 
 
+REPO = Path(__file__).resolve().parent
+
+
+def portable_path(path) -> str:
+    """A path as results JSON records it: relative to this repository (e.g. ../runs/ckpt/moe.pt), so a
+    file committed under results/ names no machine's directories."""
+    return os.path.relpath(Path(path).resolve(), REPO)
+
+
+def check_checkpoint_path(path) -> None:
+    """Cheap early check that `path` can be a checkpoint (a file, or a directory with config.json)."""
+    p = Path(path)
+    if p.is_dir() and not (p / "config.json").is_file():
+        raise CheckpointError(f"{p} is a directory but not a Hugging Face BERT directory: expected config.json, "
+                              "model.safetensors or pytorch_model.bin, and vocab.txt")
+    if not p.exists():
+        raise CheckpointError(f"checkpoint {p} not found: pass a .pt file written by pretrain.py "
+                              "or a Hugging Face BERT directory")
+
+
 def unwritable(directory) -> str | None:
     """Why files cannot be written into `directory` (created if missing), or None if they can."""
     try:
@@ -365,19 +407,40 @@ def unwritable(directory) -> str | None:
 
 
 def read_checkpoint(path) -> dict:
-    """The checkpoint dict, loaded with weights_only=True; CheckpointError if it is not one."""
+    """The checkpoint dict of a .pt file (loaded with weights_only=True) or of a Hugging Face BERT
+    directory (read_hf_bert); CheckpointError naming what was expected if it is neither."""
     path = Path(path)
+    if path.is_dir():
+        return read_hf_bert(path)
     if not path.is_file():
-        raise CheckpointError(f"checkpoint {path} not found: pass the .pt file written by pretrain.py")
+        raise CheckpointError(f"checkpoint {path} not found: pass a .pt file written by pretrain.py "
+                              "or a Hugging Face BERT directory")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
         raise CheckpointError(f"{path} is not a readable checkpoint ({type(e).__name__}): "
-                              "pass a .pt file written by pretrain.py") from None
+                              "pass a .pt file written by pretrain.py or a Hugging Face BERT directory") from None
     if not isinstance(ckpt, dict) or not {"config", "model"} <= ckpt.keys():
         raise CheckpointError(f"{path} is a torch file but not a checkpoint of this project "
-                              "(no 'config'/'model'); convert HF weights with from_hf_bert")
+                              "(no 'config'/'model'); pass a Hugging Face BERT directory as a directory")
     return ckpt
+
+
+def read_hf_bert(directory) -> dict:
+    """A Hugging Face BERT directory (config.json, weights, vocab.txt) as a checkpoint dict of this
+    project: config, model, vocab (None without vocab.txt), and mlm_head (False when the weights
+    hold a bare encoder, whose head is then random)."""
+    d = Path(directory)
+    if not (d / "config.json").is_file():
+        raise CheckpointError(f"{d} is a directory but not a Hugging Face BERT directory: expected config.json, "
+                              "model.safetensors or pytorch_model.bin, and vocab.txt")
+    model, has_head = _hf_bert(d)
+    vocab = read_vocab(d / "vocab.txt") if (d / "vocab.txt").is_file() else None
+    if vocab is not None and len(vocab) != model.config.vocab_size:
+        raise CheckpointError(f"{d}: vocab.txt has {len(vocab):,} tokens but config.json says vocab_size "
+                              f"{model.config.vocab_size:,}")
+    return {"config": asdict(model.config), "model": model.state_dict(), "vocab": vocab, "mlm_head": has_head,
+            "hf_dir": str(d)}
 
 
 def load_checkpoint(path) -> tuple[BertForMaskedLM, dict]:
@@ -396,8 +459,16 @@ def read_vocab(path) -> list[str]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"vocab file {path} not found: pass a WordPiece vocab.txt")
-    tokens = path.read_text(encoding="utf-8").split("\n")
-    return tokens[:-1] if tokens and tokens[-1] == "" else tokens
+    try:
+        tokens = path.read_text(encoding="utf-8").split("\n")
+    except UnicodeDecodeError:
+        raise InputFileError(f"vocab file {path} is not UTF-8 text: pass a WordPiece vocab.txt") from None
+    tokens = tokens[:-1] if tokens and tokens[-1] == "" else tokens
+    missing = [t for t in BERT_SPECIAL_TOKENS if t not in tokens]
+    if missing:
+        raise InputFileError(f"{path} is not a BERT WordPiece vocabulary: it has no {', '.join(missing)} "
+                             f"(pass a vocab.txt such as data/bert-base-uncased-vocab.txt)")
+    return tokens
 
 
 def make_tokenizer(vocab: list[str]):
@@ -410,10 +481,15 @@ def from_hf_bert(directory) -> BertForMaskedLM:
     """A BertForMaskedLM from a Hugging Face BERT directory: config.json plus model.safetensors
     (needs the optional `safetensors` package) or pytorch_model.bin. Without an MLM head in
     the weights (a bare BertModel), the head keeps its random initialisation."""
-    d = Path(directory)
+    return _hf_bert(Path(directory))[0]
+
+
+def _hf_bert(d: Path) -> tuple[BertForMaskedLM, bool]:
     if not (d / "config.json").is_file():
         raise CheckpointError(f"{d} has no config.json: pass a Hugging Face BERT model directory")
     hf = json.loads((d / "config.json").read_text())
+    if hf.get("model_type", "bert") != "bert":
+        raise CheckpointError(f"{d}: model_type {hf['model_type']!r} is not supported (only 'bert')")
     if hf.get("hidden_act", "gelu") != "gelu":
         raise CheckpointError(f"{d}: hidden_act {hf['hidden_act']!r} is not supported (only 'gelu')")
     cfg = BertConfig(vocab_size=hf["vocab_size"], hidden_size=hf["hidden_size"],
@@ -441,7 +517,39 @@ def from_hf_bert(directory) -> BertForMaskedLM:
         raise CheckpointError(f"{d}: weights do not match a BERT of its config.json ({e})") from None
     if any(k.startswith("bert.") for k in missing):
         raise CheckpointError(f"{d}: encoder weights missing from the file: {missing[:3]}")
-    return model
+    return model, "decoder_bias" not in missing
+
+
+def to_hf_bert(mlm: BertForMaskedLM, directory, vocab: list[str] | None = None) -> None:
+    """Write a dense model as a Hugging Face BERT directory (config.json, model.safetensors, and
+    vocab.txt when given) that transformers.BertForMaskedLM.from_pretrained loads with the same
+    logits. Written into a temp directory and renamed, so a crash leaves no half directory."""
+    cfg, d = mlm.config, Path(directory)
+    if cfg.moe:
+        raise CheckpointError(f"a MoE model ({cfg.num_experts} experts) cannot be written as a Hugging Face BERT: "
+                              "that format has one dense FFN per layer, no router and no experts")
+    if d.exists() and (not d.is_dir() or any(d.iterdir())):
+        raise CheckpointError(f"{d} exists and is not an empty directory: pass a new directory")
+    from safetensors.torch import save_file
+    hf = {"architectures": ["BertForMaskedLM"], "model_type": "bert", "vocab_size": cfg.vocab_size,
+          "hidden_size": cfg.hidden_size, "num_hidden_layers": cfg.num_layers, "num_attention_heads": cfg.num_heads,
+          "intermediate_size": cfg.intermediate_size, "hidden_act": "gelu", "max_position_embeddings": cfg.max_position,
+          "type_vocab_size": cfg.type_vocab_size, "hidden_dropout_prob": cfg.dropout,
+          "attention_probs_dropout_prob": cfg.attention_dropout, "layer_norm_eps": cfg.layer_norm_eps,
+          "pad_token_id": cfg.pad_token_id, "initializer_range": 0.02, "position_embedding_type": "absolute",
+          "tie_word_embeddings": True}
+    d.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=d.parent, prefix=d.name + ".", suffix=".tmp"))
+    try:
+        (tmp / "config.json").write_text(json.dumps(hf, indent=2) + "\n")
+        save_file(_to_hf_state(mlm.state_dict(), cfg), str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        if vocab is not None:
+            (tmp / "vocab.txt").write_text("".join(t + "\n" for t in vocab), encoding="utf-8")
+        if d.exists():
+            d.rmdir()
+        os.replace(tmp, d)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _convert_hf_state(s: dict, cfg: BertConfig) -> dict:
@@ -466,6 +574,31 @@ def _convert_hf_state(s: dict, cfg: BertConfig) -> dict:
             out[f"transform_ln.{t}"] = s[f"{head}transform.LayerNorm.{t}"]
         out["decoder_bias"] = s[head + "bias"]
     return out
+
+
+def _to_hf_state(s: dict, cfg: BertConfig) -> dict:
+    """The inverse of _convert_hf_state, with HF BertForMaskedLM's names (contiguous copies, as
+    safetensors needs; the decoder weight is the word embedding, as HF ties it)."""
+    out = {"bert.embeddings.word_embeddings.weight": s["bert.word.weight"],
+           "bert.embeddings.position_embeddings.weight": s["bert.position.weight"],
+           "bert.embeddings.token_type_embeddings.weight": s["bert.token_type.weight"],
+           "bert.embeddings.LayerNorm.weight": s["bert.ln.weight"], "bert.embeddings.LayerNorm.bias": s["bert.ln.bias"]}
+    for i in range(cfg.num_layers):
+        p, q = f"bert.encoder.layer.{i}.", f"bert.layers.{i}."
+        for t in ("weight", "bias"):
+            for name, part in zip(("query", "key", "value"), s[q + "qkv." + t].chunk(3)):
+                out[p + f"attention.self.{name}.{t}"] = part
+            out[p + "attention.output.dense." + t] = s[q + "attn_out." + t]
+            out[p + "attention.output.LayerNorm." + t] = s[q + "ln1." + t]
+            out[p + "intermediate.dense." + t] = s[q + "ffn.fc1." + t]
+            out[p + "output.dense." + t] = s[q + "ffn.fc2." + t]
+            out[p + "output.LayerNorm." + t] = s[q + "ln2." + t]
+    for t in ("weight", "bias"):
+        out[f"cls.predictions.transform.dense.{t}"] = s[f"transform.{t}"]
+        out[f"cls.predictions.transform.LayerNorm.{t}"] = s[f"transform_ln.{t}"]
+    out["cls.predictions.bias"] = s["decoder_bias"]
+    out["cls.predictions.decoder.weight"] = s["bert.word.weight"]
+    return {k: v.detach().clone().contiguous() for k, v in out.items()}
 
 
 # ---------------------------------------------------------------- speed code

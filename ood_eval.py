@@ -18,13 +18,14 @@ import io
 import json
 import signal
 import sys
+import time
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
-from model import (HelpFormatter, CheckpointError, load_checkpoint, make_tokenizer, mask_tokens, masked_log_likelihood, tune_allocator,
-                   unwritable, write_json)
+from model import (HelpFormatter, CheckpointError, InputFileError, check_checkpoint_path, load_checkpoint, make_tokenizer, mask_tokens,
+                   masked_log_likelihood, portable_path, tune_allocator, unwritable, write_json)
 
 PAPER_SUBSETS = ["ArXiv", "DM Mathematics", "Github", "StackExchange", "Ubuntu IRC"]
 PILE_SUBSETS = PAPER_SUBSETS + [
@@ -150,7 +151,7 @@ def main(argv=None) -> int:
     signal.signal(signal.SIGTERM, interrupt)
     try:
         return run(args)
-    except (UsageError, CheckpointError) as e:
+    except (UsageError, InputFileError) as e:
         print(f"ood_eval.py: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
@@ -188,15 +189,21 @@ def earlier_results(out: Path, args) -> dict:
         results, old_args = old["results"], old["args"]
     except (ValueError, KeyError, TypeError):
         raise UsageError(f"{out} exists and is not an ood_eval.py result: pass another --out") from None
-    differ = [k for k in SAME_RESULTS if old_args.get(k) != vars(args).get(k)]
+    differ = [k for k in SAME_RESULTS if old_args.get(k) != recorded_args(args).get(k)]
     if differ:
         raise UsageError(f"{out} holds scores with other settings ({', '.join('--' + k.replace('_', '-') for k in differ)}): "
                          "pass another --out")
     return results
 
 
+def recorded_args(args) -> dict:
+    """The settings as the results JSON keeps them, paths relative to the repository."""
+    return {**vars(args), "data": portable_path(args.data), "out": portable_path(args.out),
+            "ckpt": [portable_path(p) for p in args.ckpt]}
+
+
 def write_results(out: Path, args, absent: list, results: dict) -> None:
-    write_json(out, {"data": args.data, "args": vars(args), "absent_subsets": absent, "legend": LEGEND,
+    write_json(out, {"data": portable_path(args.data), "args": recorded_args(args), "absent_subsets": absent, "legend": LEGEND,
                      "results": results})
 
 
@@ -204,7 +211,11 @@ def score_checkpoint(path: str, docs: dict, prepared: dict, args, device) -> dic
     model, ckpt = load_checkpoint(path)
     vocab = ckpt.get("vocab")
     if not vocab:
-        raise CheckpointError(f"{path} carries no vocab: it was not written by pretrain.py")
+        raise CheckpointError(f"{path} carries no vocab: pass a checkpoint of pretrain.py or a Hugging Face BERT "
+                              "directory with its vocab.txt")
+    if ckpt.get("mlm_head") is False:
+        raise CheckpointError(f"{path} holds a bare encoder without a masked-LM head: ood_eval.py scores masked "
+                              "tokens, so pass a BertForMaskedLM")
     if args.seq_len > model.config.max_position:
         raise UsageError(f"--seq-len {args.seq_len} is more than the {model.config.max_position} positions of {path}")
     key = hash(tuple(vocab))                       # same vocab -> the very same masked inputs
@@ -213,16 +224,18 @@ def score_checkpoint(path: str, docs: dict, prepared: dict, args, device) -> dic
     model.to(device).eval()
     row = {}
     for name, (inputs, labels) in tqdm(prepared[key].items(), desc=Path(path).name, dynamic_ncols=True):
+        t0 = time.time()
         total, count = score(model, inputs, labels, args.batch_size, args.bf16, device)
         row[name] = {"log_likelihood": total / count if count else None, "masked_tokens": count, "windows": len(inputs)}
+        ll = "-" if row[name]["log_likelihood"] is None else f"{row[name]['log_likelihood']:.3f}"
+        tqdm.write(f"  {Path(path).name} {name}: {ll} over {count:,} masked tokens ({time.time() - t0:.0f} s)")
     return row
 
 
 def run(args) -> int:
     check_args(args)
     for path in args.ckpt:                          # fail before the slow part
-        if not Path(path).is_file():
-            raise CheckpointError(f"checkpoint {path} not found: pass .pt files written by pretrain.py")
+        check_checkpoint_path(path)
     out = Path(args.out)
     reason = unwritable(out.parent)
     if reason:
@@ -235,10 +248,13 @@ def run(args) -> int:
     if len(absent) == len(docs):
         raise UsageError(f"none of the subsets {', '.join(args.subsets)} occurs in {args.data}")
     device, prepared = torch.device(args.device), {}
-    for path in args.ckpt:
-        if path not in results:
-            results[path] = score_checkpoint(path, docs, prepared, args, device)
-            write_results(out, args, absent, results)
+    for i, path in enumerate(args.ckpt, 1):
+        if portable_path(path) in results:
+            print(f"[{i}/{len(args.ckpt)}] {path}: already scored in {out}, skipped")
+            continue
+        print(f"[{i}/{len(args.ckpt)}] scoring {path}")
+        results[portable_path(path)] = score_checkpoint(path, docs, prepared, args, device)
+        write_results(out, args, absent, results)
     print_table(args, absent, results)
     write_results(out, args, absent, results)
     print(f"wrote {out}")
@@ -250,8 +266,8 @@ def print_table(args, absent: list, results: dict) -> None:
     cell = lambda r: "-" if r["log_likelihood"] is None else f"{r['log_likelihood']:.3f}"
     print("\n| model | " + " | ".join(SHORT.get(s, s) for s in names) + " |\n|" + "---|" * (len(names) + 1))
     for path in args.ckpt:
-        print(f"| {Path(path).stem} | " + " | ".join(cell(results[path][s]) for s in names) + " |")
-    first = results[args.ckpt[0]]
+        print(f"| {Path(path).stem} | " + " | ".join(cell(results[portable_path(path)][s]) for s in names) + " |")
+    first = results[portable_path(args.ckpt[0])]
     print("| masked tokens | " + " | ".join(f"{first[s]['masked_tokens']:,}" for s in names) + " |")
     print("\n" + LEGEND + "; '-': no masked token in that subset")
 

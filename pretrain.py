@@ -1,16 +1,17 @@
 """Pretrain vanilla BERT, MoE BERT, or MoE BERT with transfer capability distillation (TCD).
 
     python pretrain.py                                     # teacher, Eq. 12: L = L_MLM     -> ckpt/vanilla.pt
-    python pretrain.py --moe                               # baseline: L_MLM + λB·L_B        -> ckpt/moe.pt
+    python pretrain.py --moe                               # baseline: L_MLM + λB·L_B (no number in the paper) -> ckpt/moe.pt
     python pretrain.py --moe --teacher ckpt/vanilla.pt     # TCD, Eq. 13                     -> ckpt/moe_tcd.pt
     python pretrain.py --resume ckpt/moe_tcd.pt            # continue that run, with its own settings
     torchrun --nproc_per_node=4 pretrain.py --moe --teacher ckpt/vanilla.pt   # data + expert parallel
 
 Defaults are the paper's (Appendix A): small preset, 64 experts, λB=1000, λT=λI=1, λA=0 (1 for
-base), 4096 relation tokens in groups of 128, AdamW lr 1e-4, 10k warm-up steps, batch 512 (1024
+base), 4096 relation tokens in groups of 128, lr 1e-4, 10k warm-up steps, batch 512 (1024
 for base), sequence length 128, 15% dynamic masking, a schedule sized for 40 epochs. Without
 --data it trains on data/sample.txt; without --valid it holds out a fixed random 1% of the
-documents. "Pre-Train Perf." is the mean log-likelihood of the original token at masked
+documents. The paper trains with "Adam ... an L2 weight of 0.01"; we use AdamW (decoupled decay of
+0.01, none on biases and LayerNorms): our choice. "Pre-Train Perf." is the mean log-likelihood of the original token at masked
 positions of the held-out text, with masks fixed once (closer to 0 is better).
 
 Resume. A checkpoint carries every setting of its run. `--resume [CKPT]` (default: the --out
@@ -47,7 +48,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from distill import Teacher, sample_groups, tcd_losses
-from model import (HelpFormatter, BertConfig, BertForMaskedLM, CheckpointError, adamw_warmup_linear, make_tokenizer, mask_tokens,
+from model import (HelpFormatter, BertConfig, BertForMaskedLM, CheckpointError, adamw_warmup_linear, finite_float, make_tokenizer, mask_tokens,
                    masked_log_likelihood, read_checkpoint, read_vocab, save_checkpoint, tune_allocator, unwritable)
 from moe import clip_gradients, gather_experts, optimizer_state, shard_experts, sync_gradients
 
@@ -194,7 +195,8 @@ def setup_distributed(args):
 # ----------------------------------------------------------------------------- the objective
 
 def objective(mlm: torch.Tensor, balance: torch.Tensor, tcd: dict, args) -> torch.Tensor:
-    """Eq. 13; a dense model has balance = 0, and without a teacher tcd's parts are 0 (Eq. 12)."""
+    """Eq. 13. A dense model has balance = 0; without a teacher tcd's parts are 0, which leaves Eq. 12
+    for a dense model and L_MLM + λB·L_B (not numbered in the paper) for the MoE baseline."""
     return (mlm + args.lambda_b * balance + args.lambda_t * tcd["trunk"] + args.lambda_i * tcd["inner"]
             + args.lambda_a * tcd["attention"])
 
@@ -505,10 +507,10 @@ def make_parser() -> argparse.ArgumentParser:
     a("--moe", action="store_true", help="replace every FFN by a top-1 Switch MoE layer")
     a("--experts", type=int, default=64, help="experts per MoE layer (paper: 64)")
     a("--teacher", help="vanilla BERT checkpoint to distill transfer capability from (TCD, Eq. 13)")
-    a("--lambda-b", type=float, default=1000.0, help="balance loss weight λB (paper: 1000)")
-    a("--lambda-t", type=float, default=1.0, help="trunk relation weight λT (paper: 1)")
-    a("--lambda-i", type=float, default=1.0, help="residual-inner relation weight λI (paper: 1)")
-    a("--lambda-a", type=float, help="attention relation weight λA (default: the paper's, 0 tiny/small, 1 base)")
+    a("--lambda-b", type=finite_float, default=1000.0, help="balance loss weight λB (paper: 1000)")
+    a("--lambda-t", type=finite_float, default=1.0, help="trunk relation weight λT (paper: 1)")
+    a("--lambda-i", type=finite_float, default=1.0, help="residual-inner relation weight λI (paper: 1)")
+    a("--lambda-a", type=finite_float, help="attention relation weight λA (default: the paper's, 0 tiny/small, 1 base)")
     a("--relation-tokens", type=int, default=4096, help="tokens sampled per batch for L_T, L_I (paper: 4096)")
     a("--relation-group", type=int, default=128, help="tokens per relation group (paper: 128)")
     a("--batch-size", type=int, help="global batch in sequences per optimizer step (default: the paper's, "
@@ -518,14 +520,14 @@ def make_parser() -> argparse.ArgumentParser:
     a("--max-steps", type=int, default=0, help="cap on the schedule's optimizer steps (0: --epochs decide)")
     a("--stop-at", type=int, default=0, help="save and stop after this step, schedule unchanged (0: never)")
     a("--stop-epochs", type=int, default=0, help="save and stop after this many epochs, schedule unchanged")
-    a("--lr", type=float, default=1e-4, help="peak learning rate (paper: 1e-4)")
-    a("--weight-decay", type=float, default=0.01, help="AdamW weight decay (paper: 0.01)")
-    a("--beta2", type=float, default=0.999, help="Adam β2 (paper: 0.999)")
+    a("--lr", type=finite_float, default=1e-4, help="peak learning rate (paper: 1e-4)")
+    a("--weight-decay", type=finite_float, default=0.01, help="AdamW's decoupled weight decay (the paper: an L2 weight of 0.01 with Adam; AdamW is our choice)")
+    a("--beta2", type=finite_float, default=0.999, help="Adam β2 (paper: 0.999)")
     a("--warmup-steps", type=int, default=10_000, help="linear warm-up steps, capped at 10%% of the schedule "
       "(paper: 10,000)")
-    a("--clip", type=float, default=1.0, help="gradient norm clip (0: off)")
-    a("--dropout", type=float, default=0.1, help="hidden and attention dropout (paper: BERT's 0.1)")
-    a("--mask-prob", type=float, default=0.15, help="share of tokens masked in training; validation "
+    a("--clip", type=finite_float, default=1.0, help="gradient norm clip (0: off)")
+    a("--dropout", type=finite_float, default=0.1, help="hidden and attention dropout (BERT's default; the paper does not state it)")
+    a("--mask-prob", type=finite_float, default=0.15, help="share of tokens masked in training; validation "
       "always uses 0.15 (paper: 0.15)")
     a("--short-seq-len", type=int, default=0, help="curriculum: cut each segment into pieces of this length "
       "for the first --short-seq-steps steps (0: off; the paper trains at 128 throughout)")
@@ -595,8 +597,13 @@ def check_args(args) -> None:
     max_position = BertConfig.preset(args.preset).max_position
     if not 3 <= args.seq_len <= max_position:
         raise UsageError(f"--seq-len {args.seq_len} must be from 3 to {max_position}, the model's positions")
+    if bool(args.short_seq_steps) != bool(args.short_seq_len):
+        raise UsageError("the curriculum needs both --short-seq-len and --short-seq-steps (or neither)")
     if args.short_seq_steps and not (args.short_seq_len > 0 and args.seq_len % args.short_seq_len == 0):
         raise UsageError(f"--short-seq-len {args.short_seq_len} must divide --seq-len {args.seq_len}")
+    if args.short_seq_steps and args.short_seq_len < 3:
+        raise UsageError(f"--short-seq-len {args.short_seq_len} leaves no room for a token between [CLS] and [SEP]: "
+                         "use 3 or more")
     if args.moe and args.experts < 2:
         raise UsageError(f"--moe needs --experts 2 or more (got {args.experts}); drop --moe for a vanilla model")
     if args.relation_group > args.relation_tokens:

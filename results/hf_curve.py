@@ -1,5 +1,7 @@
-"""Side-by-side pretraining curve: our BertForMaskedLM and Hugging Face's, from the same weights,
-on the same batches and masks, with the same AdamW and schedule (issue 13, part 1: no model bug).
+"""Side-by-side pretraining curves of our BertForMaskedLM and Hugging Face's from the same weights.
+
+The same batches and masks, the same AdamW and schedule: the check that the masked-LM plateau was
+the recipe's, not a model bug.
 
     python results/hf_curve.py --steps 3000 --out results/hf_curve.jsonl --state ../runs/hf_curve.pt
 
@@ -24,7 +26,7 @@ import transformers
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
-from model import HelpFormatter, adamw_warmup_linear, from_hf_bert, mask_tokens, read_vocab  # noqa: E402
+from model import HelpFormatter, adamw_warmup_linear, finite_float, from_hf_bert, mask_tokens, read_vocab  # noqa: E402
 from pretrain import VALID_SEED, evaluate, global_batch, read_documents, seeded, segments, sinusoid_positions_  # noqa: E402
 
 
@@ -57,25 +59,28 @@ class MaskedRowsHF(torch.nn.Module):
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
-    p.add_argument("--data", default=str(HERE.parent.parent / "shared/data/pretrain/train.txt"))
-    p.add_argument("--valid", default=str(HERE.parent.parent / "shared/data/pretrain/valid.txt"))
-    p.add_argument("--vocab", default=str(HERE.parent / "data" / "bert-base-uncased-vocab.txt"))
-    p.add_argument("--steps", type=int, default=3000)
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--warmup", type=int, default=300)
-    p.add_argument("--beta2", type=float, default=0.98)
-    p.add_argument("--mask-prob", type=float, default=0.15)
-    p.add_argument("--short-seq-len", type=int, default=32)
-    p.add_argument("--short-seq-steps", type=int, default=750)
-    p.add_argument("--eval-every", type=int, default=250)
-    p.add_argument("--valid-segments", type=int, default=1024, help="validation segments scored (fixed masks)")
-    p.add_argument("--stop-at", type=int, default=0, help="stop after this step's evaluation (0: at --steps)")
-    p.add_argument("--seed", type=int, default=1)
-    p.add_argument("--out", default=str(HERE / "hf_curve.jsonl"))
-    p.add_argument("--state", default=str(HERE.parent.parent / "runs" / "hf_curve.pt"))
-    p.add_argument("--cache-dir", default=str(HERE.parent.parent / "runs" / "cache"))
+    p = argparse.ArgumentParser(prog="hf_curve.py", description=__doc__.split("\n")[0], formatter_class=HelpFormatter)
+    a = p.add_argument
+    a("--data", default=str(HERE.parent.parent / "shared/data/pretrain/train.txt"), help="training text")
+    a("--valid", default=str(HERE.parent.parent / "shared/data/pretrain/valid.txt"),
+      help="held-out text scored for Pre-Train Perf.")
+    a("--vocab", default=str(HERE.parent / "data" / "bert-base-uncased-vocab.txt"), help="WordPiece vocab.txt")
+    a("--steps", type=int, default=3000, help="optimizer steps of each model (also the schedule's length)")
+    a("--batch-size", type=int, default=32, help="sequences of 128 tokens per step, the same for both models")
+    a("--lr", type=finite_float, default=1e-3, help="peak learning rate of both AdamW optimizers")
+    a("--warmup", type=int, default=300, help="linear warm-up steps, then linear decay to 0 at --steps")
+    a("--beta2", type=finite_float, default=0.98, help="Adam β2 of both optimizers")
+    a("--mask-prob", type=finite_float, default=0.15, help="share of tokens masked in training (80/10/10)")
+    a("--short-seq-len", type=int, default=32, help="curriculum: pieces of this length for the first steps")
+    a("--short-seq-steps", type=int, default=750, help="steps of the short-sequence curriculum (0: off)")
+    a("--eval-every", type=int, default=250, help="steps between evaluations of both models")
+    a("--valid-segments", type=int, default=1024, help="validation segments scored (fixed masks)")
+    a("--stop-at", type=int, default=0, help="stop after this step's evaluation (0: at --steps)")
+    a("--seed", type=int, default=1, help="seed of the initialisation, batches and masks")
+    a("--out", default=str(HERE / "hf_curve.jsonl"), help="the curve: one JSON line per evaluation")
+    a("--state", default=str(HERE.parent.parent / "runs" / "hf_curve.pt"),
+      help="both models and optimizers, saved at every evaluation to resume from")
+    a("--cache-dir", default=str(HERE.parent.parent / "runs" / "cache"), help="token cache of pretrain.py")
     return p.parse_args(argv)
 
 

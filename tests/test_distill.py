@@ -17,6 +17,7 @@ def naive_loss(hs, ht):                          # Eq. 6-8 by the letter
     return sum((cos(hs[i], hs[j]) - cos(ht[i], ht[j])) ** 2 for i in range(n) for j in range(n)) / n**2
 
 
+@pytest.mark.equations
 def test_relation_and_loss_match_double_loop():
     torch.manual_seed(0)
     hs, ht = torch.randn(7, 5), torch.randn(7, 9)              # hidden sizes may differ
@@ -31,6 +32,7 @@ def test_relation_and_loss_match_double_loop():
     assert all(abs(rq[i, j] - cos(q[i], k[j])) < 1e-6 for i in range(4) for j in range(5))
 
 
+@pytest.mark.equations
 def test_relations_stay_float32_under_bf16_autocast():
     torch.manual_seed(5)
     hs, ht = torch.randn(2, 64, 32), torch.randn(2, 64, 48)
@@ -41,6 +43,7 @@ def test_relations_stay_float32_under_bf16_autocast():
     assert abs(float(loss) - float(relation_loss(relation(hs), relation(ht)))) < 1e-6
 
 
+@pytest.mark.equations
 def test_attention_loss_matches_double_loop_and_skips_padding():
     torch.manual_seed(1)
     B, nh, T, hs = 2, 3, 5, 4
@@ -59,6 +62,7 @@ def test_attention_loss_matches_double_loop_and_skips_padding():
     assert abs(attention_loss(junk, k, qt, kt, mask) - expected) < 1e-6
 
 
+@pytest.mark.equations
 def test_sample_groups_never_hits_padding():
     mask = torch.zeros(6, 40, dtype=torch.bool)
     for b, n in enumerate([40, 3, 17, 0, 25, 9]):
@@ -78,6 +82,7 @@ def tiny(seed, **kw):
     return BertForMaskedLM(BertConfig.preset("tiny", num_layers=2, vocab_size=80, **kw))
 
 
+@pytest.mark.equations
 def test_identical_teacher_gives_zero_and_gradients_reach_only_student():
     student = tiny(0, num_experts=0, dropout=0.0, attention_dropout=0.0)
     teacher = Teacher(tiny(0).bert)
@@ -97,6 +102,7 @@ def test_identical_teacher_gives_zero_and_gradients_reach_only_student():
     assert not teacher.encoder.training                        # stays in eval mode
 
 
+@pytest.mark.equations
 def test_tcd_losses_sum_eq8_over_taps_and_average_over_groups():
     torch.manual_seed(2)
     B, T = 2, 6

@@ -64,6 +64,7 @@ def ckpt(tmp_path_factory):
     return path
 
 
+@pytest.mark.equations
 def test_metrics_against_hand_computed():
     pred, gold = [1, 1, 0, 0, 1, 0], [1, 0, 0, 1, 1, 0]        # tp=2 tn=2 fp=1 fn=1
     assert finetune.matthews(pred, gold) == pytest.approx((2 * 2 - 1 * 1) / math.sqrt(3 * 3 * 3 * 3))
@@ -79,6 +80,90 @@ def test_metrics_against_hand_computed():
     assert sts["spearman"] == pytest.approx(100 * stats.spearmanr(x, y)[0]) and sts["spearman"] == pytest.approx(80.0)
     assert finetune.score(finetune.TASKS["stsb"], [1.0] * 4, y) == {"pearson": 0.0, "spearman": 0.0}
 
+
+
+def spearman_by_ranks(x, y):
+    """Spearman's rho as Pearson's r of average ranks, written out (ties share their mean rank)."""
+    def ranks(v):
+        v = np.asarray(v, dtype=float)
+        order = np.argsort(v, kind="stable")
+        r = np.empty(len(v))
+        r[order] = np.arange(1, len(v) + 1)
+        for value in np.unique(v):
+            r[v == value] = r[v == value].mean()
+        return r
+    return np.corrcoef(ranks(x), ranks(y))[0, 1]
+
+
+@pytest.mark.equations
+@pytest.mark.parametrize("seed", range(6))
+def test_metrics_match_scikit_learn_on_random_asymmetric_predictions(seed):
+    """Random predictions with unequal false positives and false negatives (and unequal class sizes),
+    so an F1 or MCC that swaps or double-counts an error term gives another number."""
+    metrics = pytest.importorskip("sklearn.metrics")
+    rng = np.random.default_rng(seed)
+    n = int(rng.integers(20, 200))
+    gold = (rng.random(n) < rng.uniform(0.2, 0.8)).astype(int)
+    flip = rng.random(n) < np.where(gold == 1, rng.uniform(0.05, 0.5), rng.uniform(0.05, 0.5))
+    pred = np.where(flip, 1 - gold, gold)
+    if np.sum((pred == 1) & (gold == 0)) == np.sum((pred == 0) & (gold == 1)):
+        pred[np.flatnonzero(gold == 0)[0]] = 1               # one more false positive than false negatives
+    mrpc = finetune.score(finetune.TASKS["mrpc"], pred.tolist(), gold.tolist())
+    assert mrpc["acc"] == pytest.approx(100 * metrics.accuracy_score(gold, pred))
+    assert mrpc["f1"] == pytest.approx(100 * metrics.f1_score(gold, pred, zero_division=0))
+    cola = finetune.score(finetune.TASKS["cola"], pred.tolist(), gold.tolist())
+    assert cola["mcc"] == pytest.approx(100 * metrics.matthews_corrcoef(gold, pred))
+    x, y = rng.normal(size=n), rng.normal(size=n) + rng.uniform(-1, 1) * np.arange(n) / n
+    x = np.round(x, 1)                                       # ties, which Spearman must average
+    sts = finetune.score(finetune.TASKS["stsb"], x.tolist(), y.tolist())
+    assert sts["pearson"] == pytest.approx(100 * np.corrcoef(x, y)[0, 1])
+    assert sts["spearman"] == pytest.approx(100 * spearman_by_ranks(x, y))
+
+
+@pytest.mark.parametrize("pred, gold", [
+    ([1, 1, 1, 1], [1, 0, 1, 0]),        # one predicted class
+    ([0, 0, 0, 0], [1, 0, 1, 0]),        # no positive prediction: F1 0
+    ([0, 1, 0, 1], [0, 0, 0, 0]),        # no positive gold
+    ([1, 1, 1], [1, 1, 1]),              # all right, one class
+    ([1, 0, 1, 1, 0], [0, 1, 0, 0, 1]),  # all wrong: MCC -1
+    ([1, 1, 1, 0, 0], [1, 0, 0, 0, 0]),  # fp 2, fn 0
+    ([1, 0, 0, 0, 0], [1, 1, 1, 0, 0]),  # fp 0, fn 2
+])
+@pytest.mark.equations
+def test_metrics_match_scikit_learn_in_degenerate_cases(pred, gold):
+    metrics = pytest.importorskip("sklearn.metrics")
+    assert finetune.matthews(pred, gold) == pytest.approx(metrics.matthews_corrcoef(gold, pred))
+    assert finetune.f1(pred, gold) == pytest.approx(metrics.f1_score(gold, pred, zero_division=0))
+    acc = finetune.score(finetune.TASKS["sst2"], pred, gold)["acc"]
+    assert acc == pytest.approx(100 * metrics.accuracy_score(gold, pred))
+
+
+@pytest.mark.equations
+def test_mnli_scores_matched_and_mismatched_dev_sets_separately(ckpt):
+    """Two dev sets of different sizes and predictions: acc_m is the matched one's accuracy,
+    acc_mm the mismatched one's, and the task's score is their mean."""
+    from model import load_checkpoint
+    mlm, _ = load_checkpoint(ckpt)
+    torch.manual_seed(3)
+    model = finetune.BertForSequenceClassification(mlm.config, num_labels=3).eval()
+    rng = random.Random(5)
+
+    def encoded(n):
+        ids = [[101] + [rng.randrange(1000, 3000) for _ in range(rng.randrange(3, 9))] + [102] for _ in range(n)]
+        return [(i, [0] * len(i)) for i in ids]
+    dev, dev_mm = encoded(40), encoded(23)
+    p_m = finetune.predict(model, dev, 8, torch.device("cpu"), False)
+    p_mm = finetune.predict(model, dev_mm, 8, torch.device("cpu"), False)
+    gold_m, gold_mm = [rng.randrange(3) for _ in dev], [rng.randrange(3) for _ in dev_mm]
+    gold_m[:10] = p_m[:10]                                   # different accuracies on the two sets
+    data = {"dev": (dev, gold_m), "dev_mm": (dev_mm, gold_mm)}
+    result = finetune.evaluate(finetune.TASKS["mnli"], model, data, 8, torch.device("cpu"), False)
+    acc_m, acc_mm = 100 * np.mean(np.equal(p_m, gold_m)), 100 * np.mean(np.equal(p_mm, gold_mm))
+    assert acc_m != pytest.approx(acc_mm)
+    assert result == pytest.approx({"acc_m": acc_m, "acc_mm": acc_mm})
+    assert finetune.main_score(result, finetune.TASKS["mnli"]) == pytest.approx((acc_m + acc_mm) / 2)
+    mrpc = {"acc": 70.0, "f1": 80.0}
+    assert finetune.main_score(mrpc, finetune.TASKS["mrpc"]) == pytest.approx(75.0)
 
 @pytest.mark.parametrize("key", list(finetune.TASKS))
 def test_every_task_format_loads(tmp_path, key):
@@ -152,6 +237,7 @@ def test_adapter_mode_updates_only_adapters_layernorms_and_head(ckpt):
     assert ft.TASKS["rte"].labels == ("entailment", "not_entailment")
 
 
+@pytest.mark.equations
 def test_summary_means_over_seeds_then_best_lr_and_paper_row():
     def run(task, lr, seed, acc, mode="full"):
         return {"task": task, "mode": mode, "adapter": 0 if mode == "full" else 64, "lr": lr, "seed": seed,
@@ -181,6 +267,10 @@ def test_bad_input_is_one_clear_line(tmp_path, ckpt):
     (tmp_path / "nodev" / "RTE").mkdir(parents=True)
     (tmp_path / "nodev" / "RTE" / "train.tsv").write_text((d / "train.tsv").read_text())
     (tmp_path / "junk.pt").write_text("junk")
+    (tmp_path / "notbert").mkdir()
+    (tmp_path / "vocab.txt").write_text("a\nb\n")
+    noVocab = tmp_path / "novocab.pt"
+    save_checkpoint(noVocab, BertForMaskedLM(BertConfig.preset("tiny", num_layers=1)))
     base = ["--ckpt", str(ckpt), "--seeds", "1", "--epochs", "1"]
     cases = [(["--task", "wnli", "--data-dir", str(tmp_path / "ok")], "unknown task 'wnli'"),
              (["--task", "rte", "--data-dir", str(tmp_path / "nodev")], "dev.tsv not found"),
@@ -188,7 +278,11 @@ def test_bad_input_is_one_clear_line(tmp_path, ckpt):
              (["--task", "rte", "--data-dir", str(tmp_path / "label")], "label 'maybe' is not one of"),
              (["--task", "rte", "--data-dir", str(tmp_path / "ok"), "--ckpt", str(tmp_path / "none.pt")], "not found"),
              (["--task", "rte", "--data-dir", str(tmp_path / "ok"), "--ckpt", str(tmp_path / "junk.pt")],
-              "not a readable checkpoint")]
+              "not a readable checkpoint"),
+             (["--task", "rte", "--data-dir", str(tmp_path / "ok"), "--ckpt", str(tmp_path / "notbert")],
+              "is a directory but not a Hugging Face BERT directory: expected config.json"),
+             (["--task", "rte", "--data-dir", str(tmp_path / "ok"), "--ckpt", str(noVocab), "--vocab",
+               str(tmp_path / "vocab.txt")], "is not a BERT WordPiece vocabulary: it has no [PAD]")]
     ok = ["--task", "rte", "--data-dir", str(tmp_path / "ok")]
     (tmp_path / "other.json").write_text('{"runs": [], "args": {"epochs": 7}}')
     cases += [(ok + flags, words) for flags, words in [
@@ -198,6 +292,12 @@ def test_bad_input_is_one_clear_line(tmp_path, ckpt):
         (["--batch-size", "0"], "--batch-size 0 must be positive"),
         (["--epochs", "0"], "--epochs 0 must be positive"),
         (["--lr", "0"], "learning rates must be positive"),
+        (["--lr", "inf"], "argument --lr: inf is not a finite number"),
+        (["--lr", "1e-4", "nan"], "argument --lr: nan is not a finite number"),
+        (["--warmup", "nan"], "argument --warmup: nan is not a finite number"),
+        (["--weight-decay=-inf"], "argument --weight-decay: -inf is not a finite number"),
+        (["--dropout", "1"], "--dropout 1.0 must be a probability in [0, 1)"),
+        (["--dropout", "x"], "argument --dropout: invalid number 'x'"),
         (["--warmup", "1.5"], "--warmup 1.5 must be a share"),
         (["--max-train", "-1"], "--max-train -1 must be 0 or more"),
         (["--out", "/proc/nope/r.json"], "cannot write results"),
@@ -274,3 +374,42 @@ def test_real_glue_files_parse(key):
     data = finetune.load_task(key, str(SHARED_GLUE))
     expected = {"cola": (8551, 1043), "sst2": (67349, 872), "mrpc": (3668, 408), "stsb": (5749, 1500)}[key]
     assert (len(data["train"][0]), len(data["dev"][0])) == expected
+
+
+def test_a_hugging_face_directory_fine_tunes_like_its_checkpoint_with_progress_and_dropout(tmp_path, capsys):
+    """--ckpt takes an HF BERT directory: the same runs as from the .pt it was written from. The run
+    prints a line per epoch, fine-tunes with --dropout whatever the pretraining run used, and the
+    JSON records repository-relative paths."""
+    from model import to_hf_bert
+    write_task(tmp_path, "rte", n_train=24, n_dev=8)
+    torch.manual_seed(0)
+    dense = BertForMaskedLM(BertConfig.preset("tiny", num_layers=1, dropout=0.0, attention_dropout=0.0))
+    vocab = read_vocab(ROOT / "data" / "bert-base-uncased-vocab.txt")
+    save_checkpoint(tmp_path / "dense.pt", dense, vocab=vocab)
+    to_hf_bert(dense, tmp_path / "hf", vocab)
+    seen = []
+    real = finetune.BertForSequenceClassification
+
+    def spy(config, *a, **k):
+        seen.append((config.dropout, config.attention_dropout))
+        return real(config, *a, **k)
+
+    results = []
+    for ckpt in (tmp_path / "dense.pt", tmp_path / "hf"):
+        out = tmp_path / f"{ckpt.stem}.json"
+        finetune.BertForSequenceClassification = spy
+        try:
+            assert finetune.main(["--task", "rte", "--ckpt", str(ckpt), "--data-dir", str(tmp_path), "--adapter", "0",
+                                  "--lr", "1e-3", "--seeds", "1", "--epochs", "2", "--batch-size", "8",
+                                  "--dropout", "0.25", "--out", str(out)]) == 0
+        finally:
+            finetune.BertForSequenceClassification = real
+        results.append(json.loads(out.read_text()))
+    assert seen == [(0.25, 0.25), (0.25, 0.25)]
+    a, b = (r["runs"][0]["epochs"] for r in results)
+    assert [e["acc"] for e in a] == [e["acc"] for e in b]
+    assert [e["train_loss"] for e in a] == pytest.approx([e["train_loss"] for e in b], abs=1e-5)
+    printed = capsys.readouterr()
+    assert "RTE full lr=0.001 seed=1: epoch 2/2, train loss" in printed.out + printed.err
+    assert not results[1]["ckpt"].startswith("/") and not results[1]["args"]["data_dir"].startswith("/")
+    assert results[1]["args"]["dropout"] == 0.25

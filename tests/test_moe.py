@@ -36,6 +36,7 @@ def grads(ffn, x, out, balance, weight):
     return [x.grad.clone()] + [p.grad.clone() for p in ffn.parameters()]
 
 
+@pytest.mark.equations
 @pytest.mark.parametrize("padding", [False, True])
 def test_matches_brute_force(padding):
     torch.manual_seed(0)
@@ -81,6 +82,7 @@ def test_gpu_expert_path_equals_cpu_path():
     assert (results[1][2][1] == 0).all()                      # the idle expert's w1 gradient
 
 
+@pytest.mark.equations
 def test_padding_changes_nothing_for_real_tokens():
     torch.manual_seed(1)
     ffn = SwitchFFN(8, 16, 4)
@@ -95,6 +97,7 @@ def test_padding_changes_nothing_for_real_tokens():
     assert torch.allclose(bal, bal_real)
 
 
+@pytest.mark.equations
 def test_balance_loss_closed_form():
     ffn = SwitchFFN(8, 16, 4)
     with torch.no_grad():
@@ -108,6 +111,7 @@ def test_balance_loss_closed_form():
     assert ffn(torch.randn(10, 8))[1].abs() < 1e-7      # uniform router: no penalty
 
 
+@pytest.mark.equations
 def test_bf16_autocast_close_to_fp32():
     torch.manual_seed(2)
     ffn = SwitchFFN(32, 64, 4)

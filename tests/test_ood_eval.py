@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import ood_eval
-from model import BertConfig, BertForMaskedLM, read_vocab, save_checkpoint
+from model import BertConfig, BertForMaskedLM, portable_path, read_vocab, save_checkpoint, to_hf_bert
 
 ROOT = Path(__file__).resolve().parent.parent
 SHARED_PILE = ROOT.parent / "shared" / "data" / "pile-ood" / "val.jsonl"
@@ -45,12 +45,12 @@ def test_same_checkpoint_twice_identical_and_masks_shared(tmp_path, ckpts, capsy
     data = pile(tmp_path / "p.jsonl")
     res = run(tmp_path, "--data", str(data), "--ckpt", str(ckpts / "m0.pt"), str(ckpts / "m0.pt"), str(ckpts / "m1.pt"),
               "--subsets", "ArXiv", "Github", "Ubuntu IRC", "DM Mathematics")
-    a = res["results"][str(ckpts / "m0.pt")]
-    b = res["results"][str(ckpts / "m1.pt")]
+    a = res["results"][portable_path(ckpts / "m0.pt")]
+    b = res["results"][portable_path(ckpts / "m1.pt")]
     assert a["ArXiv"]["log_likelihood"] != b["ArXiv"]["log_likelihood"]
     assert all(a[s]["masked_tokens"] == b[s]["masked_tokens"] > 0 for s in a)
     again = run(tmp_path, "--data", str(data), "--ckpt", str(ckpts / "m0.pt"), "--subsets", "ArXiv", "Github", "Ubuntu IRC")
-    assert again["results"][str(ckpts / "m0.pt")] == a
+    assert again["results"][portable_path(ckpts / "m0.pt")] == a
     assert res["absent_subsets"] == ["DM Mathematics"]                  # reported, not dropped silently
     assert "absent" in capsys.readouterr().out
     args = Namespace(seq_len=32, max_tokens_per_subset=0, seed=0)
@@ -59,6 +59,7 @@ def test_same_checkpoint_twice_identical_and_masks_shared(tmp_path, ckpts, capsy
     assert all(torch.equal(first[s][i], second[s][i]) for s in first for i in (0, 1))
 
 
+@pytest.mark.equations
 def test_known_model_gives_expected_log_likelihood(tmp_path):
     model = BertForMaskedLM(BertConfig.preset("tiny", num_layers=1))
     with torch.no_grad():
@@ -72,7 +73,7 @@ def test_known_model_gives_expected_log_likelihood(tmp_path):
     _, labels = ood_eval.masked_inputs(docs, VOCAB, Namespace(seq_len=32, max_tokens_per_subset=0, seed=0))["Github"]
     logp = model.decoder_bias.log_softmax(0)
     expected = logp[labels[labels != -100]].mean().item()
-    got = res["results"][str(tmp_path / "known.pt")]["Github"]
+    got = res["results"][portable_path(tmp_path / "known.pt")]["Github"]
     assert got["log_likelihood"] == pytest.approx(expected, abs=1e-5)
     assert got["masked_tokens"] == int((labels != -100).sum())
 
@@ -86,7 +87,7 @@ def test_gzip_and_limits(tmp_path, ckpts):
     docs = ood_eval.read_pile(tmp_path / "p.jsonl.gz", ["ArXiv"], 2)
     assert docs == ood_eval.read_pile(plain, ["ArXiv"], 2) and len(docs["ArXiv"]) == 2
     two_docs = ood_eval.windows(docs["ArXiv"], ood_eval.make_tokenizer(VOCAB), VOCAB, 32, max_tokens=0)
-    assert res["results"][str(ckpts / "m0.pt")]["ArXiv"]["windows"] == len(two_docs)
+    assert res["results"][portable_path(ckpts / "m0.pt")]["ArXiv"]["windows"] == len(two_docs)
     few = ood_eval.windows(docs["ArXiv"] * 20, ood_eval.make_tokenizer(VOCAB), VOCAB, 32, max_tokens=100)
     assert few.shape[1] == 32 and 100 <= int((few > 103).sum()) < 100 + 30
 
@@ -115,6 +116,17 @@ def test_bad_input_is_one_clear_line(tmp_path, ckpts):
              (["--data", str(good), "--ckpt", ck, "--batch-size", "0"], "--batch-size 0 must be positive"),
              (["--data", str(good), "--ckpt", ck, "--max-tokens-per-subset", "-1"], "must be 0 (all) or more"),
              (["--data", str(good), "--ckpt", ck, "--out", "/proc/nope/o.json"], "cannot write results")]
+    (tmp_path / "notbert").mkdir()
+    torch.manual_seed(0)
+    bare = BertForMaskedLM(BertConfig.preset("tiny", num_layers=1))
+    to_hf_bert(bare, tmp_path / "bare", VOCAB)
+    (tmp_path / "bare" / "model.safetensors").write_bytes(b"")        # replaced below by an encoder-only file
+    from safetensors.torch import save_file
+    from model import _to_hf_state
+    save_file({k: v for k, v in _to_hf_state(bare.state_dict(), bare.config).items() if k.startswith("bert.")},
+              str(tmp_path / "bare" / "model.safetensors"))
+    cases += [(["--data", str(good), "--ckpt", str(tmp_path / "notbert")], "not a Hugging Face BERT directory"),
+              (["--data", str(good), "--ckpt", str(tmp_path / "bare")], "bare encoder without a masked-LM head")]
     (tmp_path / "plain.gz").write_text(good.read_text())
     (tmp_path / "latin1.jsonl").write_bytes(json.dumps({"text": "caf\u00e9"}).replace("\\u00e9", "\xe9").encode("latin-1"))
     for extra, words in cases:
@@ -141,8 +153,8 @@ def test_results_kept_per_checkpoint_rerun_skips_and_empty_subset_is_absent(tmp_
     monkeypatch.setattr(ood_eval, "score_checkpoint", interrupted_at_second)
     assert ood_eval.main(args) == 130
     first = json.loads(out.read_text())["results"]
-    assert list(first) == [str(ckpts / "m0.pt")]
-    assert first[str(ckpts / "m0.pt")]["StackExchange"] == {"log_likelihood": None, "masked_tokens": 0, "windows": 0}
+    assert list(first) == [portable_path(ckpts / "m0.pt")]
+    assert first[portable_path(ckpts / "m0.pt")]["StackExchange"] == {"log_likelihood": None, "masked_tokens": 0, "windows": 0}
     calls.clear()
     monkeypatch.setattr(ood_eval, "score_checkpoint", lambda path, *a: calls.append(path) or real(path, *a))
     assert ood_eval.main(args) == 0
@@ -158,5 +170,23 @@ def test_real_sample(tmp_path, ckpts):
                                                     "StackExchange": 400, "Ubuntu IRC": 218}
     res = run(tmp_path, "--data", str(SHARED_PILE), "--ckpt", str(ckpts / "m0.pt"), "--max-docs-per-subset", "2",
               "--max-tokens-per-subset", "500")
-    row = res["results"][str(ckpts / "m0.pt")]
+    row = res["results"][portable_path(ckpts / "m0.pt")]
     assert set(row) == set(ood_eval.PAPER_SUBSETS) and all(-20 < r["log_likelihood"] < 0 for r in row.values())
+
+
+def test_a_hugging_face_directory_scores_as_its_checkpoint_and_progress_is_shown(tmp_path, ckpts, capsys):
+    """A dense checkpoint written as an HF BERT directory scores exactly as the .pt it came from; the
+    run prints a line per checkpoint and per subset, and says when it skips a scored checkpoint."""
+    from model import load_checkpoint
+    mlm, _ = load_checkpoint(ckpts / "m0.pt")
+    to_hf_bert(mlm, tmp_path / "hf", VOCAB)
+    data = pile(tmp_path / "p.jsonl")
+    res = run(tmp_path, "--data", str(data), "--ckpt", str(ckpts / "m0.pt"), str(tmp_path / "hf"))
+    a, b = res["results"][portable_path(ckpts / "m0.pt")], res["results"][portable_path(tmp_path / "hf")]
+    assert all(a[s]["log_likelihood"] == pytest.approx(b[s]["log_likelihood"], abs=1e-5) for s in a)
+    printed = capsys.readouterr().out
+    assert "[1/2] scoring" in printed and "[2/2] scoring" in printed
+    assert not any(p.startswith("/") for p in res["args"]["ckpt"]) and not res["data"].startswith("/")
+    out = tmp_path / "ood.json"
+    assert ood_eval.main(["--data", str(data), "--ckpt", str(tmp_path / "hf"), "--seq-len", "32", "--out", str(out)]) == 0
+    assert "already scored" in capsys.readouterr().out

@@ -117,6 +117,8 @@ def bad_input_cases(tmp_path, corpus):
     save_checkpoint(tmp_path / "layers.pt", BertForMaskedLM(BertConfig.preset("tiny", num_layers=2)), vocab=VOCAB)
     save_checkpoint(tmp_path / "good.pt", BertForMaskedLM(BertConfig.preset("tiny")), vocab=VOCAB)
     (tmp_path / "exists.pt").write_bytes(b"a run somebody wants to keep")
+    (tmp_path / "notbert").mkdir()
+    (tmp_path / "vocab.txt").write_text("[PAD]\n[UNK]\n[CLS]\nhello\n")
     return [  # (flags added to a valid tiny MoE run, words in the one-line error)
         (["--data", str(tmp_path / "nope.txt")], "not found"),
         (["--data", str(tmp_path / "empty.txt")], "no text"),
@@ -155,6 +157,15 @@ def bad_input_cases(tmp_path, corpus):
         (["--out", str(tmp_path / "exists.pt")], "exists: continue it with --resume"),
         (["--out", "/proc/nope/x.pt"], "cannot write checkpoints"),
         (["--preset", "huge"], "invalid choice"),
+        (["--lr", "inf"], "argument --lr: inf is not a finite number"),
+        (["--lambda-t", "nan"], "argument --lambda-t: nan is not a finite number"),
+        (["--beta2=-inf"], "argument --beta2: -inf is not a finite number"),
+        (["--dropout", "0.1x"], "argument --dropout: invalid number '0.1x'"),
+        (["--vocab", str(tmp_path / "vocab.txt")], "not a BERT WordPiece vocabulary: it has no [SEP], [MASK]"),
+        (["--short-seq-len", "2", "--short-seq-steps", "3"], "no room for a token between [CLS] and [SEP]"),
+        (["--short-seq-len", "8"], "needs both --short-seq-len and --short-seq-steps"),
+        (["--short-seq-steps", "8"], "needs both --short-seq-len and --short-seq-steps"),
+        (["--teacher", str(tmp_path / "notbert")], "not a Hugging Face BERT directory: expected config.json"),
         (["--epochs", "two"], "invalid int value"),
     ]
 
@@ -360,3 +371,61 @@ def test_sinusoid_position_init_has_berts_scale_and_smooth_neighbours():
     cos = torch.nn.functional.cosine_similarity(w[:-1], w[1:]).mean()
     far = torch.nn.functional.cosine_similarity(w[:64], w[64:]).mean()
     assert cos > 0.8 > far                                                   # neighbours start alike
+
+
+# ----------------------------------------------------------------------------- Eq. 13: each λ weighs its own part
+
+LAMBDAS = {"lambda_b": 7.0, "lambda_t": 0.5, "lambda_i": 3.0, "lambda_a": 0.25}   # all different, none 1
+PART_OF = {"lambda_b": "balance", "lambda_t": "trunk", "lambda_i": "inner", "lambda_a": "attention"}
+
+
+@pytest.mark.equations
+def test_objective_gradient_wrt_each_part_is_its_own_lambda():
+    """d objective / d part = that part's λ (1 for L_MLM), with distinct values for every part and
+    every λ, so a dropped, swapped or duplicated weight changes some gradient."""
+    values = {"mlm": 1.3, "balance": 0.07, "trunk": 0.11, "inner": 0.19, "attention": 0.23}
+    parts = {k: torch.tensor(v, requires_grad=True) for k, v in values.items()}
+    args = type("Args", (), LAMBDAS)()
+    tcd = {k: parts[k] for k in ("trunk", "inner", "attention")}
+    total = pretrain.objective(parts["mlm"], parts["balance"], tcd, args)
+    total.backward()
+    expected = values["mlm"] + sum(LAMBDAS[lam] * values[part] for lam, part in PART_OF.items())
+    assert total.item() == pytest.approx(expected, rel=1e-6)
+    assert parts["mlm"].grad.item() == pytest.approx(1.0)
+    for lam, part in PART_OF.items():
+        assert parts[part].grad.item() == pytest.approx(LAMBDAS[lam]), lam
+
+
+@pytest.mark.equations
+@pytest.mark.parametrize("mode", ["vanilla", "moe", "tcd"])
+def test_logged_loss_is_eq13_of_its_logged_parts_and_absent_parts_are_zero(tmp_path, corpus, mode):
+    """A real run with the λs given on the command line: every logged step's loss is Eq. 13 of its
+    own logged parts; a dense model has no balance loss, a run without a teacher no relation loss."""
+    flags = [f"--{k.replace('_', '-')}={v}" for k, v in LAMBDAS.items()] + ["--out", str(tmp_path / f"{mode}.pt")]
+    if mode != "vanilla":
+        flags += ["--moe", "--experts", "4"]
+    if mode == "tcd":
+        save_checkpoint(tmp_path / "teacher.pt", BertForMaskedLM(BertConfig.preset("tiny")), vocab=VOCAB)
+        flags += ["--teacher", str(tmp_path / "teacher.pt"), "--relation-tokens", "256", "--relation-group", "32"]
+    rows, _ = run(tmp_path, corpus, *flags, steps=4)
+    assert len(rows) == 4
+    for r in rows:
+        expected = r["mlm"] + sum(LAMBDAS[lam] * r[part] for lam, part in PART_OF.items())
+        assert r["loss"] == pytest.approx(expected, rel=1e-5), r
+        assert (r["balance"] > 0) == (mode != "vanilla")
+        assert all((r[p] > 0) == (mode == "tcd") for p in ("trunk", "inner", "attention")), r
+
+
+def test_a_hugging_face_directory_teaches_as_its_checkpoint(tmp_path, corpus):
+    """--teacher takes an HF BERT directory: the same TCD run, loss for loss, as with the .pt."""
+    from model import to_hf_bert
+    torch.manual_seed(4)
+    teacher = BertForMaskedLM(BertConfig.preset("tiny"))
+    save_checkpoint(tmp_path / "teacher.pt", teacher, vocab=VOCAB)
+    to_hf_bert(teacher, tmp_path / "teacher-hf", VOCAB)
+    common = ["--moe", "--experts", "4", "--relation-tokens", "256", "--relation-group", "32"]
+    a, _ = run(tmp_path, corpus, *common, "--teacher", str(tmp_path / "teacher.pt"), "--out", str(tmp_path / "a.pt"), steps=3)
+    b, _ = run(tmp_path, corpus, *common, "--teacher", str(tmp_path / "teacher-hf"), "--out", str(tmp_path / "b.pt"), steps=3)
+    for part in pretrain.PARTS:
+        assert [r[part] for r in a] == pytest.approx([r[part] for r in b], abs=1e-6), part
+    assert all(r["trunk"] > 0 for r in b)

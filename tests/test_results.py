@@ -1,5 +1,7 @@
 """results/: alignment picks the right checkpoint, the tables and plots read what the scripts write."""
 import json
+import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -17,7 +19,7 @@ import tables  # noqa: E402
 def kept(tmp_path_factory):
     d = tmp_path_factory.mktemp("kept")
     model = BertForMaskedLM(BertConfig.preset("tiny", num_layers=1))
-    for epoch, perf in ((1, -6.9), (2, -6.4), (3, -6.1)):
+    for epoch, perf in ((1, -6.9), (2, -6.4), (3, -6.1), (4, -5.9)):
         save_checkpoint(d / f"moe.epoch{epoch}.pt", model, step=10 * epoch, epoch=float(epoch),
                         metrics={"pretrain_perf": perf})
     save_checkpoint(d / "tcd.pt", model, step=10, epoch=1.0, metrics={"pretrain_perf": -6.35})
@@ -25,12 +27,16 @@ def kept(tmp_path_factory):
 
 
 def test_alignment_by_performance_and_by_epoch(kept, tmp_path, capsys):
-    candidates = [str(kept / f"moe.epoch{e}.pt") for e in (1, 2, 3)]
+    candidates = [str(kept / f"moe.epoch{e}.pt") for e in (1, 2, 3, 4)]
     assert align.main(["--target", str(kept / "tcd.pt"), "--candidates", *candidates,
                        "--out", str(tmp_path / "a.json")]) == 0
-    assert capsys.readouterr().out.strip() == candidates[1]                 # -6.4 is closest to -6.35
+    # -6.4 is closest to TCD's -6.35 but worse; of those at least as good (-6.1, -5.9) -6.1 is closest
+    assert capsys.readouterr().out.strip() == candidates[2]
     saved = json.loads((tmp_path / "a.json").read_text())
-    assert saved["chosen"]["epoch"] == 2.0 and len(saved["candidates"]) == 3
+    assert saved["chosen"]["epoch"] == 3.0 and saved["other_side"]["epoch"] == 2.0 and len(saved["candidates"]) == 4
+    assert not any(c["path"].startswith("/") for c in saved["candidates"])   # repository-relative paths
+    with pytest.raises(SystemExit, match="no candidate is at least as good"):
+        align.main(["--target", str(kept / "tcd.pt"), "--candidates", *candidates[:2]])
     assert align.main(["--by", "epoch", "--epoch", "3", "--candidates", *candidates]) == 0
     assert capsys.readouterr().out.strip() == candidates[2]
     with pytest.raises(SystemExit, match="not a pretrain.py checkpoint"):
@@ -121,3 +127,16 @@ def test_hf_curve_resumes_where_it_stopped(tmp_path):
     for x, y in zip(a, b):
         assert abs(x["ours"] - y["ours"]) < 1e-9 and abs(x["hf"] - y["hf"]) < 1e-9
     assert abs(a[0]["ours"] - a[0]["hf"]) < 1e-3                           # the same start
+
+
+@pytest.mark.parametrize("script", ["run.sh", "probe.sh"])
+def test_scripts_take_help_and_refuse_unknown_arguments(tmp_path, script):
+    """--help prints the usage and starts nothing; an unknown argument is one line and exit code 2."""
+    path = Path(__file__).resolve().parent.parent / "results" / script
+    env = {**os.environ, "RUNS": str(tmp_path / "runs")}
+    r = subprocess.run(["bash", str(path), "--help"], capture_output=True, text=True, env=env, timeout=60)
+    assert r.returncode == 0 and "--help" in r.stdout and not (tmp_path / "runs").exists(), r.stderr
+    for bad in (["--bogus"], ["--quick", "--full"], ["frobnicate"]):
+        r = subprocess.run(["bash", str(path), *bad], capture_output=True, text=True, env=env, timeout=60)
+        assert r.returncode == 2 and r.stderr.count("\n") == 1 and "error" in r.stderr, (bad, r.stderr)
+    assert not (tmp_path / "runs").exists()
