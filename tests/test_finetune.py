@@ -247,7 +247,10 @@ def test_summary_means_over_seeds_then_best_lr_and_paper_row():
     summary = finetune.summarize(runs)["RTE"]
     assert summary["best"]["lr"] == 2e-5 and summary["best"]["mean"]["acc"] == 66.0
     first = next(s for s in summary["settings"] if s["lr"] == 1e-5)
-    assert first["mean"]["acc"] == 65.0 and first["std"]["acc"] == 5.0 and first["seeds"] == 2
+    assert first["mean"] == {"acc": 65.0} and first["std"] == {"acc": 5.0} and first["seeds"] == 2  # metrics only
+    assert (first["mode"], first["adapter"]) == ("full", 0)
+    adapter = next(s for s in summary["settings"] if s["lr"] == 1e-4)
+    assert (adapter["mode"], adapter["adapter"], adapter["seeds"], adapter["mean"]) == ("adapter", 64, 1, {"acc": 64.0})
     heads, cells = finetune.paper_row(finetune.summarize(runs))
     assert len(heads) == 13 and heads[6] == "RTE acc" and cells[6] == "66.00" and cells[-1] == "66.00"
     assert cells[0] == "-"
