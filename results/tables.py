@@ -113,6 +113,37 @@ def figure5_table(results: Path) -> str:
     return "\n".join(out + ["", "MRPC dev accuracy, full fine-tuning at lr 5e-5, mean ± std over seeds (Pre-Train Perf.)"])
 
 
+TRANSFER = [("SST-2", "acc"), ("STS-B", "pearson"), ("STS-B", "spearman")]
+
+
+def transfer_table(results: Path) -> str:
+    """The transfer probes (probe.sh transfer): SST-2 and STS-B, best mode each, against the floor."""
+    files = sorted((results / "probes" / "transfer").glob("*.json"), key=lambda f: (f.stem != "floor", f.stem))
+    if not files:
+        return ""
+    heads = [f"{t} {m}" for t, m in TRANSFER]
+    out = ["| probe | Pre-train epoch | Pre-Train Perf. | " + " | ".join(heads) + " | mean | over the floor |",
+           "|" + "---|" * (len(heads) + 5)]
+    floor = None
+    for f in files:
+        data = json.loads(f.read_text())
+        pre = data.get("pretrained") or {}
+        cells, values = [], []
+        for task, metric in TRANSFER:
+            best = data["summary"].get(task, {}).get("best")
+            text, v = cell(best, metric, f" ({best['mode'][0]})" if best else "")
+            cells.append(text)
+            values += [] if v is None else [v]
+        mean = float(np.mean(values)) if len(values) == len(TRANSFER) else None
+        floor = mean if f.stem == "floor" else floor
+        gain = "-" if mean is None or floor is None or f.stem == "floor" else f"{mean - floor:+.2f}"
+        epoch, perf = pre.get("epoch"), pre.get("pretrain_perf")
+        out.append("| " + " | ".join([f.stem, "-" if epoch is None else f"{epoch:.0f}",
+                                      "-" if perf is None else f"{perf:.3f}"] + cells +
+                                     ["-" if mean is None else f"{mean:.2f}", gain]) + " |")
+    return "\n".join(out)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="tables.py", description=__doc__.split("\n")[0])
     p.add_argument("--results", default=str(HERE), help="directory that results/run.sh filled")
@@ -122,7 +153,7 @@ def main(argv=None) -> int:
     if args.smoke:
         print(SMOKE + "\n")
     for title, text in (("Tables 1-2", glue_tables(results)), ("Table 4", ood_table(results)),
-                        ("Figure 5", figure5_table(results))):
+                        ("Figure 5", figure5_table(results)), ("Transfer probes", transfer_table(results))):
         if text:
             print(f"### {title}\n\n{text}\n")
     return 0

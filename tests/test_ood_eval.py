@@ -78,6 +78,29 @@ def test_known_model_gives_expected_log_likelihood(tmp_path):
     assert got["masked_tokens"] == int((labels != -100).sum())
 
 
+
+@pytest.mark.equations
+def test_padding_is_masked_out_of_the_score(ckpts):
+    """A short window scored in a padded batch gives the same log-likelihood as scored alone,
+    unpadded: the attention mask leaves the padding out (a model that attended to it would not)."""
+    from model import load_checkpoint
+    model, _ = load_checkpoint(ckpts / "m0.pt")
+    model.eval()
+    g = torch.Generator().manual_seed(7)
+    long = torch.randint(1000, 3000, (1, 32), generator=g)
+    short = torch.randint(1000, 3000, (1, 12), generator=g)
+    labels_long, labels_short = torch.full_like(long, -100), torch.full_like(short, -100)
+    labels_long[0, [3, 9, 20]] = long[0, [3, 9, 20]]
+    labels_short[0, [2, 5, 10]] = short[0, [2, 5, 10]]
+    padded = torch.cat([long, torch.cat([short, short.new_zeros(1, 20)], 1)])
+    padded_labels = torch.cat([labels_long, torch.cat([labels_short, labels_short.new_full((1, 20), -100)], 1)])
+    with torch.no_grad():
+        total, count = ood_eval.score(model, padded, padded_labels, 2, False, torch.device("cpu"))
+        alone = [ood_eval.score(model, x, y, 1, False, torch.device("cpu")) for x, y in
+                 ((long, labels_long), (short, labels_short))]
+    assert count == 6 == sum(n for _, n in alone)
+    assert total == pytest.approx(sum(t for t, _ in alone), abs=1e-4)
+
 def test_gzip_and_limits(tmp_path, ckpts):
     plain = pile(tmp_path / "p.jsonl", n=5)
     with gzip.open(tmp_path / "p.jsonl.gz", "wt") as f:
