@@ -13,14 +13,17 @@ student's. Prints the chosen path; --out also writes it with every candidate's n
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from model import finite_float, portable_path  # noqa: E402
+from model import finite_float, portable_path, write_json  # noqa: E402
+
+
+class AlignError(Exception):
+    """Bad input: reported as one line, exit code 2."""
 
 
 def summary(path: str) -> dict:
@@ -30,7 +33,7 @@ def summary(path: str) -> dict:
         metrics = ckpt.get("metrics") or {}
         return {"path": portable_path(path), "step": ckpt["step"], "epoch": ckpt["epoch"], "pretrain_perf": metrics.get("pretrain_perf")}
     except Exception as e:            # noqa: BLE001 - any unreadable file is the same user error
-        raise SystemExit(f"align.py: error: {path} is not a pretrain.py checkpoint ({type(e).__name__})")
+        raise AlignError(f"{path} is not a pretrain.py checkpoint ({type(e).__name__})")
 
 
 def align(target: dict | None, candidates: list[dict], by: str, epoch: float | None) -> tuple[dict, dict | None]:
@@ -38,19 +41,19 @@ def align(target: dict | None, candidates: list[dict], by: str, epoch: float | N
     if by == "perf":
         scored = [c for c in candidates if c["pretrain_perf"] is not None]
         if target is None or target["pretrain_perf"] is None or not scored:
-            raise SystemExit("align.py: error: performance alignment needs a --target and candidates "
+            raise AlignError("performance alignment needs a --target and candidates "
                              "that carry a Pre-Train Perf. (evaluated at save time)")
         goal = target["pretrain_perf"]
         better = [c for c in scored if c["pretrain_perf"] >= goal]
         worse = [c for c in scored if c["pretrain_perf"] < goal]
         if not better:
             best = max(c["pretrain_perf"] for c in scored)
-            raise SystemExit(f"align.py: error: no candidate is at least as good as the target ({best:.4f} < "
+            raise AlignError(f"no candidate is at least as good as the target ({best:.4f} < "
                              f"{goal:.4f}): train the baseline longer")
         closest = lambda cs: min(cs, key=lambda c: abs(c["pretrain_perf"] - goal)) if cs else None
         return closest(better), closest(worse)
     if epoch is None:
-        raise SystemExit("align.py: error: --by epoch needs --epoch")
+        raise AlignError("--by epoch needs --epoch")
     return min(candidates, key=lambda c: abs(c["epoch"] - epoch)), None
 
 
@@ -62,12 +65,20 @@ def main(argv=None) -> int:
     p.add_argument("--epoch", type=finite_float, help="epoch to align to (--by epoch)")
     p.add_argument("--out", help="also write the choice and every candidate's numbers to this JSON")
     args = p.parse_args(argv)
+    try:
+        return run(args)
+    except AlignError as e:
+        print(f"align.py: error: {e}", file=sys.stderr)
+        return 2
+
+
+def run(args) -> int:
     target = summary(args.target) if args.target else None
     candidates = [summary(c) for c in args.candidates]
     chosen, other_side = align(target, candidates, args.by, args.epoch)
     if args.out:
-        Path(args.out).write_text(json.dumps({"by": args.by, "epoch": args.epoch, "target": target, "chosen": chosen,
-                                              "other_side": other_side, "candidates": candidates}, indent=1))
+        write_json(args.out, {"by": args.by, "epoch": args.epoch, "target": target, "chosen": chosen,
+                              "other_side": other_side, "candidates": candidates})
     print(args.candidates[candidates.index(chosen)])              # as given, for the shell script's next step
     return 0
 
