@@ -552,51 +552,38 @@ def to_hf_bert(mlm: BertForMaskedLM, directory, vocab: list[str] | None = None) 
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def _hf_names(cfg: BertConfig) -> list[tuple[str, str]]:
+    """(our name, HF's name without the "bert." prefix) of every weight but the fused qkv."""
+    pairs = [("bert.word.weight", "embeddings.word_embeddings.weight"),
+             ("bert.position.weight", "embeddings.position_embeddings.weight"),
+             ("bert.token_type.weight", "embeddings.token_type_embeddings.weight")]
+    sublayers = [("bert.ln", "embeddings.LayerNorm")] + [
+        (f"bert.layers.{i}.{ours}", f"encoder.layer.{i}.{hf}") for i in range(cfg.num_layers)
+        for ours, hf in (("attn_out", "attention.output.dense"), ("ln1", "attention.output.LayerNorm"),
+                         ("ffn.fc1", "intermediate.dense"), ("ffn.fc2", "output.dense"), ("ln2", "output.LayerNorm"))]
+    sublayers += [("transform", "cls.predictions.transform.dense"), ("transform_ln", "cls.predictions.transform.LayerNorm")]
+    pairs += [(f"{ours}.{t}", f"{hf}.{t}") for ours, hf in sublayers for t in ("weight", "bias")]
+    return pairs + [("decoder_bias", "cls.predictions.bias")]
+
+
 def _convert_hf_state(s: dict, cfg: BertConfig) -> dict:
-    out = {"bert.word.weight": s["embeddings.word_embeddings.weight"],
-           "bert.position.weight": s["embeddings.position_embeddings.weight"],
-           "bert.token_type.weight": s["embeddings.token_type_embeddings.weight"],
-           "bert.ln.weight": s["embeddings.LayerNorm.weight"], "bert.ln.bias": s["embeddings.LayerNorm.bias"]}
+    """HF BERT weights (names without "bert.") as ours; the MLM head only where the file has one."""
+    out = {ours: s[hf] for ours, hf in _hf_names(cfg) if not hf.startswith("cls.") or "cls.predictions.bias" in s}
     for i in range(cfg.num_layers):
-        p, q = f"encoder.layer.{i}.", f"bert.layers.{i}."
-        att = p + "attention.self."
+        att = f"encoder.layer.{i}.attention.self."
         for t in ("weight", "bias"):
-            out[q + "qkv." + t] = torch.cat([s[att + n + "." + t] for n in ("query", "key", "value")])
-            out[q + "attn_out." + t] = s[p + "attention.output.dense." + t]
-            out[q + "ln1." + t] = s[p + "attention.output.LayerNorm." + t]
-            out[q + "ffn.fc1." + t] = s[p + "intermediate.dense." + t]
-            out[q + "ffn.fc2." + t] = s[p + "output.dense." + t]
-            out[q + "ln2." + t] = s[p + "output.LayerNorm." + t]
-    head = "cls.predictions."
-    if head + "bias" in s:
-        for t in ("weight", "bias"):
-            out[f"transform.{t}"] = s[f"{head}transform.dense.{t}"]
-            out[f"transform_ln.{t}"] = s[f"{head}transform.LayerNorm.{t}"]
-        out["decoder_bias"] = s[head + "bias"]
+            out[f"bert.layers.{i}.qkv.{t}"] = torch.cat([s[att + n + "." + t] for n in ("query", "key", "value")])
     return out
 
 
 def _to_hf_state(s: dict, cfg: BertConfig) -> dict:
     """The inverse of _convert_hf_state, with HF BertForMaskedLM's names (contiguous copies, as
     safetensors needs; the decoder weight is the word embedding, as HF ties it)."""
-    out = {"bert.embeddings.word_embeddings.weight": s["bert.word.weight"],
-           "bert.embeddings.position_embeddings.weight": s["bert.position.weight"],
-           "bert.embeddings.token_type_embeddings.weight": s["bert.token_type.weight"],
-           "bert.embeddings.LayerNorm.weight": s["bert.ln.weight"], "bert.embeddings.LayerNorm.bias": s["bert.ln.bias"]}
+    out = {(hf if hf.startswith("cls.") else "bert." + hf): s[ours] for ours, hf in _hf_names(cfg)}
     for i in range(cfg.num_layers):
-        p, q = f"bert.encoder.layer.{i}.", f"bert.layers.{i}."
         for t in ("weight", "bias"):
-            for name, part in zip(("query", "key", "value"), s[q + "qkv." + t].chunk(3)):
-                out[p + f"attention.self.{name}.{t}"] = part
-            out[p + "attention.output.dense." + t] = s[q + "attn_out." + t]
-            out[p + "attention.output.LayerNorm." + t] = s[q + "ln1." + t]
-            out[p + "intermediate.dense." + t] = s[q + "ffn.fc1." + t]
-            out[p + "output.dense." + t] = s[q + "ffn.fc2." + t]
-            out[p + "output.LayerNorm." + t] = s[q + "ln2." + t]
-    for t in ("weight", "bias"):
-        out[f"cls.predictions.transform.dense.{t}"] = s[f"transform.{t}"]
-        out[f"cls.predictions.transform.LayerNorm.{t}"] = s[f"transform_ln.{t}"]
-    out["cls.predictions.bias"] = s["decoder_bias"]
+            for name, part in zip(("query", "key", "value"), s[f"bert.layers.{i}.qkv.{t}"].chunk(3)):
+                out[f"bert.encoder.layer.{i}.attention.self.{name}.{t}"] = part
     out["cls.predictions.decoder.weight"] = s["bert.word.weight"]
     return {k: v.detach().clone().contiguous() for k, v in out.items()}
 
