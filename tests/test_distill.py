@@ -46,9 +46,9 @@ def test_relations_stay_float32_under_bf16_autocast():
 @pytest.mark.equations
 def test_attention_loss_matches_double_loop_and_skips_padding():
     torch.manual_seed(1)
-    B, nh, T, hs = 2, 3, 5, 4
+    B, nh, T, hs = 3, 3, 5, 4
     q, k, qt, kt = (torch.randn(B, nh, T, hs) for _ in range(4))
-    mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]])
+    mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0], [1, 0, 0, 0, 0]])   # a sequence of one real token too
     expected = 0.0
     for b in range(B):
         n = int(mask[b].sum())
@@ -75,6 +75,8 @@ def test_sample_groups_never_hits_padding():
     assert few.shape == (1, 3) and mask[1:2].reshape(-1)[few].all()
     many = sample_groups(mask, tokens=1000, group=16, generator=g)     # all 94 real: 5 full groups
     assert many.shape == (5, 16)
+    again = [sample_groups(mask, 64, 16, torch.Generator().manual_seed(s)) for s in (5, 5, 6)]
+    assert torch.equal(again[0], again[1]) and not torch.equal(again[0], again[2])   # the generator decides
 
 
 def tiny(seed, **kw):
@@ -131,3 +133,26 @@ def test_teacher_check_student():
     with pytest.raises(ValueError, match="heads differ"):
         teacher.check_student(BertConfig.preset("tiny", num_layers=2, num_heads=4), None, True)
     teacher.check_student(BertConfig.preset("tiny", num_layers=2, num_heads=4), None, False)
+
+
+
+@pytest.mark.equations
+def test_tcd_losses_pass_the_padding_mask_to_the_attention_relation():
+    """L_A of tcd_losses is Eq. 11 summed over layers with the padding mask applied."""
+    torch.manual_seed(3)
+    B, nh, T, hs, layers = 2, 2, 6, 4, 3
+    taps = lambda D: {"trunk": [torch.randn(B, T, D) for _ in range(2 * layers)],
+                      "inner": [torch.randn(B, T, D) for _ in range(2 * layers)],
+                      "q": [torch.randn(B, nh, T, hs) for _ in range(layers)],
+                      "k": [torch.randn(B, nh, T, hs) for _ in range(layers)]}
+    student, teacher = taps(5), taps(3)
+    mask = torch.ones(B, T, dtype=torch.long)
+    mask[1, 2:] = 0
+    index = sample_groups(mask, tokens=8, group=4, generator=torch.Generator().manual_seed(0))
+    parts = tcd_losses(student, teacher, index, mask)
+    expected = sum(attention_loss(q, k, qt, kt, mask) for q, k, qt, kt in
+                   zip(student["q"], student["k"], teacher["q"], teacher["k"]))
+    unmasked = sum(attention_loss(q, k, qt, kt, None) for q, k, qt, kt in
+                   zip(student["q"], student["k"], teacher["q"], teacher["k"]))
+    assert float(parts["attention"]) == pytest.approx(float(expected), rel=1e-6)
+    assert abs(float(expected) - float(unmasked)) > 1e-3

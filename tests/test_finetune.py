@@ -79,6 +79,8 @@ def test_metrics_against_hand_computed():
     assert sts["pearson"] == pytest.approx(100 * np.corrcoef(x, y)[0, 1])
     assert sts["spearman"] == pytest.approx(100 * stats.spearmanr(x, y)[0]) and sts["spearman"] == pytest.approx(80.0)
     assert finetune.score(finetune.TASKS["stsb"], [1.0] * 4, y) == {"pearson": 0.0, "spearman": 0.0}
+    unit = [0.0, 2.0, 0.0, 2.0]                                  # std exactly 1: an ordinary correlation
+    assert finetune.score(finetune.TASKS["stsb"], x, unit)["pearson"] == pytest.approx(100 * np.corrcoef(x, unit)[0, 1])
 
 
 
