@@ -397,23 +397,45 @@ def test_objective_gradient_wrt_each_part_is_its_own_lambda():
 
 
 @pytest.mark.equations
-@pytest.mark.parametrize("mode", ["vanilla", "moe", "tcd"])
+@pytest.mark.parametrize("mode", ["vanilla", "moe", "tcd", "tcd-without-attention"])
 def test_logged_loss_is_eq13_of_its_logged_parts_and_absent_parts_are_zero(tmp_path, corpus, mode):
     """A real run with the λs given on the command line: every logged step's loss is Eq. 13 of its
     own logged parts; a dense model has no balance loss, a run without a teacher no relation loss."""
-    flags = [f"--{k.replace('_', '-')}={v}" for k, v in LAMBDAS.items()] + ["--out", str(tmp_path / f"{mode}.pt")]
+    lambdas = {**LAMBDAS, "lambda_a": 0.0} if mode == "tcd-without-attention" else LAMBDAS
+    flags = [f"--{k.replace('_', '-')}={v}" for k, v in lambdas.items()] + ["--out", str(tmp_path / f"{mode}.pt")]
     if mode != "vanilla":
         flags += ["--moe", "--experts", "4"]
-    if mode == "tcd":
+    if mode.startswith("tcd"):
         save_checkpoint(tmp_path / "teacher.pt", BertForMaskedLM(BertConfig.preset("tiny")), vocab=VOCAB)
         flags += ["--teacher", str(tmp_path / "teacher.pt"), "--relation-tokens", "256", "--relation-group", "32"]
     rows, _ = run(tmp_path, corpus, *flags, steps=4)
     assert len(rows) == 4
     for r in rows:
-        expected = r["mlm"] + sum(LAMBDAS[lam] * r[part] for lam, part in PART_OF.items())
+        expected = r["mlm"] + sum(lambdas[lam] * r[part] for lam, part in PART_OF.items())
         assert r["loss"] == pytest.approx(expected, rel=1e-5), r
         assert (r["balance"] > 0) == (mode != "vanilla")
-        assert all((r[p] > 0) == (mode == "tcd") for p in ("trunk", "inner", "attention")), r
+        assert all((r[p] > 0) == mode.startswith("tcd") for p in ("trunk", "inner")), r
+        assert (r["attention"] > 0) == (mode == "tcd"), r           # L_A only where λA > 0
+
+
+@pytest.mark.equations
+def test_relation_tokens_are_sampled_as_asked_from_a_generator_of_seed_step_and_micro_batch(tmp_path, corpus,
+                                                                                            monkeypatch):
+    """Each micro-batch samples its share of --relation-tokens (a step's count, like the paper's 4096 per
+    batch) in groups of --relation-group, from a generator seeded by (seed, step, micro-batch): a
+    resumed or re-run step samples the same tokens."""
+    calls, real = [], pretrain.sample_groups
+
+    def spy(mask, tokens, group, generator=None):
+        calls.append((tokens, group, generator.initial_seed()))
+        return real(mask, tokens, group, generator)
+
+    monkeypatch.setattr(pretrain, "sample_groups", spy)
+    save_checkpoint(tmp_path / "teacher.pt", BertForMaskedLM(BertConfig.preset("tiny")), vocab=VOCAB)
+    run(tmp_path, corpus, "--moe", "--experts", "4", "--teacher", str(tmp_path / "teacher.pt"), "--relation-tokens",
+        "96", "--relation-group", "32", "--grad-accum", "2", "--seed", "3", "--out", str(tmp_path / "t.pt"), steps=2)
+    expected = [(96 // 2, 32, pretrain.seeded(3, step, m, 2).initial_seed()) for step in range(2) for m in range(2)]
+    assert calls == expected and len({c[2] for c in calls}) == 4
 
 
 def test_a_hugging_face_directory_teaches_as_its_checkpoint(tmp_path, corpus):
