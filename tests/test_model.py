@@ -427,3 +427,19 @@ def test_cuda_equals_cpu_and_trains_in_bf16():
     assert torch.isfinite(res.loss) and all(torch.isfinite(p.grad).all() for p in gpu.parameters() if p.grad is not None)
     kept = (dropout(torch.ones(1 << 20, device="cuda"), 0.1) != 0).float().mean().item()
     assert abs(kept - 0.9) < 0.002
+
+
+@pytest.mark.equations
+def test_masked_lm_without_labels_or_masked_tokens():
+    """Without labels: logits at every position, the balance loss and (only when asked) the taps.
+    With labels but no masked position: L_MLM is exactly 0 and still backpropagates."""
+    torch.manual_seed(5)
+    mlm = BertForMaskedLM(BertConfig.preset("tiny", num_layers=2, num_experts=4, vocab_size=60)).eval()
+    ids = torch.randint(5, 60, (2, 7))
+    plain = mlm(ids)
+    assert plain.logits.shape == (2, 7, 60) and plain.taps is None and plain.balance_loss > 0
+    tapped = mlm(ids, taps=True)
+    assert len(tapped.taps["trunk"]) == 4 and torch.equal(tapped.balance_loss, plain.balance_loss)
+    none = mlm(ids, labels=torch.full_like(ids, -100))
+    assert none.loss.item() == 0.0 and none.logits.shape == (0, 60)
+    none.loss.backward()
