@@ -39,7 +39,7 @@ from scipy import stats
 from tqdm import tqdm
 
 from model import (HelpFormatter, BertForSequenceClassification, InputFileError, adamw_warmup_linear, check_checkpoint_path, finite_float,
-                   load_checkpoint, make_tokenizer, portable_path, read_vocab, tune_allocator, unwritable, write_json)
+                   load_checkpoint, make_tokenizer, portable_args, portable_path, read_vocab, tune_allocator, unwritable, write_json)
 
 HERE = Path(__file__).resolve().parent
 
@@ -410,9 +410,7 @@ def earlier_runs(out: Path, args) -> list[dict]:
 
 
 def recorded_args(args) -> dict:
-    """The settings as the results JSON keeps them, paths relative to the repository."""
-    paths = {k: portable_path(getattr(args, k)) for k in ("ckpt", "data_dir", "vocab", "out") if getattr(args, k)}
-    return {**vars(args), **paths}
+    return portable_args(args, "ckpt", "data_dir", "vocab", "out")
 
 
 def write_results(out: Path, args, runs: list[dict], pretrained: dict) -> dict:

@@ -385,6 +385,16 @@ def portable_path(path) -> str:
     return os.path.relpath(Path(path).resolve(), REPO)
 
 
+def portable_args(args, *paths: str) -> dict:
+    """vars(args) as results JSON keeps them: the named path flags (a path or a list) made portable."""
+    shown = {}
+    for name in paths:
+        value = getattr(args, name)
+        if value:
+            shown[name] = [portable_path(p) for p in value] if isinstance(value, list) else portable_path(value)
+    return {**vars(args), **shown}
+
+
 def check_checkpoint_path(path) -> None:
     """Cheap early check that `path` can be a checkpoint (a file, or a directory with config.json)."""
     p = Path(path)
@@ -410,11 +420,9 @@ def read_checkpoint(path) -> dict:
     """The checkpoint dict of a .pt file (loaded with weights_only=True) or of a Hugging Face BERT
     directory (read_hf_bert); CheckpointError naming what was expected if it is neither."""
     path = Path(path)
+    check_checkpoint_path(path)
     if path.is_dir():
         return read_hf_bert(path)
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint {path} not found: pass a .pt file written by pretrain.py "
-                              "or a Hugging Face BERT directory")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
@@ -431,9 +439,7 @@ def read_hf_bert(directory) -> dict:
     project: config, model, vocab (None without vocab.txt), and mlm_head (False when the weights
     hold a bare encoder, whose head is then random)."""
     d = Path(directory)
-    if not (d / "config.json").is_file():
-        raise CheckpointError(f"{d} is a directory but not a Hugging Face BERT directory: expected config.json, "
-                              "model.safetensors or pytorch_model.bin, and vocab.txt")
+    check_checkpoint_path(d)
     model, has_head = _hf_bert(d)
     vocab = read_vocab(d / "vocab.txt") if (d / "vocab.txt").is_file() else None
     if vocab is not None and len(vocab) != model.config.vocab_size:

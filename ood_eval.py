@@ -25,7 +25,7 @@ import torch
 from tqdm import tqdm
 
 from model import (HelpFormatter, CheckpointError, InputFileError, check_checkpoint_path, load_checkpoint, make_tokenizer, mask_tokens,
-                   masked_log_likelihood, portable_path, tune_allocator, unwritable, write_json)
+                   masked_log_likelihood, portable_args, portable_path, tune_allocator, unwritable, write_json)
 
 PAPER_SUBSETS = ["ArXiv", "DM Mathematics", "Github", "StackExchange", "Ubuntu IRC"]
 PILE_SUBSETS = PAPER_SUBSETS + [
@@ -197,9 +197,7 @@ def earlier_results(out: Path, args) -> dict:
 
 
 def recorded_args(args) -> dict:
-    """The settings as the results JSON keeps them, paths relative to the repository."""
-    return {**vars(args), "data": portable_path(args.data), "out": portable_path(args.out),
-            "ckpt": [portable_path(p) for p in args.ckpt]}
+    return portable_args(args, "data", "out", "ckpt")
 
 
 def write_results(out: Path, args, absent: list, results: dict) -> None:
