@@ -12,6 +12,7 @@ from model import BertConfig, BertForMaskedLM, save_checkpoint
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "results"))
 import align  # noqa: E402
+import make_vocab  # noqa: E402
 import tables  # noqa: E402
 
 
@@ -160,3 +161,28 @@ def test_scripts_take_help_and_refuse_unknown_arguments(tmp_path, script):
         r = subprocess.run(["bash", str(path), *bad], capture_output=True, text=True, env=env, timeout=60)
         assert r.returncode == 2 and r.stderr.count("\n") == 1 and "error" in r.stderr, (bad, r.stderr)
     assert not (tmp_path / "runs").exists()
+
+
+def test_make_vocab_fits_the_corpus_and_refuses_to_overwrite(tmp_path, capsys):
+    """The vocabulary starts with BERT's special tokens ([PAD] = 0), then the rest sorted; it
+    tokenizes its corpus without [UNK]; an existing --out or a missing corpus is one line, exit 2."""
+    from model import make_tokenizer, read_vocab
+    words = ["whale", "harpoon", "captain", "ocean", "sailor", "ship", "sea", "storm", "deck", "mast"]
+    text = "\n".join(" ".join(words[(i * 7 + j * 3) % 10] + ("s" if j % 3 == 0 else "") for j in range(12)) + "."
+                     for i in range(200))
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text(text + "\n")
+    a, b = tmp_path / "a.txt", tmp_path / "b.txt"
+    assert make_vocab.main(["--data", str(corpus), "--size", "300", "--out", str(a)]) == 0
+    b.write_text("kept\n")
+    vocab = read_vocab(a)
+    assert len(vocab) <= 300 and vocab[:5] == ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    assert vocab[5:] == sorted(vocab[5:]) and len(set(vocab)) == len(vocab)
+    assert "whale" in vocab and "harpoon" in vocab                # frequent words are whole tokens
+    ids = make_tokenizer(vocab).encode("Captain SHIP masts seaman.").ids
+    assert vocab.index("[UNK]") not in ids[1:-1] and "ship" in [vocab[i] for i in ids]
+    capsys.readouterr()
+    assert make_vocab.main(["--data", str(corpus), "--out", str(b)]) == 2
+    assert "exists" in capsys.readouterr().err and b.read_text() == "kept\n"
+    assert make_vocab.main(["--data", str(tmp_path / "none.txt"), "--out", str(tmp_path / "c.txt")]) == 2
+    assert "no such file" in capsys.readouterr().err and not (tmp_path / "c.txt").exists()
