@@ -157,7 +157,8 @@ def test_scripts_take_help_and_refuse_unknown_arguments(tmp_path, script):
     env = {**os.environ, "RUNS": str(tmp_path / "runs")}
     r = subprocess.run(["bash", str(path), "--help"], capture_output=True, text=True, env=env, timeout=60)
     assert r.returncode == 0 and "--help" in r.stdout and not (tmp_path / "runs").exists(), r.stderr
-    for bad in (["--bogus"], ["--quick", "--full"], ["frobnicate"]):
+    extra = [["transfer", "n", "c.pt", "--bogus"], ["transfer", "n"]] if script == "probe.sh" else []
+    for bad in (["--bogus"], ["--quick", "--full"], ["frobnicate"], *extra):
         r = subprocess.run(["bash", str(path), *bad], capture_output=True, text=True, env=env, timeout=60)
         assert r.returncode == 2 and r.stderr.count("\n") == 1 and "error" in r.stderr, (bad, r.stderr)
     assert not (tmp_path / "runs").exists()
