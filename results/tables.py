@@ -114,20 +114,24 @@ def figure5_table(results: Path) -> str:
 
 
 TRANSFER = [("SST-2", "acc"), ("STS-B", "pearson"), ("STS-B", "spearman")]
+BERT_VOCAB_SIZE = 30522
 
 
 def transfer_table(results: Path) -> str:
-    """The transfer probes (probe.sh transfer): SST-2 and STS-B, best mode each, against the floor."""
-    files = sorted((results / "probes" / "transfer").glob("*.json"), key=lambda f: (f.stem != "floor", f.stem))
+    """The transfer probes (probe.sh transfer): SST-2 and STS-B, best mode each, against the floor
+    (a probe named floor*) fine-tuned with the same vocabulary."""
+    files = sorted((results / "probes" / "transfer").glob("*.json"),
+                   key=lambda f: (not f.stem.startswith("floor"), f.stem))
     if not files:
         return ""
     heads = [f"{t} {m}" for t, m in TRANSFER]
-    out = ["| probe | Pre-train epoch | Pre-Train Perf. | " + " | ".join(heads) + " | mean | over the floor |",
-           "|" + "---|" * (len(heads) + 5)]
-    floor = None
+    out = ["| probe | vocab | Pre-train epoch | Pre-Train Perf. | " + " | ".join(heads) + " | mean | over the floor |",
+           "|" + "---|" * (len(heads) + 6)]
+    floors = {}                                            # vocabulary size -> the floor's mean
     for f in files:
         data = json.loads(f.read_text())
         pre = data.get("pretrained") or {}
+        vocab = pre.get("vocab_size", BERT_VOCAB_SIZE)    # files written before it was recorded: BERT's
         cells, values = [], []
         for task, metric in TRANSFER:
             best = data["summary"].get(task, {}).get("best")
@@ -135,10 +139,13 @@ def transfer_table(results: Path) -> str:
             cells.append(text)
             values += [] if v is None else [v]
         mean = float(np.mean(values)) if len(values) == len(TRANSFER) else None
-        floor = mean if f.stem == "floor" else floor
-        gain = "-" if mean is None or floor is None or f.stem == "floor" else f"{mean - floor:+.2f}"
+        is_floor = f.stem.startswith("floor")
+        if is_floor:
+            floors[vocab] = mean
+        floor = floors.get(vocab)
+        gain = "-" if mean is None or floor is None or is_floor else f"{mean - floor:+.2f}"
         epoch, perf = pre.get("epoch"), pre.get("pretrain_perf")
-        out.append("| " + " | ".join([f.stem, "-" if epoch is None else f"{epoch:.0f}",
+        out.append("| " + " | ".join([f.stem, f"{vocab:,}", "-" if epoch is None else f"{epoch:.0f}",
                                       "-" if perf is None else f"{perf:.3f}"] + cells +
                                      ["-" if mean is None else f"{mean:.2f}", gain]) + " |")
     return "\n".join(out)
