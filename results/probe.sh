@@ -2,26 +2,29 @@
 # Cheap recipe probes on the shared corpus, one lever changed at a time (README, results/README.md).
 #
 #   bash results/probe.sh pretrain NAME [pretrain.py flags]   # the tiny vanilla base recipe, flags override it
-#   bash results/probe.sh transfer NAME CKPT [--full-only]    # SST-2 and STS-B from CKPT, one seed (transfer)
+#   bash results/probe.sh transfer NAME CKPT [--full-only] [--all-tasks]   # fine-tune CKPT, one seed
 #   bash results/probe.sh --help                              # this text
 #
 # pretrain: up to 6,000 steps (--stop-at 1500 unless a flag overrides it), curve in
 # results/probes/NAME.jsonl, checkpoint $RUNS/probes/NAME.pt; the same command resumes it.
 # transfer: the reproduction's fine-tuning (full lr 5e-5 and adapter-64 lr 3e-4, 10 epochs, dropout
-# 0.1, SST-2 cut to 9,000 examples, seed 1) into results/probes/transfer/NAME.json; --full-only
-# skips the adapter runs (half the time; adapters trailed full fine-tuning in every probe so far).
+# 0.1, SST-2 cut to 9,000 examples, seed 1) on SST-2 and STS-B into results/probes/transfer/NAME.json;
+# --full-only skips the adapter runs (half the time; adapters trailed full fine-tuning in every
+# probe so far); --all-tasks adds CoLA, MRPC and RTE, for the GLUE average of Tables 1-2.
 # RUNS (default: runs/ in this repository) and DATA (default: ../shared/data) move outputs and inputs.
 set -euo pipefail
 R=$(cd "$(dirname "$0")/.." && pwd)
 D=${DATA:-$R/../shared/data}
 RUNS=${RUNS:-$R/runs}
-usage() { sed -n '2,13p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,14p' "$0" | sed 's/^# \{0,1\}//'; }
 fail() { echo "probe.sh: error: $*" >&2; exit 2; }
 case ${1:-} in
   -h|--help) usage; exit 0 ;;
   pretrain) [ $# -ge 2 ] || fail "pretrain needs a NAME (see --help)" ;;
-  transfer) [ $# -eq 3 ] || { [ $# -eq 4 ] && [ "$4" = --full-only ]; } ||
-             fail "transfer needs a NAME and a CKPT, then optionally --full-only (see --help)" ;;
+  transfer) [ $# -ge 3 ] || fail "transfer needs a NAME and a CKPT (see --help)"
+            for flag in "${@:4}"; do
+              case $flag in --full-only|--all-tasks) ;; *) fail "transfer takes --full-only or --all-tasks, not '$flag'" ;; esac
+            done ;;
   "") fail "no command: pretrain or transfer (see --help)" ;;
   *) fail "unknown command '$1': pretrain or transfer (see --help)" ;;
 esac
@@ -30,10 +33,11 @@ case $name in -*) fail "'$name' is not a probe NAME (see --help)" ;; esac
 mkdir -p "$RUNS/probes" "$R/results/probes/transfer"
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 if [ "$command" = transfer ]; then
-  ckpt=$1 modes=("--adapter 0 --lr 5e-5" "--adapter 64 --lr 3e-4")
-  [ "${2:-}" = --full-only ] && modes=("${modes[0]}")
+  ckpt=$1 modes=("--adapter 0 --lr 5e-5" "--adapter 64 --lr 3e-4") tasks="sst2 stsb"
+  case " $* " in *" --full-only "*) modes=("${modes[0]}") ;; esac
+  case " $* " in *" --all-tasks "*) tasks="sst2 stsb cola mrpc rte" ;; esac
   for mode in "${modes[@]}"; do
-    python "$R/finetune.py" --ckpt "$ckpt" --data-dir "$D/glue" --task sst2 stsb $mode --seeds 1 --epochs 10 \
+    python "$R/finetune.py" --ckpt "$ckpt" --data-dir "$D/glue" --task $tasks $mode --seeds 1 --epochs 10 \
       --max-train 9000 --bf16 --out "$R/results/probes/transfer/$name.json"
   done
   exit 0

@@ -117,14 +117,17 @@ TRANSFER = [("SST-2", "acc"), ("STS-B", "pearson"), ("STS-B", "spearman")]
 BERT_VOCAB_SIZE = 30522
 
 
-def transfer_table(results: Path) -> str:
-    """The transfer probes (probe.sh transfer): SST-2 and STS-B, best mode each, against the floor
-    (a probe named floor*) fine-tuned with the same vocabulary."""
-    files = sorted((results / "probes" / "transfer").glob("*.json"),
-                   key=lambda f: (not f.stem.startswith("floor"), f.stem))
+def transfer_table(results: Path, columns=TRANSFER) -> str:
+    """The transfer probes (probe.sh transfer), best mode per task, against the floor (a probe named
+    floor*) fine-tuned with the same vocabulary. With columns=COLUMNS: the probes run on all five
+    tasks (--all-tasks), averaged as in Tables 1-2."""
+    tasks = {task for task, _ in columns}
+    files = [f for f in sorted((results / "probes" / "transfer").glob("*.json"),
+                               key=lambda f: (not f.stem.startswith("floor"), f.stem))
+             if tasks <= json.loads(f.read_text())["summary"].keys()]
     if not files:
         return ""
-    heads = [f"{t} {m}" for t, m in TRANSFER]
+    heads = [f"{t} {m}" for t, m in columns]
     out = ["| probe | vocab | Pre-train epoch | Pre-Train Perf. | " + " | ".join(heads) + " | mean | over the floor |",
            "|" + "---|" * (len(heads) + 6)]
     floors = {}                                            # vocabulary size -> the floor's mean
@@ -133,12 +136,12 @@ def transfer_table(results: Path) -> str:
         pre = data.get("pretrained") or {}
         vocab = pre.get("vocab_size", BERT_VOCAB_SIZE)    # files written before it was recorded: BERT's
         cells, values = [], []
-        for task, metric in TRANSFER:
-            best = data["summary"].get(task, {}).get("best")
-            text, v = cell(best, metric, f" ({best['mode'][0]})" if best else "")
+        for task, metric in columns:
+            best = data["summary"][task]["best"]
+            text, v = cell(best, metric, f" ({best['mode'][0]})")
             cells.append(text)
             values += [] if v is None else [v]
-        mean = float(np.mean(values)) if len(values) == len(TRANSFER) else None
+        mean = float(np.mean(values)) if len(values) == len(columns) else None
         is_floor = f.stem.startswith("floor")
         if is_floor:
             floors[vocab] = mean
@@ -160,7 +163,8 @@ def main(argv=None) -> int:
     if args.smoke:
         print(SMOKE + "\n")
     for title, text in (("Tables 1-2", glue_tables(results)), ("Table 4", ood_table(results)),
-                        ("Figure 5", figure5_table(results)), ("Transfer probes", transfer_table(results))):
+                        ("Figure 5", figure5_table(results)), ("Transfer probes", transfer_table(results)),
+                        ("Transfer probes, all five tasks", transfer_table(results, COLUMNS))):
         if text:
             print(f"### {title}\n\n{text}\n")
     return 0
