@@ -1,11 +1,11 @@
 """Train a BERT-style uncased WordPiece vocabulary on the pretraining text (a recipe lever).
 
 BERT's 30,522-token vocabulary was built for 3.3 B words; on a 4 M-token corpus most of its rows
-are seen a handful of times, and at H=128 its embedding and MLM output matrix are ~80% of the
-tiny model's parameters and most of a step's time. A vocabulary fitted to the corpus is smaller
-and every row is trained often. The `tokenizers` trainer breaks ties between equally frequent
-merges in hash order, so two runs can differ in a few rare tokens: the vocabulary a run used is
-the one saved in its checkpoint (and data/vocab-8k.txt is the one the reproduction uses).
+are seen a handful of times, and at H=128 its embedding (tied to the MLM output) is ~80% of the
+tiny model's parameters. A vocabulary fitted to the corpus is smaller and every row is trained
+often. Probed in results/README.md (section 5): it transferred worse, so the reproduction keeps
+BERT's. The `tokenizers` trainer breaks ties between equally frequent merges in hash order, so
+two runs can differ in a few rare tokens: the vocabulary a run used is saved in its checkpoint.
 
     python results/make_vocab.py --data ../shared/data/pretrain/train.txt --size 8192 --out runs/vocab8k.txt
 """
