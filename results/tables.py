@@ -122,17 +122,16 @@ def transfer_table(results: Path, columns=TRANSFER) -> str:
     floor*) fine-tuned with the same vocabulary. With columns=COLUMNS: the probes run on all five
     tasks (--all-tasks), averaged as in Tables 1-2."""
     tasks = {task for task, _ in columns}
-    files = [f for f in sorted((results / "probes" / "transfer").glob("*.json"),
-                               key=lambda f: (not f.stem.startswith("floor"), f.stem))
-             if tasks <= json.loads(f.read_text())["summary"].keys()]
-    if not files:
+    probes = [(f.stem, json.loads(f.read_text())) for f in sorted((results / "probes" / "transfer").glob("*.json"),
+                                                                  key=lambda f: (not f.stem.startswith("floor"), f.stem))]
+    probes = [(name, data) for name, data in probes if tasks <= data["summary"].keys()]
+    if not probes:
         return ""
     heads = [f"{t} {m}" for t, m in columns]
     out = ["| probe | vocab | Pre-train epoch | Pre-Train Perf. | " + " | ".join(heads) + " | mean | over the floor |",
            "|" + "---|" * (len(heads) + 6)]
     floors = {}                                            # vocabulary size -> the floor's mean
-    for f in files:
-        data = json.loads(f.read_text())
+    for name, data in probes:
         pre = data.get("pretrained") or {}
         vocab = pre.get("vocab_size", BERT_VOCAB_SIZE)    # files written before it was recorded: BERT's
         cells, values = [], []
@@ -142,13 +141,13 @@ def transfer_table(results: Path, columns=TRANSFER) -> str:
             cells.append(text)
             values += [] if v is None else [v]
         mean = float(np.mean(values)) if len(values) == len(columns) else None
-        is_floor = f.stem.startswith("floor")
+        is_floor = name.startswith("floor")
         if is_floor:
             floors[vocab] = mean
         floor = floors.get(vocab)
         gain = "-" if mean is None or floor is None or is_floor else f"{mean - floor:+.2f}"
         epoch, perf = pre.get("epoch"), pre.get("pretrain_perf")
-        out.append("| " + " | ".join([f.stem, f"{vocab:,}", "-" if epoch is None else f"{epoch:.0f}",
+        out.append("| " + " | ".join([name, f"{vocab:,}", "-" if epoch is None else f"{epoch:.0f}",
                                       "-" if perf is None else f"{perf:.3f}"] + cells +
                                      ["-" if mean is None else f"{mean:.2f}", gain]) + " |")
     return "\n".join(out)
