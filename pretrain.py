@@ -507,7 +507,8 @@ def make_parser() -> argparse.ArgumentParser:
     a("--moe", action="store_true", help="replace every FFN by a top-1 Switch MoE layer")
     a("--experts", type=int, default=64, help="experts per MoE layer (paper: 64)")
     a("--teacher", help="vanilla BERT checkpoint to distill transfer capability from (TCD, Eq. 13)")
-    a("--lambda-b", type=finite_float, default=1000.0, help="balance loss weight λB (paper: 1000)")
+    a("--lambda-b", type=finite_float, default=1000.0, help="balance loss weight λB (paper: 1000) on L_B summed "
+      "over the L MoE layers; the paper does not say sum or mean, and 1000 on the mean is --lambda-b 1000/L")
     a("--lambda-t", type=finite_float, default=1.0, help="trunk relation weight λT (paper: 1)")
     a("--lambda-i", type=finite_float, default=1.0, help="residual-inner relation weight λI (paper: 1)")
     a("--lambda-a", type=finite_float, help="attention relation weight λA (default: the paper's, 0 tiny/small, 1 base)")

@@ -36,6 +36,7 @@ export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}     # two jobs at a time, one core 
 
 # ---------------------------------------------------------------- settings
 EXPERTS=8                  # the paper's 64 do not fit 2 cores at this budget (README, deviations)
+LAMBDA_B=250               # the paper's λB=1000 on L_B averaged over the 4 MoE layers (the code sums them): README, 5
 MAX_EPOCHS=40              # the schedule's length for every run (paper: 40, "not reached in practice")
 TEACHER_EPOCHS=6; TCD_EPOCHS=3; MOE_EPOCHS=9       # the baseline keeps every epoch up to teacher + TCD
 VANILLA_EPOCHS=9           # the vanilla run goes on past the teacher, for Table 4's aligned vanilla row
@@ -70,10 +71,10 @@ TEACHER=$RUNS/ckpt/vanilla.epoch$TEACHER_EPOCHS.pt
 (
   pretrain vanilla $TEACHER_EPOCHS                                     # teacher, Eq. 12
   # the student starts from scratch; only its relation targets come from the teacher (Eq. 13)
-  pretrain moe_tcd $TCD_EPOCHS --moe --experts $EXPERTS --teacher "$TEACHER" --relation-tokens 512  # 512 = 4096 x 64/512
+  pretrain moe_tcd $TCD_EPOCHS --moe --experts $EXPERTS --lambda-b $LAMBDA_B --teacher "$TEACHER" --relation-tokens 512  # 512 = 4096 x 64/512
   pretrain vanilla $VANILLA_EPOCHS                                     # the same vanilla run, for Table 4
 ) &
-pretrain moe $MOE_EPOCHS --moe --experts $EXPERTS &                    # baseline, L_MLM + λB·L_B
+pretrain moe $MOE_EPOCHS --moe --experts $EXPERTS --lambda-b $LAMBDA_B &                    # baseline, L_MLM + λB·L_B
 wait
 
 # ---------------------------------------------------------------- 4. alignment
