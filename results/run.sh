@@ -74,7 +74,7 @@ TEACHER=$RUNS/ckpt/vanilla.epoch$TEACHER_EPOCHS.pt
   pretrain moe_tcd $TCD_EPOCHS --moe --experts $EXPERTS --lambda-b $LAMBDA_B --teacher "$TEACHER" --relation-tokens 512  # 512 = 4096 x 64/512
   pretrain vanilla $VANILLA_EPOCHS                                     # the same vanilla run, for Table 4
 ) &
-pretrain moe $MOE_EPOCHS --moe --experts $EXPERTS --lambda-b $LAMBDA_B &                    # baseline, L_MLM + λB·L_B
+pretrain moe $MOE_EPOCHS --moe --experts $EXPERTS --lambda-b $LAMBDA_B &   # baseline, L_MLM + λB·L_B
 wait
 
 # ---------------------------------------------------------------- 4. alignment
