@@ -122,8 +122,9 @@ def transfer_table(results: Path, columns=TRANSFER) -> str:
     floor*) fine-tuned with the same vocabulary. With columns=COLUMNS: the probes run on all five
     tasks (--all-tasks), averaged as in Tables 1-2."""
     tasks = {task for task, _ in columns}
-    probes = [(f.stem, json.loads(f.read_text())) for f in sorted((results / "probes" / "transfer").glob("*.json"),
-                                                                  key=lambda f: (not f.stem.startswith("floor"), f.stem))]
+    files = sorted((results / "probes" / "transfer").glob("*.json"),
+                   key=lambda f: (not f.stem.startswith("floor"), f.stem))     # floors first
+    probes = [(f.stem, json.loads(f.read_text())) for f in files]
     probes = [(name, data) for name, data in probes if tasks <= data["summary"].keys()]
     if not probes:
         return ""
