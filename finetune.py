@@ -442,6 +442,7 @@ def run(args) -> int:
     vocab = ckpt.get("vocab") or read_vocab(args.vocab or HERE / "data" / "bert-base-uncased-vocab.txt")
     tokenizer, device = make_tokenizer(vocab), torch.device(args.device)
     pretrained = {"step": ckpt.get("step"), "epoch": ckpt.get("epoch"), "vocab_size": len(vocab),
+                  "num_layers": mlm.config.num_layers, "hidden_size": mlm.config.hidden_size,
                   "pretrain_perf": (ckpt.get("metrics") or {}).get("pretrain_perf")}   # where the checkpoint stood
     for key in keys:
         done = {(r["adapter"], r["lr"], r["seed"]) for r in runs if r["task"] == TASKS[key].name}

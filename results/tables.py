@@ -119,8 +119,8 @@ BERT_VOCAB_SIZE = 30522
 
 def transfer_table(results: Path, columns=TRANSFER) -> str:
     """The transfer probes (probe.sh transfer), best mode per task, against the floor (a probe named
-    floor*) fine-tuned with the same vocabulary. With columns=COLUMNS: the probes run on all five
-    tasks (--all-tasks), averaged as in Tables 1-2."""
+    floor*) fine-tuned with the same vocabulary and model shape. With columns=COLUMNS: the probes run on
+    all five tasks (--all-tasks), averaged as in Tables 1-2."""
     tasks = {task for task, _ in columns}
     files = sorted((results / "probes" / "transfer").glob("*.json"),
                    key=lambda f: (not f.stem.startswith("floor"), f.stem))     # floors first
@@ -129,12 +129,14 @@ def transfer_table(results: Path, columns=TRANSFER) -> str:
     if not probes:
         return ""
     heads = [f"{t} {m}" for t, m in columns]
-    out = ["| probe | vocab | Pre-train epoch | Pre-Train Perf. | " + " | ".join(heads) + " | mean | over the floor |",
-           "|" + "---|" * (len(heads) + 6)]
-    floors = {}                                            # vocabulary size -> the floor's mean
+    out = ["| probe | layers x H | vocab | Pre-train epoch | Pre-Train Perf. | " + " | ".join(heads) +
+           " | mean | over the floor |",
+           "|" + "---|" * (len(heads) + 7)]
+    floors = {}                                            # (vocabulary size, shape) -> the floor's mean
     for name, data in probes:
         pre = data.get("pretrained") or {}
         vocab = pre.get("vocab_size", BERT_VOCAB_SIZE)    # files written before it was recorded: BERT's
+        shape = (pre.get("num_layers"), pre.get("hidden_size"))          # (None, None) where not recorded
         cells, values = [], []
         for task, metric in columns:
             best = data["summary"][task]["best"]
@@ -144,11 +146,12 @@ def transfer_table(results: Path, columns=TRANSFER) -> str:
         mean = float(np.mean(values)) if len(values) == len(columns) else None
         is_floor = name.startswith("floor")
         if is_floor:
-            floors[vocab] = mean
-        floor = floors.get(vocab)
+            floors[vocab, shape] = mean
+        floor = floors.get((vocab, shape))
         gain = "-" if mean is None or floor is None or is_floor else f"{mean - floor:+.2f}"
         epoch, perf = pre.get("epoch"), pre.get("pretrain_perf")
-        out.append("| " + " | ".join([name, f"{vocab:,}", "-" if epoch is None else f"{epoch:.0f}",
+        shape_text = "-" if None in shape else "{} x {}".format(*shape)
+        out.append("| " + " | ".join([name, shape_text, f"{vocab:,}", "-" if epoch is None else f"{epoch:.0f}",
                                       "-" if perf is None else f"{perf:.3f}"] + cells +
                                      ["-" if mean is None else f"{mean:.2f}", gain]) + " |")
     return "\n".join(out)

@@ -214,7 +214,9 @@ def test_training_improves_loss_and_adapters_train_only_their_set(tmp_path, ckpt
                           "--lr", "1e-2" if adapter else "5e-4", "--seeds", "1", "--epochs", "6",
                           "--batch-size", "8", "--out", str(out)]) == 0
     result = json.loads(out.read_text())
-    assert result["pretrained"]["vocab_size"] == BertConfig.from_dict(torch.load(ckpt, weights_only=True)["config"]).vocab_size
+    config = BertConfig.from_dict(torch.load(ckpt, weights_only=True)["config"])
+    assert [result["pretrained"][k] for k in ("vocab_size", "num_layers", "hidden_size")] == \
+        [config.vocab_size, config.num_layers, config.hidden_size]
     epochs = result["runs"][0]["epochs"]
     assert epochs[-1]["train_loss"] < epochs[0]["train_loss"] - 0.05, epochs
     assert result["runs"][0]["mode"] == ("adapter" if adapter else "full")

@@ -60,17 +60,18 @@ def test_tables_take_the_better_mode_per_task(tmp_path, capsys):
 
 
 
-def test_transfer_table_compares_each_probe_with_the_floor_of_its_vocabulary(tmp_path, capsys):
+def test_transfer_table_compares_each_probe_with_the_floor_of_its_vocabulary_and_shape(tmp_path, capsys):
     import finetune
 
-    def write(name, epoch, sst2, pearson, spearman, vocab=None, more=()):   # per mode: the better one is reported
+    def write(name, epoch, sst2, pearson, spearman, vocab=None, more=(), shape=None):   # per mode: the better one is reported
         tasks = (("SST-2", {"acc": sst2}), ("STS-B", {"pearson": pearson, "spearman": spearman}), *more)
         runs = [{"task": task, "mode": mode, "adapter": a, "lr": 1e-4, "seed": 1,
                  "best": {"epoch": 1, **{k: v + shift for k, v in m.items()}}}
                 for mode, a, shift in (("full", 0, 0.0), ("adapter", 64, -1.0)) for task, m in tasks]
         d = tmp_path / "probes" / "transfer"
         d.mkdir(parents=True, exist_ok=True)
-        pre = {"epoch": epoch, "pretrain_perf": -5.0, **({"vocab_size": vocab} if vocab else {})}
+        pre = {"epoch": epoch, "pretrain_perf": -5.0, **({"vocab_size": vocab} if vocab else {}),
+               **({"num_layers": shape[0], "hidden_size": shape[1]} if shape else {})}
         (d / f"{name}.json").write_text(json.dumps({"pretrained": pre, "runs": runs,
                                                     "summary": finetune.summarize(runs)}))
     three = (("CoLA", {"mcc": 0.0}), ("MRPC", {"acc": 68.0, "f1": 81.0}), ("RTE", {"acc": 52.0}))
@@ -79,14 +80,18 @@ def test_transfer_table_compares_each_probe_with_the_floor_of_its_vocabulary(tmp
     write("vanilla.epoch3", 3.0, 75.0, 30.0, 29.0, more=three)   # mean 44.67
     write("floor8k", 0.002, 70.0, 5.0, 5.0, vocab=8192)     # mean 26.67
     write("a8k", 3.0, 72.0, 10.0, 11.0, vocab=8192)         # mean 31.00; sorts before both floors
+    write("floor-small", 0.002, 60.0, 2.0, 1.0, shape=(12, 128))    # mean 21.00, BERT's vocabulary again
+    write("small.epoch3", 3.0, 80.0, 20.0, 20.0, shape=(12, 128))   # mean 40.00
     assert tables.main(["--results", str(tmp_path)]) == 0
     out = capsys.readouterr().out
-    assert "| floor | 30,522 | 0 | -5.000 | 77.00 ± 0.00 (f) | 10.00 ± 0.00 (f) | 7.00 ± 0.00 (f) | 31.33 | - |" in out
-    assert ("| vanilla.epoch3 | 30,522 | 3 | -5.000 | 75.00 ± 0.00 (f) | 30.00 ± 0.00 (f) | 29.00 ± 0.00 (f) "
+    assert "| floor | - | 30,522 | 0 | -5.000 | 77.00 ± 0.00 (f) | 10.00 ± 0.00 (f) | 7.00 ± 0.00 (f) | 31.33 | - |" in out
+    assert ("| vanilla.epoch3 | - | 30,522 | 3 | -5.000 | 75.00 ± 0.00 (f) | 30.00 ± 0.00 (f) | 29.00 ± 0.00 (f) "
             "| 44.67 | +13.33 |") in out
-    assert "| a8k | 8,192 | 3 | -5.000 | 72.00 ± 0.00 (f) | 10.00 ± 0.00 (f) | 11.00 ± 0.00 (f) | 31.00 | +4.33 |" in out
+    assert "| small.epoch3 | 12 x 128 | 30,522 | 3 | -5.000 | 80.00 ± 0.00 (f) | 20.00 ± 0.00 (f) | 20.00 ± 0.00 (f) " \
+        "| 40.00 | +19.00 |" in out                                     # against its own shape's floor, not 31.33
+    assert "| a8k | - | 8,192 | 3 | -5.000 | 72.00 ± 0.00 (f) | 10.00 ± 0.00 (f) | 11.00 ± 0.00 (f) | 31.00 | +4.33 |" in out
     five = out[out.index("### Transfer probes, all five tasks"):]          # the seven metrics of Tables 1-2
-    assert "| floor | 30,522 | 0 | -5.000 | 0.00 ± 0.00 (f) | 68.00 ± 0.00 (f) | 81.00 ± 0.00 (f) " in five
+    assert "| floor | - | 30,522 | 0 | -5.000 | 0.00 ± 0.00 (f) | 68.00 ± 0.00 (f) | 81.00 ± 0.00 (f) " in five
     assert five.count("| vanilla.epoch3 |") == 1 and "a8k" not in five         # only probes with all five
     assert "| 42.14 | - |" in five and "| 50.43 | +8.29 |" in five    # (0+68+81+77+10+7+52)/7, (14+...+55)/7
 
