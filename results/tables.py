@@ -157,6 +157,21 @@ def transfer_table(results: Path, columns=TRANSFER) -> str:
     return "\n".join(out)
 
 
+def features_table(results: Path) -> str:
+    """The frozen-feature probes (feature_probe.py): one row per checkpoint, in the file's order."""
+    path = results / "probes" / "features.json"
+    if not path.is_file():
+        return ""
+    out = ["| checkpoint | layers | Pre-train epoch | Pre-Train Perf. | SST-2 acc, mean vector | SST-2 acc, [CLS] "
+           "| STS-B Spearman, zero-shot cosine |", "|---|---|---|---|---|---|---|"]
+    for row in json.loads(path.read_text()):
+        epoch, perf = row["epoch"], row["pretrain_perf"]
+        out.append(f"| {row['ckpt']} | {row['num_layers']} | {'-' if epoch is None else f'{epoch:.0f}'} | "
+                   f"{'-' if perf is None else f'{perf:.3f}'} | {row['sst2_acc_mean']:.2f} | "
+                   f"{row['sst2_acc_cls']:.2f} | {row['stsb_spearman_cosine']:.2f} |")
+    return "\n".join(out)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="tables.py", description=__doc__.split("\n")[0])
     p.add_argument("--results", default=str(HERE), help="directory that results/run.sh filled")
@@ -167,7 +182,8 @@ def main(argv=None) -> int:
         print(SMOKE + "\n")
     for title, text in (("Tables 1-2", glue_tables(results)), ("Table 4", ood_table(results)),
                         ("Figure 5", figure5_table(results)), ("Transfer probes", transfer_table(results)),
-                        ("Transfer probes, all five tasks", transfer_table(results, COLUMNS))):
+                        ("Transfer probes, all five tasks", transfer_table(results, COLUMNS)),
+                        ("Frozen-feature probes", features_table(results))):
         if text:
             print(f"### {title}\n\n{text}\n")
     return 0

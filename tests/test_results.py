@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from model import BertConfig, BertForMaskedLM, save_checkpoint
 
@@ -204,3 +205,69 @@ def test_make_vocab_fits_the_corpus_and_refuses_to_overwrite(tmp_path, capsys):
     assert "exists" in capsys.readouterr().err and b.read_text() == "kept\n"
     assert make_vocab.main(["--data", str(tmp_path / "none.txt"), "--out", str(tmp_path / "c.txt")]) == 2
     assert "no such file" in capsys.readouterr().err and not (tmp_path / "c.txt").exists()
+
+
+def test_feature_probe_pools_real_tokens_and_fits_like_sklearn(tmp_path):
+    import feature_probe
+    from sklearn.linear_model import LogisticRegression
+    from finetune import encode
+    from model import make_tokenizer, read_vocab
+    torch.manual_seed(0)
+    bert = BertForMaskedLM(BertConfig.preset("tiny", num_layers=2)).bert.eval()
+    tokenizer = make_tokenizer(read_vocab(ROOT / "data" / "bert-base-uncased-vocab.txt"))
+    texts = ["a short one", "a much longer sentence with many more words in it", "mid length text here"]
+    encoded = encode(tokenizer, texts, [None] * 3, 128)
+    mean, cls = feature_probe.features(bert, encoded, batch_size=3)              # padded together
+    for i, (ids, types) in enumerate(encoded):                                   # each alone, no padding
+        hidden = bert(torch.tensor([ids]), None, torch.tensor([types])).hidden[0].float()   # (T, H)
+        assert torch.allclose(mean[i], hidden.mean(0), atol=1e-5) and torch.allclose(cls[i], hidden[0], atol=1e-5)
+    g = torch.Generator().manual_seed(1)                                          # noisy, unbalanced classes
+    x = torch.randn(300, 5, generator=g) * torch.tensor([1.0, 2.0, 0.5, 3.0, 1.0]) + 0.3
+    y = ((x @ torch.tensor([1.0, -0.5, 2.0, 0.1, 0.0]) + torch.randn(300, generator=g)) > 0.5).long()
+    train, dev, l2 = slice(0, 200), slice(200, 300), 1e-2
+    ours = feature_probe.logistic_accuracy(x[train], y[train].tolist(), x[dev], y[dev].tolist(), l2=l2)
+    mu, sd = x[train].mean(0), x[train].std(0) + 1e-6
+    reference = LogisticRegression(C=1 / (2 * l2 * 200), tol=1e-10, max_iter=10_000)      # same objective
+    reference.fit(((x[train] - mu) / sd).numpy(), y[train].numpy())
+    expected = 100 * (reference.predict(((x[dev] - mu) / sd).numpy()) == y[dev].numpy()).mean()
+    assert ours == pytest.approx(expected) and 60 < ours < 100
+
+
+def test_feature_probe_scores_stsb_by_cosine_of_mean_vectors(tmp_path, capsys):
+    import feature_probe
+    from scipy.stats import spearmanr
+    from model import make_tokenizer, read_vocab
+    import random
+    rng, words = random.Random(0), "the cat dog sat ran on a mat good bad film great awful red".split()
+    text = lambda: " ".join(rng.choice(words) for _ in range(rng.randint(3, 9)))   # noqa: E731
+    for name, header, row in (("SST-2", "sentence\tlabel", lambda i: f"{text()}\t{i % 2}"),
+                              ("STS-B", "index\tgenre\tfilename\tyear\told_index\tsource1\tsource2\tsentence1"
+                               "\tsentence2\tscore", lambda i: f"{i}\tn\tf\t2012\t{i}\ts\ts\t{text()}\t{text()}"
+                               f"\t{rng.uniform(0, 5):.2f}")):
+        (tmp_path / name).mkdir()
+        for split, n in (("train", 40), ("dev", 24)):
+            (tmp_path / name / f"{split}.tsv").write_text("\n".join([header] + [row(i) for i in range(n)]) + "\n")
+    torch.manual_seed(0)
+    model = BertForMaskedLM(BertConfig.preset("tiny", num_layers=2))
+    save_checkpoint(tmp_path / "m.pt", model, step=7, epoch=2.0, metrics={"pretrain_perf": -6.0})
+    (tmp_path / "probes").mkdir()
+    out = tmp_path / "probes" / "features.json"                                  # where tables.py reads it
+    assert feature_probe.main(["--ckpt", str(tmp_path / "m.pt"), "--data-dir", str(tmp_path), "--out", str(out)]) == 0
+    row, = json.loads(out.read_text())
+    assert (row["step"], row["num_layers"], row["pretrain_perf"]) == (7, 2, -6.0)
+    tokenizer = make_tokenizer(read_vocab(ROOT / "data" / "bert-base-uncased-vocab.txt"))
+    a, b, gold = feature_probe.load_task("stsb", str(tmp_path))["dev"]
+
+    model.eval()
+
+    def vector(text):                                                            # one sentence, unbatched
+        e = tokenizer.encode(text)
+        return model.bert(torch.tensor([e.ids]), None, torch.tensor([e.type_ids])).hidden[0].mean(0)
+    with torch.no_grad():
+        cosine = [torch.nn.functional.cosine_similarity(vector(s), vector(t), dim=0).item() for s, t in zip(a, b)]
+    assert row["stsb_spearman_cosine"] == pytest.approx(100 * spearmanr(cosine, gold).statistic, abs=1e-3)
+    assert 0 <= row["sst2_acc_mean"] <= 100 and 0 <= row["sst2_acc_cls"] <= 100
+    assert tables.main(["--results", str(tmp_path)]) == 0
+    printed = capsys.readouterr().out
+    assert (f"| {row['ckpt']} | 2 | 2 | -6.000 | {row['sst2_acc_mean']:.2f} | {row['sst2_acc_cls']:.2f} | "
+            f"{row['stsb_spearman_cosine']:.2f} |") in printed.split("### Frozen-feature probes")[1]
