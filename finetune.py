@@ -421,6 +421,13 @@ def write_results(out: Path, args, runs: list[dict], pretrained: dict) -> dict:
     return summary
 
 
+def where_it_stood(mlm, ckpt: dict, vocab: list[str]) -> dict:
+    """What every result records of its checkpoint: step, epoch, shape and Pre-Train Perf."""
+    return {"step": ckpt.get("step"), "epoch": ckpt.get("epoch"), "vocab_size": len(vocab),
+            "num_layers": mlm.config.num_layers, "hidden_size": mlm.config.hidden_size,
+            "pretrain_perf": (ckpt.get("metrics") or {}).get("pretrain_perf")}
+
+
 def run(args) -> int:
     check_args(args)
     if args.tasks == "all":
@@ -441,9 +448,7 @@ def run(args) -> int:
         raise UsageError(f"--max-len {args.max_len} is more than the model's {mlm.config.max_position} positions")
     vocab = ckpt.get("vocab") or read_vocab(args.vocab or HERE / "data" / "bert-base-uncased-vocab.txt")
     tokenizer, device = make_tokenizer(vocab), torch.device(args.device)
-    pretrained = {"step": ckpt.get("step"), "epoch": ckpt.get("epoch"), "vocab_size": len(vocab),
-                  "num_layers": mlm.config.num_layers, "hidden_size": mlm.config.hidden_size,
-                  "pretrain_perf": (ckpt.get("metrics") or {}).get("pretrain_perf")}   # where the checkpoint stood
+    pretrained = where_it_stood(mlm, ckpt, vocab)
     for key in keys:
         done = {(r["adapter"], r["lr"], r["seed"]) for r in runs if r["task"] == TASKS[key].name}
         todo = [g for g in grid(args, key, mlm.config) if g not in done]

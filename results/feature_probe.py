@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from scipy.stats import spearmanr
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from finetune import batches, encode, load_task  # noqa: E402
+from finetune import batches, encode, load_task, where_it_stood  # noqa: E402
 from model import load_checkpoint, make_tokenizer, portable_path, read_vocab, write_json  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
@@ -70,9 +70,7 @@ def probe(ckpt: str, data_dir: str, max_train: int) -> dict:
     a, b, gold = stsb["dev"]
     (mean_a, _), (mean_b, _) = (features(mlm.bert, encode(tokenizer, s, [None] * len(s), 128)) for s in (a, b))
     cosine = F.cosine_similarity(mean_a, mean_b).tolist()
-    return {"ckpt": portable_path(ckpt), "step": saved.get("step"), "epoch": saved.get("epoch"),
-            "num_layers": mlm.config.num_layers,
-            "pretrain_perf": (saved.get("metrics") or {}).get("pretrain_perf"),
+    return {"ckpt": portable_path(ckpt), **where_it_stood(mlm, saved, vocab),
             "sst2_acc_mean": logistic_accuracy(train_mean, train[2], dev_mean, sst2["dev"][2]),
             "sst2_acc_cls": logistic_accuracy(train_cls, train[2], dev_cls, sst2["dev"][2]),
             "stsb_spearman_cosine": 100.0 * spearmanr(cosine, gold).statistic}
