@@ -38,7 +38,9 @@ export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}     # two jobs at a time, one core 
 EXPERTS=8                  # the paper's 64 do not fit 2 cores at this budget (README, deviations)
 LAMBDA_B=250               # the paper's λB=1000 on L_B averaged over the 4 MoE layers (the code sums them): README, 5
 MAX_EPOCHS=40              # the schedule's length for every run (paper: 40, "not reached in practice")
-TEACHER_EPOCHS=6; TCD_EPOCHS=3; MOE_EPOCHS=9       # the baseline keeps every epoch up to teacher + TCD
+# the teacher stops at the student's length, where MoE + TCD can pass it (the paper's teacher is weaker than
+# its student); the baseline keeps every epoch up to teacher + TCD (Table 2): results/README.md, section 5
+TEACHER_EPOCHS=3; TCD_EPOCHS=3; MOE_EPOCHS=6
 VANILLA_EPOCHS=9           # the vanilla run goes on past the teacher, for Table 4's aligned vanilla row
 SEEDS="1 2 3"; FT_EPOCHS=10; FT_MAX_TRAIN=9000; OOD_TOKENS=100000   # 10 epochs: the paper's
 RECIPE="--preset tiny --bf16 --batch-size 64 --lr 2e-3 --warmup-steps 300 --dropout 0 --beta2 0.98"
