@@ -90,6 +90,10 @@ stamp "aligned: performance $PERF, epochs $EPOCH, Table 4's vanilla $VANILLA"
 python "$R/results/align.py" --target "$TEACHER" --candidates "$TCD" > /dev/null 2>&1 \
   && stamp "the teacher is weaker than its TCD student, as in the paper" \
   || stamp "NOTE: the teacher is stronger than its TCD student (the paper's teacher is weaker)"
+python "$R/results/align.py" --target "$RUNS/ckpt/vanilla.epoch$MOE_EPOCHS.pt" \
+  --candidates "$RUNS/ckpt/moe.epoch$MOE_EPOCHS.pt" > /dev/null 2>&1 \
+  && stamp "MoE is at least as good as vanilla at epoch $MOE_EPOCHS, the last they share (claim a's premise)" \
+  || stamp "NOTE: MoE trails vanilla at epoch $MOE_EPOCHS, the last they share (the paper's premise fails here)"
 
 # ---------------------------------------------------------------- 5. GLUE (Tables 1-2, Fig. 1)
 # the paper's grid is 12 settings x 3 seeds x 10 epochs per task and model: far beyond 2 cores, so one
