@@ -172,6 +172,41 @@ def features_table(results: Path) -> str:
     return "\n".join(out)
 
 
+PREMISE = [("vanilla", "probes/vanilla-long.jsonl"), ("MoE-8 λB 1000", "previous/section4/pretrain/moe.jsonl"),
+           ("MoE-8 λB 250", "probes/moe-lb250.jsonl"), ("MoE-16 λB 250", "probes/moe16-lb250.jsonl")]
+
+
+def epoch_losses(path: Path) -> dict[int, tuple[float, float]]:
+    """{epoch: (held-out loss = -Pre-Train Perf. at the epoch's end, mean training MLM loss over the
+    epoch's logged steps)} of a pretrain.py metrics file, for every completed epoch."""
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    ends = {round(r["epoch"]): r for r in rows
+            if r.get("valid") and r["epoch"] >= 1 and abs(r["epoch"] - round(r["epoch"])) < 1e-9}
+    out = {}
+    for epoch, end in ends.items():
+        steps_per_epoch = end["step"] / epoch
+        mlm = [r["mlm"] for r in rows if "mlm" in r and (epoch - 1) * steps_per_epoch < r["step"] <= end["step"]]
+        out[epoch] = (-end["pretrain_perf"], float(np.mean(mlm)) if mlm else float("nan"))
+    return out
+
+
+def premise_table(results: Path) -> str:
+    """Claim (a)'s probes at equal steps: held-out and training masked-LM loss (lower is better) after
+    each epoch, for vanilla and each MoE run present, up to the last epoch any MoE run reached."""
+    runs = [(name, epoch_losses(results / rel)) for name, rel in PREMISE if (results / rel).is_file()]
+    moe = [losses for name, losses in runs if name != "vanilla"]
+    if not moe or runs[0][0] != "vanilla":
+        return ""
+    last = max(max(losses, default=0) for losses in moe)
+    names = [name for name, _ in runs]
+    out = ["| epoch | " + " | ".join(f"held-out: {n}" for n in names) + " | " +
+           " | ".join(f"train: {n}" for n in names) + " |", "|" + "---|" * (2 * len(names) + 1)]
+    for epoch in range(1, last + 1):
+        cells = [[f"{losses[epoch][i]:.3f}" if epoch in losses else "-" for _, losses in runs] for i in (0, 1)]
+        out.append(f"| {epoch} | " + " | ".join(cells[0] + cells[1]) + " |")
+    return "\n".join(out)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="tables.py", description=__doc__.split("\n")[0])
     p.add_argument("--results", default=str(HERE), help="directory that results/run.sh filled")
@@ -183,7 +218,8 @@ def main(argv=None) -> int:
     for title, text in (("Tables 1-2", glue_tables(results)), ("Table 4", ood_table(results)),
                         ("Figure 5", figure5_table(results)), ("Transfer probes", transfer_table(results)),
                         ("Transfer probes, all five tasks", transfer_table(results, COLUMNS)),
-                        ("Frozen-feature probes", features_table(results))):
+                        ("Frozen-feature probes", features_table(results)),
+                        ("Premise probes (held-out and training MLM loss after each epoch)", premise_table(results))):
         if text:
             print(f"### {title}\n\n{text}\n")
     return 0

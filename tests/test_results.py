@@ -97,6 +97,30 @@ def test_transfer_table_compares_each_probe_with_the_floor_of_its_vocabulary_and
     assert "| 42.14 | - |" in five and "| 50.43 | +8.29 |" in five    # (0+68+81+77+10+7+52)/7, (14+...+55)/7
 
 
+def test_premise_table_reads_each_epoch_end_and_the_mean_training_loss_within_it(tmp_path, capsys):
+    """Held-out = -Pre-Train Perf. at each epoch's end (mid-epoch evaluations ignored); train = the mean
+    of the logged MLM losses of that epoch only (a boundary step belongs to the epoch it ends); rows go
+    to the last epoch any MoE run reached, and a run that stopped earlier shows '-'."""
+    def write(rel, perfs, mlm):                       # 4 steps an epoch, a loss logged every 2 steps
+        rows = [{"step": step, "mlm": loss} for step, loss in mlm]
+        rows += [{"valid": True, "step": 2, "epoch": 0.5, "pretrain_perf": -9.0}]
+        rows += [{"valid": True, "step": 4 * e, "epoch": float(e), "pretrain_perf": p} for e, p in enumerate(perfs, 1)]
+        path = tmp_path / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    write("probes/vanilla-long.jsonl", [-6.5, -5.25, -5.0], [(2, 8.0), (4, 7.0), (6, 6.0), (8, 5.0), (10, 1.0), (12, 1.0)])
+    write("probes/moe16-lb250.jsonl", [-6.25, -5.5], [(2, 9.0), (4, 6.0), (6, 5.5), (8, 4.5)])
+    write("probes/moe-lb250.jsonl", [-6.75], [(2, 7.0), (4, 7.5)])
+    assert tables.main(["--results", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    table = out[out.index("### Premise probes"):]
+    assert ("| epoch | held-out: vanilla | held-out: MoE-8 λB 250 | held-out: MoE-16 λB 250 | train: vanilla "
+            "| train: MoE-8 λB 250 | train: MoE-16 λB 250 |") in table
+    assert "| 1 | 6.500 | 6.750 | 6.250 | 7.500 | 7.250 | 7.500 |" in table
+    assert "| 2 | 5.250 | - | 5.500 | 5.500 | - | 5.000 |" in table
+    assert "| 3 |" not in table                                  # vanilla's third epoch: no MoE run got there
+
+
 def test_figure5_reads_its_setting_from_both_directories(tmp_path, capsys):
     import finetune
 
