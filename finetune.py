@@ -409,6 +409,23 @@ def earlier_runs(out: Path, args) -> list[dict]:
     return runs
 
 
+# a checkpoint retrained by the same command differs in float noise (Pre-Train Perf. within ~1e-4 on CPU);
+# two kept epochs of one run differ by 0.05 or more, so this tells a retrained checkpoint from another one
+SAME_PERF = 5e-3
+
+
+def check_same_checkpoint(out: Path, pretrained: dict) -> None:
+    """Refuse to add runs to `out` from a checkpoint other than the one its runs came from."""
+    if not out.is_file():
+        return
+    old = json.loads(out.read_text()).get("pretrained") or {}
+    was, now = old.get("pretrain_perf"), pretrained["pretrain_perf"]
+    same_perf = was is None or now is None or abs(was - now) <= SAME_PERF
+    if old.get("step") != pretrained["step"] or not same_perf:
+        raise UsageError(f"{out} holds runs fine-tuned from another checkpoint (step {old.get('step')}, Pre-Train "
+                         f"Perf. {was}; this one: step {pretrained['step']}, {now}): pass another --out")
+
+
 def recorded_args(args) -> dict:
     return portable_args(args, "ckpt", "data_dir", "vocab", "out")
 
@@ -449,6 +466,8 @@ def run(args) -> int:
     vocab = ckpt.get("vocab") or read_vocab(args.vocab or HERE / "data" / "bert-base-uncased-vocab.txt")
     tokenizer, device = make_tokenizer(vocab), torch.device(args.device)
     pretrained = where_it_stood(mlm, ckpt, vocab)
+    if runs:
+        check_same_checkpoint(out, pretrained)
     for key in keys:
         done = {(r["adapter"], r["lr"], r["seed"]) for r in runs if r["task"] == TASKS[key].name}
         todo = [g for g in grid(args, key, mlm.config) if g not in done]
@@ -460,6 +479,7 @@ def run(args) -> int:
         data = {split: (encode(tokenizer, a, b, args.max_len), y) for split, (a, b, y) in raw.items()}
         for adapter, lr, seed in tqdm(todo, desc=TASKS[key].name, dynamic_ncols=True):
             r = run_one(args, key, data, mlm, mlm.config, adapter, lr, seed, device)
+            r["pretrain_perf"] = pretrained["pretrain_perf"]  # per run: a retrained checkpoint's runs stay visible
             runs.append(r)
             write_results(out, args, runs, pretrained)
             tqdm.write(f"{r['task']:6s} {r['mode']:7s} adapter={adapter:<4d} lr={lr:.0e} seed={seed}: best epoch "

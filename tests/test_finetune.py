@@ -342,6 +342,25 @@ def test_results_written_per_run_and_a_rerun_skips_them(tmp_path, ckpt, monkeypa
     assert len(result["runs"]) == 4 and result["runs"][:3] == kept
 
 
+def test_runs_from_another_checkpoint_are_not_mixed_into_one_file(tmp_path):
+    write_task(tmp_path, "rte", n_train=16, n_dev=8)
+    vocab, path, out = read_vocab(ROOT / "data" / "bert-base-uncased-vocab.txt"), tmp_path / "m.pt", tmp_path / "r.json"
+    model = BertForMaskedLM(BertConfig.preset("tiny", num_layers=1))
+
+    def finetune_from(step, perf, seed):                    # the same path, a checkpoint that stood at (step, perf)
+        save_checkpoint(path, model, vocab=vocab, step=step, metrics={"pretrain_perf": perf})
+        return finetune.main(["--task", "rte", "--ckpt", str(path), "--data-dir", str(tmp_path), "--adapter", "0",
+                              "--lr", "1e-3", "--seeds", str(seed), "--epochs", "1", "--batch-size", "8", "--out", str(out)])
+
+    assert finetune_from(100, -5.1590, 1) == 0
+    assert finetune_from(100, -5.1591, 2) == 0              # retrained by the same command: float noise, kept
+    assert [r["pretrain_perf"] for r in json.loads(out.read_text())["runs"]] == [-5.1590, -5.1591]
+    before = out.read_bytes()
+    assert finetune_from(100, -4.6590, 3) == 2              # another epoch's Pre-Train Perf.
+    assert finetune_from(150, -5.1590, 3) == 2              # another step
+    assert out.read_bytes() == before                       # nothing written
+
+
 def test_default_grid_is_the_papers(ckpt):
     from model import BertConfig
     args = finetune.make_parser().parse_args(["--task", "rte"])
