@@ -409,9 +409,9 @@ def earlier_runs(out: Path, args) -> list[dict]:
     return runs
 
 
-# a checkpoint retrained by the same command differs in float noise (Pre-Train Perf. within ~1e-4 on CPU);
-# two kept epochs of one run differ by 0.05 or more, so this tells a retrained checkpoint from another one
-SAME_PERF = 5e-3
+# a checkpoint retrained by the same command differs by float noise (Pre-Train Perf. by up to ~0.01 here:
+# CPU reductions are not bitwise repeatable); two kept epochs of one run differ by 0.05 or more
+SAME_PERF = 0.02
 
 
 def check_same_checkpoint(out: Path, pretrained: dict) -> None:
