@@ -190,10 +190,13 @@ def epoch_losses(path: Path) -> dict[int, tuple[float, float]]:
     return out
 
 
-def premise_table(results: Path) -> str:
-    """Claim (a)'s probes at equal steps: held-out and training masked-LM loss (lower is better) after
-    each epoch, for vanilla and each MoE run present, up to the last epoch any MoE run reached."""
-    runs = [(name, epoch_losses(results / rel)) for name, rel in PREMISE if (results / rel).is_file()]
+RERUN = [("vanilla", "pretrain/vanilla.jsonl"), ("MoE", "pretrain/moe.jsonl"), ("MoE + TCD", "pretrain/moe_tcd.jsonl")]
+
+
+def premise_table(results: Path, curves: list[tuple[str, str]] = PREMISE) -> str:
+    """Claim (a) at equal steps: held-out and training masked-LM loss (lower is better) after each
+    epoch, for vanilla and each MoE run present, up to the last epoch any MoE run reached."""
+    runs = [(name, epoch_losses(results / rel)) for name, rel in curves if (results / rel).is_file()]
     moe = [losses for name, losses in runs if name != "vanilla"]
     if not moe or runs[0][0] != "vanilla":
         return ""
@@ -219,6 +222,7 @@ def main(argv=None) -> int:
                         ("Figure 5", figure5_table(results)), ("Transfer probes", transfer_table(results)),
                         ("Transfer probes, all five tasks", transfer_table(results, COLUMNS)),
                         ("Frozen-feature probes", features_table(results)),
+                        ("Pretraining (held-out and training MLM loss after each epoch)", premise_table(results, RERUN)),
                         ("Premise probes (held-out and training MLM loss after each epoch)", premise_table(results))):
         if text:
             print(f"### {title}\n\n{text}\n")

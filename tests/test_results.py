@@ -119,6 +119,14 @@ def test_premise_table_reads_each_epoch_end_and_the_mean_training_loss_within_it
     assert "| 1 | 6.500 | 6.750 | 6.250 | 7.500 | 7.250 | 7.500 |" in table
     assert "| 2 | 5.250 | - | 5.500 | 5.500 | - | 5.000 |" in table
     assert "| 3 |" not in table                                  # vanilla's third epoch: no MoE run got there
+    assert "### Pretraining" not in out                          # no rerun curves yet
+    write("pretrain/vanilla.jsonl", [-6.5, -5.25], [(2, 8.0), (4, 7.0), (6, 6.0), (8, 5.0)])
+    write("pretrain/moe_tcd.jsonl", [-6.0], [(2, 6.0), (4, 5.0)])
+    assert tables.main(["--results", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    rerun = out[out.index("### Pretraining"):out.index("### Premise probes")]
+    assert "| epoch | held-out: vanilla | held-out: MoE + TCD | train: vanilla | train: MoE + TCD |" in rerun
+    assert "| 1 | 6.500 | 6.000 | 7.500 | 5.500 |" in rerun and "| 2 |" not in rerun
 
 
 def test_figure5_reads_its_setting_from_both_directories(tmp_path, capsys):
