@@ -116,18 +116,20 @@ python "$R/results/align.py" --target "$RUNS/ckpt/vanilla.epoch$MOE_EPOCHS.pt" \
 # full (lr 5e-5) and one adapter (64, lr 3e-4) setting, fixed in advance, never tuned on dev
 finetune() {  # NAME CKPT OUT_DIR SEEDS MODES TASKS...: the modes into one JSON, whose summary takes the better
   local name=$1 ckpt=$2 dir=$3 seeds=$4 modes=$5; shift 5
-  stamp "finetune $name (log: $RUNS/logs/ft-$name.log)"
+  stamp "finetune $name, seeds $seeds (log: $RUNS/logs/ft-$name.log)"
   for mode in $modes; do
     python "$R/finetune.py" --ckpt "$ckpt" --data-dir "$D/glue" --task "$@" ${!mode} --seeds $seeds \
       --epochs $FT_EPOCHS --max-train $FT_MAX_TRAIN --bf16 --out "$dir/$name.json" >> "$RUNS/logs/ft-$name.log" 2>&1
   done
 }
-finetune teacher "$TEACHER" "$RES/finetune" "$SEEDS" "FULL ADAPTER" $TASKS &
-finetune moe_tcd "$TCD" "$RES/finetune" "$SEEDS" "FULL ADAPTER" $TASKS &
-wait
-finetune moe_perf "$PERF" "$RES/finetune" "$SEEDS" "FULL ADAPTER" $TASKS &
-finetune moe_epoch "$EPOCH" "$RES/finetune" "$SEEDS" "FULL ADAPTER" $TASKS &
-wait
+for seed in $SEEDS; do      # seed by seed: a run cut short still leaves all four rows of Tables 1-2
+  finetune teacher "$TEACHER" "$RES/finetune" $seed "FULL ADAPTER" $TASKS &
+  finetune moe_tcd "$TCD" "$RES/finetune" $seed "FULL ADAPTER" $TASKS &
+  wait
+  finetune moe_perf "$PERF" "$RES/finetune" $seed "FULL ADAPTER" $TASKS &
+  finetune moe_epoch "$EPOCH" "$RES/finetune" $seed "FULL ADAPTER" $TASKS &
+  wait
+done
 
 # ---------------------------------------------------------------- 6. OOD (Table 4), the floor, the anchor
 ( stamp "ood"
