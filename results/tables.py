@@ -205,7 +205,7 @@ def premise_table(results: Path, curves: list[tuple[str, str]] = PREMISE) -> str
     out = ["| epoch | " + " | ".join(f"held-out: {n}" for n in names) + " | " +
            " | ".join(f"train: {n}" for n in names) + " |", "|" + "---|" * (2 * len(names) + 1)]
     for epoch in range(1, last + 1):
-        cells = [[f"{losses[epoch][i]:.3f}" if epoch in losses and losses[epoch][i] == losses[epoch][i] else "-"
+        cells = [[f"{losses[epoch][i]:.3f}" if epoch in losses and not np.isnan(losses[epoch][i]) else "-"
                   for _, losses in runs] for i in (0, 1)]          # '-': not reached, or no loss logged in it
         out.append(f"| {epoch} | " + " | ".join(cells[0] + cells[1]) + " |")
     return "\n".join(out)
