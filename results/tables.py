@@ -40,7 +40,7 @@ def glue_rows(results: Path, mode: str | None) -> list[str]:
             continue
         data = json.loads(f.read_text())
         pre = data.get("pretrained") or {}
-        cells, values = [], []
+        cells, values, seeds = [], [], set()
         for task, metric in COLUMNS:
             settings = data["summary"].get(task, {}).get("settings", [])
             pool = [s for s in settings if mode is None or s["mode"] == mode]
@@ -49,23 +49,28 @@ def glue_rows(results: Path, mode: str | None) -> list[str]:
             text, v = cell(best, metric, f" ({best['mode'][0]})" if best and mode is None else "")
             cells.append(text)
             values += [] if v is None else [v]
+            seeds |= set() if best is None else {best["seeds"]}
         perf = pre.get("pretrain_perf")
         epoch = pre.get("epoch")
         head = [label] + ([mode] if mode else []) + ["-" if epoch is None else f"{epoch:.0f}",
-                                                     "-" if perf is None else f"{perf:.3f}"]
-        lines.append("| " + " | ".join(head + cells + [f"{np.mean(values):.2f}" if values else "-"]) + " |")
+                                                     "-" if perf is None else f"{perf:.3f}",
+                                                     "-".join(str(n) for n in sorted(seeds)) or "-"]
+        # an average over the tasks run so far would not compare with a complete row's
+        average = f"{np.mean(values):.2f}" if len(values) == len(COLUMNS) else "-"
+        lines.append("| " + " | ".join(head + cells + [average]) + " |")
     return lines
 
 
 def glue_tables(results: Path) -> str:
     heads = [f"{t} {m}" for t, m in COLUMNS] + ["Avg"]
-    out = ["| Model | Pre-train epochs | Pre-Train Perf. | " + " | ".join(heads) + " |",
-           "|" + "---|" * (len(heads) + 3)] + glue_rows(results, None)
-    out += ["", "| Model | mode | Pre-train epochs | Pre-Train Perf. | " + " | ".join(heads) + " |",
-            "|" + "---|" * (len(heads) + 4)]
+    out = ["| Model | Pre-train epochs | Pre-Train Perf. | seeds | " + " | ".join(heads) + " |",
+           "|" + "---|" * (len(heads) + 4)] + glue_rows(results, None)
+    out += ["", "| Model | mode | Pre-train epochs | Pre-Train Perf. | seeds | " + " | ".join(heads) + " |",
+            "|" + "---|" * (len(heads) + 5)]
     for mode in ("full", "adapter"):
         out += glue_rows(results, mode)
-    return "\n".join(out)
+    return "\n".join(out + ["", "seeds: how many seeds each cell averages (a range where tasks differ); "
+                                 "Avg only once every task is in, (f)/(a): the better mode was full/adapter."])
 
 
 def ood_table(results: Path) -> str:

@@ -56,8 +56,25 @@ def test_tables_take_the_better_mode_per_task(tmp_path, capsys):
     assert tables.main(["--results", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     row = next(line for line in out.splitlines() if line.startswith("| MoE BERT w/ TCD | 3"))
-    assert "61.50 ± 0.50 (a)" in row and "-5.500" in row                    # adapter won RTE
-    assert "| MoE BERT w/ TCD | full | 3 | -5.500 |" in out
+    assert "61.50 ± 0.50 (a)" in row and "-5.500 | 2 |" in row              # adapter won RTE, 2 seeds
+    assert row.endswith("| - |")                                           # no average over one task
+    assert "| MoE BERT w/ TCD | full | 3 | -5.500 | 2 |" in out
+
+
+def test_tables_average_a_row_only_once_every_task_is_in(tmp_path, capsys):
+    import finetune
+    scores = {"CoLA": {"mcc": 10.0}, "MRPC": {"acc": 70.0, "f1": 80.0}, "SST-2": {"acc": 76.0},
+              "STS-B": {"pearson": 20.0, "spearman": 18.0}, "RTE": {"acc": 55.0}}
+    runs = [{"task": task, "mode": "full", "adapter": 0, "lr": 5e-5, "seed": s,
+             "best": {"epoch": 1, "train_loss": 0.5, "seconds": 1.0, **{k: v + s for k, v in metrics.items()}}}
+            for task, metrics in scores.items() for s in ((1, 2, 3) if task != "RTE" else (1,))]
+    (tmp_path / "finetune").mkdir()
+    (tmp_path / "finetune" / "teacher.json").write_text(json.dumps(
+        {"pretrained": {"epoch": 3.0, "pretrain_perf": -5.1}, "runs": runs, "summary": finetune.summarize(runs)}))
+    assert tables.main(["--results", str(tmp_path)]) == 0
+    row = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("| Vanilla BERT (teacher) | 3"))
+    # seed means 12, 72, 82, 78, 22, 20 and RTE's one seed 56: average 48.86; RTE has one seed, the rest three
+    assert "| -5.100 | 1-3 |" in row and "56.00 ± 0.00 (f)" in row and row.endswith("| 48.86 |")
 
 
 
