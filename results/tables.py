@@ -163,13 +163,14 @@ def transfer_table(results: Path, columns=TRANSFER) -> str:
 
 
 def features_table(results: Path) -> str:
-    """The frozen-feature probes (feature_probe.py): one row per checkpoint, in the file's order."""
-    path = results / "probes" / "features.json"
-    if not path.is_file():
+    """The frozen-feature probes (feature_probe.py): one row per checkpoint, in the files' order
+    (features.json: the recipe probes, then features-*.json, e.g. the rerun's models)."""
+    paths = sorted((results / "probes").glob("features*.json"), key=lambda f: (f.name != "features.json", f.name))
+    if not paths:
         return ""
     out = ["| checkpoint | layers | Pre-train epoch | Pre-Train Perf. | SST-2 acc, mean vector | SST-2 acc, [CLS] "
            "| STS-B Spearman, zero-shot cosine |", "|---|---|---|---|---|---|---|"]
-    for row in json.loads(path.read_text()):
+    for row in (row for path in paths for row in json.loads(path.read_text())):
         epoch, perf = row["epoch"], row["pretrain_perf"]
         out.append(f"| {row['ckpt']} | {row['num_layers']} | {'-' if epoch is None else f'{epoch:.0f}'} | "
                    f"{'-' if perf is None else f'{perf:.3f}'} | {row['sst2_acc_mean']:.2f} | "

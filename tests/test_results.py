@@ -320,3 +320,8 @@ def test_feature_probe_scores_stsb_by_cosine_of_mean_vectors(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert (f"| {row['ckpt']} | 2 | 2 | -6.000 | {row['sst2_acc_mean']:.2f} | {row['sst2_acc_cls']:.2f} | "
             f"{row['stsb_spearman_cosine']:.2f} |") in printed.split("### Frozen-feature probes")[1]
+    # a second file (the rerun's models) is read too, after features.json whatever the names' order
+    (tmp_path / "probes" / "features-a.json").write_text(json.dumps([{**row, "ckpt": "second.pt", "epoch": 5.0}]))
+    assert tables.main(["--results", str(tmp_path)]) == 0
+    section = capsys.readouterr().out.split("### Frozen-feature probes")[1]
+    assert section.index(f"| {row['ckpt']} | 2 | 2 |") < section.index("| second.pt | 2 | 5 |")
