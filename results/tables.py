@@ -54,7 +54,8 @@ def glue_rows(results: Path, mode: str | None) -> list[str]:
         epoch = pre.get("epoch")
         head = [label] + ([mode] if mode else []) + ["-" if epoch is None else f"{epoch:.0f}",
                                                      "-" if perf is None else f"{perf:.3f}",
-                                                     "-".join(str(n) for n in sorted(seeds)) or "-"]
+                                                     "-" if not seeds else "-".join(dict.fromkeys(
+                                                         str(n) for n in (min(seeds), max(seeds))))]
         # an average over the tasks run so far would not compare with a complete row's
         average = f"{np.mean(values):.2f}" if len(values) == len(COLUMNS) else "-"
         lines.append("| " + " | ".join(head + cells + [average]) + " |")
