@@ -31,6 +31,34 @@ def cell(setting: dict, metric: str, mark: str = "") -> tuple[str, float | None]
     return f"{m:.2f} ± {s:.2f}{mark}", m
 
 
+def best_setting(data: dict, task: str, mode: str | None) -> dict | None:
+    """The setting with the best mean main score on `task` (of one mode, or of both when mode is None)."""
+    settings = data["summary"].get(task, {}).get("settings", [])
+    pool = [s for s in settings if mode is None or s["mode"] == mode]
+    return max(pool, key=lambda s: np.mean(list(s["mean"].values())) if task != "MRPC" else
+               np.mean([s["mean"]["acc"], s["mean"]["f1"]]), default=None)
+
+
+def per_seed(data: dict, task: str, setting: dict | None, metric: str) -> dict[int, float]:
+    """{seed: best-epoch value of metric} over the runs of one setting."""
+    if setting is None:
+        return {}
+    return {r["seed"]: r["best"][metric] for r in data["runs"] if r["task"] == task
+            and (r["mode"], r["adapter"], r["lr"]) == (setting["mode"], setting["adapter"], setting["lr"])}
+
+
+def average_cell(columns: list[dict[int, float]]) -> str:
+    """The average over all columns, ± the std over seeds of each seed's own average where every column
+    has the same seeds; '-' until every column has a value (a partial average would not compare)."""
+    if len(columns) < len(COLUMNS) or not all(columns):
+        return "-"
+    seeds = set(columns[0])
+    if len(seeds) > 1 and all(set(c) == seeds for c in columns):
+        averages = [np.mean([c[s] for c in columns]) for s in sorted(seeds)]
+        return f"{np.mean(averages):.2f} ± {np.std(averages):.2f}"
+    return f"{np.mean([np.mean(list(c.values())) for c in columns]):.2f}"
+
+
 def glue_rows(results: Path, mode: str | None) -> list[str]:
     """One row per model: the best setting per task (mode None) or the best of one mode."""
     lines = []
@@ -40,25 +68,18 @@ def glue_rows(results: Path, mode: str | None) -> list[str]:
             continue
         data = json.loads(f.read_text())
         pre = data.get("pretrained") or {}
-        cells, values, seeds = [], [], set()
+        cells, columns, seeds = [], [], set()
         for task, metric in COLUMNS:
-            settings = data["summary"].get(task, {}).get("settings", [])
-            pool = [s for s in settings if mode is None or s["mode"] == mode]
-            best = max(pool, key=lambda s: np.mean(list(s["mean"].values())) if task != "MRPC" else
-                       np.mean([s["mean"]["acc"], s["mean"]["f1"]]), default=None)
-            text, v = cell(best, metric, f" ({best['mode'][0]})" if best and mode is None else "")
-            cells.append(text)
-            values += [] if v is None else [v]
+            best = best_setting(data, task, mode)
+            cells.append(cell(best, metric, f" ({best['mode'][0]})" if best and mode is None else "")[0])
+            columns.append(per_seed(data, task, best, metric))
             seeds |= set() if best is None else {best["seeds"]}
-        perf = pre.get("pretrain_perf")
-        epoch = pre.get("epoch")
+        perf, epoch = pre.get("pretrain_perf"), pre.get("epoch")
         head = [label] + ([mode] if mode else []) + ["-" if epoch is None else f"{epoch:.0f}",
                                                      "-" if perf is None else f"{perf:.3f}",
                                                      "-" if not seeds else "-".join(dict.fromkeys(
                                                          str(n) for n in (min(seeds), max(seeds))))]
-        # an average over the tasks run so far would not compare with a complete row's
-        average = f"{np.mean(values):.2f}" if len(values) == len(COLUMNS) else "-"
-        lines.append("| " + " | ".join(head + cells + [average]) + " |")
+        lines.append("| " + " | ".join(head + cells + [average_cell(columns)]) + " |")
     return lines
 
 
@@ -71,7 +92,8 @@ def glue_tables(results: Path) -> str:
     for mode in ("full", "adapter"):
         out += glue_rows(results, mode)
     return "\n".join(out + ["", "seeds: how many seeds each cell averages (a range where tasks differ); "
-                                 "Avg only once every task is in, (f)/(a): the better mode was full/adapter."])
+                                 "Avg only once every task is in, ± the std over seeds of each seed's average where all tasks have "
+                                 "the same seeds; (f)/(a): the better mode was full/adapter."])
 
 
 def ood_table(results: Path) -> str:

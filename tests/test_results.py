@@ -77,6 +77,24 @@ def test_tables_average_a_row_only_once_every_task_is_in(tmp_path, capsys):
     assert "| -5.100 | 1-3 |" in row and "56.00 ± 0.00 (f)" in row and row.endswith("| 48.79 |")
 
 
+def test_tables_average_carries_the_spread_of_each_seeds_own_average(tmp_path, capsys):
+    import finetune
+    scores = {"CoLA": ({"mcc": 10.0}, 1), "MRPC": ({"acc": 70.0, "f1": 80.0}, 2), "SST-2": ({"acc": 76.0}, 0),
+              "STS-B": ({"pearson": 20.0, "spearman": 18.0}, 3), "RTE": ({"acc": 55.0}, -1)}
+    runs = [{"task": task, "mode": "full", "adapter": 0, "lr": 5e-5, "seed": s,
+             "best": {"epoch": 1, "train_loss": 0.5, "seconds": 1.0, **{k: v + slope * s for k, v in metrics.items()}}}
+            for task, (metrics, slope) in scores.items() for s in (1, 2, 3)]
+    runs.append({**runs[0], "lr": 1e-5, "best": {**runs[0]["best"], "mcc": -50.0}})   # a worse setting, left out
+    (tmp_path / "finetune").mkdir()
+    (tmp_path / "finetune" / "moe_tcd.json").write_text(json.dumps(
+        {"pretrained": {"epoch": 3.0, "pretrain_perf": -4.9}, "runs": runs, "summary": finetune.summarize(runs)}))
+    assert tables.main(["--results", str(tmp_path)]) == 0
+    row = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("| MoE BERT w/ TCD | 3"))
+    # seed s averages (10+70+80+76+20+18+55)/7 + s (1+2+2+0+3+3-1)/7: 47.0 + 10s/7; over s = 1, 2, 3
+    # 49.86 ± 1.17 (the std of per-task stds averaged would be 1.40, of the seven means 29.5)
+    assert row.endswith("| 49.86 ± 1.17 |")
+
+
 
 def test_transfer_table_compares_each_probe_with_the_floor_of_its_vocabulary_and_shape(tmp_path, capsys):
     import finetune
