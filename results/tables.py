@@ -59,7 +59,15 @@ def average_cell(columns: list[dict[int, float]]) -> str:
     return f"{np.mean([np.mean(list(c.values())) for c in columns]):.2f}"
 
 
-def glue_rows(results: Path, mode: str | None) -> list[str]:
+def only_seeds(data: dict, seeds: list[int]) -> dict:
+    """The results file as if only these seeds had run (a snapshot with the same seeds in every row)."""
+    sys.path.insert(0, str(HERE.parent))
+    from finetune import summarize
+    runs = [r for r in data["runs"] if r["seed"] in seeds]
+    return {**data, "runs": runs, "summary": summarize(runs)}
+
+
+def glue_rows(results: Path, mode: str | None, seeds: list[int] | None = None) -> list[str]:
     """One row per model: the best setting per task (mode None) or the best of one mode."""
     lines = []
     for key, label in MODELS:
@@ -67,30 +75,31 @@ def glue_rows(results: Path, mode: str | None) -> list[str]:
         if not f.is_file():
             continue
         data = json.loads(f.read_text())
+        data = only_seeds(data, seeds) if seeds else data
         pre = data.get("pretrained") or {}
-        cells, columns, seeds = [], [], set()
+        cells, columns, counts = [], [], set()
         for task, metric in COLUMNS:
             best = best_setting(data, task, mode)
             cells.append(cell(best, metric, f" ({best['mode'][0]})" if best and mode is None else "")[0])
             columns.append(per_seed(data, task, best, metric))
-            seeds |= set() if best is None else {best["seeds"]}
+            counts |= set() if best is None else {best["seeds"]}
         perf, epoch = pre.get("pretrain_perf"), pre.get("epoch")
         head = [label] + ([mode] if mode else []) + ["-" if epoch is None else f"{epoch:.0f}",
                                                      "-" if perf is None else f"{perf:.3f}",
-                                                     "-" if not seeds else "-".join(dict.fromkeys(
-                                                         str(n) for n in (min(seeds), max(seeds))))]
+                                                     "-" if not counts else "-".join(dict.fromkeys(
+                                                         str(n) for n in (min(counts), max(counts))))]
         lines.append("| " + " | ".join(head + cells + [average_cell(columns)]) + " |")
     return lines
 
 
-def glue_tables(results: Path) -> str:
+def glue_tables(results: Path, seeds: list[int] | None = None) -> str:
     heads = [f"{t} {m}" for t, m in COLUMNS] + ["Avg"]
     out = ["| Model | Pre-train epochs | Pre-Train Perf. | seeds | " + " | ".join(heads) + " |",
-           "|" + "---|" * (len(heads) + 4)] + glue_rows(results, None)
+           "|" + "---|" * (len(heads) + 4)] + glue_rows(results, None, seeds)
     out += ["", "| Model | mode | Pre-train epochs | Pre-Train Perf. | seeds | " + " | ".join(heads) + " |",
             "|" + "---|" * (len(heads) + 5)]
     for mode in ("full", "adapter"):
-        out += glue_rows(results, mode)
+        out += glue_rows(results, mode, seeds)
     return "\n".join(out + ["", "seeds: how many seeds each cell averages (a range where tasks differ); "
                                  "Avg only once every task is in, ± the std over seeds of each seed's average where all tasks have "
                                  "the same seeds; (f)/(a): the better mode was full/adapter."])
@@ -244,11 +253,12 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="tables.py", description=__doc__.split("\n")[0])
     p.add_argument("--results", default=str(HERE), help="directory that results/run.sh filled")
     p.add_argument("--smoke", action="store_true", help="mark the tables as a smoke test (run.sh --quick)")
+    p.add_argument("--seeds", type=int, nargs="+", help="Tables 1-2 from these fine-tuning seeds only (default: all)")
     args = p.parse_args(argv)
     results = Path(args.results)
     if args.smoke:
         print(SMOKE + "\n")
-    for title, text in (("Tables 1-2", glue_tables(results)), ("Table 4", ood_table(results)),
+    for title, text in (("Tables 1-2", glue_tables(results, args.seeds)), ("Table 4", ood_table(results)),
                         ("Figure 5", figure5_table(results)), ("Transfer probes", transfer_table(results)),
                         ("Transfer probes, all five tasks", transfer_table(results, COLUMNS)),
                         ("Frozen-feature probes", features_table(results)),

@@ -93,6 +93,9 @@ def test_tables_average_carries_the_spread_of_each_seeds_own_average(tmp_path, c
     # seed s averages (10+70+80+76+20+18+55)/7 + s (1+2+2+0+3+3-1)/7: 47.0 + 10s/7; over s = 1, 2, 3
     # 49.86 ± 1.17 (the std of per-task stds averaged would be 1.40, of the seven means 29.5)
     assert row.endswith("| 49.86 ± 1.17 |")
+    assert tables.main(["--results", str(tmp_path), "--seeds", "1", "3"]) == 0             # a snapshot: seeds 1, 3
+    row = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("| MoE BERT w/ TCD | 3"))
+    assert "| 2 | 12.00 ± 1.00 (f) |" in row and row.endswith("| 49.86 ± 1.43 |")        # 47 + 20/7 ± 10/7
 
 
 
