@@ -15,6 +15,8 @@ from pathlib import Path
 import numpy as np
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+from finetune import TASKS, main_score, summarize  # noqa: E402
 SMOKE = "**Smoke test** (`run.sh --quick`: a few steps, one seed, one epoch): these numbers mean nothing."
 MODELS = [("minilm", "all-MiniLM-L6-v2 (anchor: a well-pretrained BERT, one seed)"),
           ("scratch", "BERT, no pretraining (floor)"), ("teacher", "Vanilla BERT (teacher)"),
@@ -35,8 +37,8 @@ def best_setting(data: dict, task: str, mode: str | None) -> dict | None:
     """The setting with the best mean main score on `task` (of one mode, or of both when mode is None)."""
     settings = data["summary"].get(task, {}).get("settings", [])
     pool = [s for s in settings if mode is None or s["mode"] == mode]
-    return max(pool, key=lambda s: np.mean(list(s["mean"].values())) if task != "MRPC" else
-               np.mean([s["mean"]["acc"], s["mean"]["f1"]]), default=None)
+    spec = next(t for t in TASKS.values() if t.name == task)
+    return max(pool, key=lambda s: main_score(s["mean"], spec), default=None)
 
 
 def per_seed(data: dict, task: str, setting: dict | None, metric: str) -> dict[int, float]:
@@ -61,8 +63,6 @@ def average_cell(columns: list[dict[int, float]]) -> str:
 
 def only_seeds(data: dict, seeds: list[int]) -> dict:
     """The results file as if only these seeds had run (a snapshot with the same seeds in every row)."""
-    sys.path.insert(0, str(HERE.parent))
-    from finetune import summarize
     runs = [r for r in data["runs"] if r["seed"] in seeds]
     return {**data, "runs": runs, "summary": summarize(runs)}
 
@@ -84,10 +84,10 @@ def glue_rows(results: Path, mode: str | None, seeds: list[int] | None = None) -
             columns.append(per_seed(data, task, best, metric))
             counts |= set() if best is None else {best["seeds"]}
         perf, epoch = pre.get("pretrain_perf"), pre.get("epoch")
+        lo, hi = (min(counts), max(counts)) if counts else (None, None)
         head = [label] + ([mode] if mode else []) + ["-" if epoch is None else f"{epoch:.0f}",
                                                      "-" if perf is None else f"{perf:.3f}",
-                                                     "-" if not counts else "-".join(dict.fromkeys(
-                                                         str(n) for n in (min(counts), max(counts))))]
+                                                     "-" if lo is None else f"{lo}" if lo == hi else f"{lo}-{hi}"]
         lines.append("| " + " | ".join(head + cells + [average_cell(columns)]) + " |")
     return lines
 
