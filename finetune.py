@@ -410,6 +410,11 @@ def earlier_runs(out: Path, args) -> tuple[list[dict], dict]:
     return runs, old.get("pretrained") or {}
 
 
+def done_settings(runs: list[dict], key: str) -> set[tuple]:
+    """The (adapter, lr, seed) settings already run on task `key`."""
+    return {(r["adapter"], r["lr"], r["seed"]) for r in runs if r["task"] == TASKS[key].name}
+
+
 # a checkpoint retrained by the same command differs by float noise (Pre-Train Perf. by up to ~0.01 here:
 # CPU reductions are not bitwise repeatable); two kept epochs of one run differ by 0.05 or more
 SAME_PERF = 0.02
@@ -464,18 +469,17 @@ def run(args) -> int:
     vocab = ckpt.get("vocab") or read_vocab(args.vocab or HERE / "data" / "bert-base-uncased-vocab.txt")
     tokenizer, device = make_tokenizer(vocab), torch.device(args.device)
     pretrained = where_it_stood(mlm, ckpt, vocab)
-    if runs:
+    todo = {key: [g for g in grid(args, key, mlm.config) if g not in done_settings(runs, key)] for key in keys}
+    if runs and any(todo.values()):  # a finished file is left as it is, whatever checkpoint stands there now
         check_same_checkpoint(out, earlier, pretrained)
     for key in keys:
-        done = {(r["adapter"], r["lr"], r["seed"]) for r in runs if r["task"] == TASKS[key].name}
-        todo = [g for g in grid(args, key, mlm.config) if g not in done]
-        if not todo:
+        if not todo[key]:
             continue
         raw = load_task(key, args.data_dir)
         if args.max_train:
             raw["train"] = tuple(col[:args.max_train] for col in raw["train"])
         data = {split: (encode(tokenizer, a, b, args.max_len), y) for split, (a, b, y) in raw.items()}
-        for adapter, lr, seed in tqdm(todo, desc=TASKS[key].name, dynamic_ncols=True):
+        for adapter, lr, seed in tqdm(todo[key], desc=TASKS[key].name, dynamic_ncols=True):
             r = run_one(args, key, data, mlm, mlm.config, adapter, lr, seed, device)
             r["pretrain_perf"] = pretrained["pretrain_perf"]  # per run: a retrained checkpoint's runs stay visible
             runs.append(r)
@@ -483,7 +487,8 @@ def run(args) -> int:
             tqdm.write(f"{r['task']:6s} {r['mode']:7s} adapter={adapter:<4d} lr={lr:.0e} seed={seed}: best epoch "
                        f"{r['best']['epoch']} " + " ".join(f"{k}={v:.2f}" for k, v in r["best"].items()
                                                             if k not in ("epoch", "train_loss", "seconds")))
-    summary = write_results(out, args, runs, pretrained)
+    # nothing left to run: the file stays as written, with the checkpoint its runs came from
+    summary = write_results(out, args, runs, pretrained) if any(todo.values()) else summarize(runs) if runs else {}
     for name, result in summary.items():
         best = result["best"]
         print(f"{name}: best setting {best['mode']}" + (f" adapter {best['adapter']}" if best["adapter"] else "")

@@ -109,7 +109,8 @@ finetune() {  # NAME CKPT OUT_DIR SEEDS MODES TASKS...: the modes into one JSON,
   stamp "finetune $name, seeds $seeds (log: $RUNS/logs/ft-$name.log)"
   for mode in $modes; do
     python "$R/finetune.py" --ckpt "$ckpt" --data-dir "$D/glue" --task "$@" ${!mode} --seeds $seeds \
-      --epochs $FT_EPOCHS --max-train $FT_MAX_TRAIN --bf16 --out "$dir/$name.json" >> "$RUNS/logs/ft-$name.log" 2>&1
+      --epochs $FT_EPOCHS --max-train $FT_MAX_TRAIN --bf16 --out "$dir/$name.json" >> "$RUNS/logs/ft-$name.log" 2>&1 \
+      || stamp "NOTE: finetune $name ($mode) stopped with an error, the lane goes on: $RUNS/logs/ft-$name.log"
   done
 }
 ft_tables() {  # NAME CKPT NAME CKPT: Tables 1-2 for two models, seed by seed, so that a run cut short still
@@ -153,7 +154,8 @@ figure5() {  # CKPT: MRPC from it into figure5/<name>.json (finetune.py skips fi
   stamp "figure 5 $(basename "$1" .pt)"
   python "$R/finetune.py" --ckpt "$1" --data-dir "$D/glue" --task mrpc $FULL \
     --seeds $SEEDS --epochs $FT_EPOCHS --max-train $FT_MAX_TRAIN --bf16 \
-    --out "$RES/figure5/$(basename "$1" .pt).json" >> "$RUNS/logs/figure5.log" 2>&1
+    --out "$RES/figure5/$(basename "$1" .pt).json" >> "$RUNS/logs/figure5.log" 2>&1 \
+    || stamp "NOTE: figure 5 $(basename "$1" .pt) stopped with an error, the lane goes on: $RUNS/logs/figure5.log"
 }
 KEPT=()                                                # all kept epochs but those of Tables 1-2
 for ckpt in "$RUNS"/ckpt/vanilla.epoch*.pt "$RUNS"/ckpt/moe.epoch*.pt "$RUNS"/ckpt/moe_tcd.epoch*.pt; do

@@ -359,6 +359,8 @@ def test_runs_from_another_checkpoint_are_not_mixed_into_one_file(tmp_path):
     assert finetune_from(100, -5.2190, 3) == 2              # another checkpoint's Pre-Train Perf.
     assert finetune_from(150, -5.1590, 3) == 2              # another step
     assert out.read_bytes() == before                       # nothing written
+    assert finetune_from(150, -5.2190, 2) == 0              # nothing left to run: another checkpoint is no error,
+    assert out.read_bytes() == before                       # and the file keeps the one its runs came from
 
 
 def test_default_grid_is_the_papers(ckpt):
