@@ -150,6 +150,31 @@ def figure5_table(results: Path) -> str:
     return "\n".join(out + ["", "MRPC dev accuracy, full fine-tuning at lr 5e-5, mean ± std over seeds (Pre-Train Perf.)"])
 
 
+
+def retrain_table(results: Path) -> str:
+    """The models of Tables 1-2 pretrained again by the same command (float noise: another machine, other
+    reductions) and fine-tuned with some of the same settings and seeds (probes/retrain/NAME.json), against
+    the runs with those settings and seeds in finetune/NAME.json: how far pretraining noise alone moves a row."""
+    out = []
+    for key, label in MODELS:
+        again, first = results / "probes" / "retrain" / f"{key}.json", results / "finetune" / f"{key}.json"
+        if not (again.is_file() and first.is_file()):
+            continue
+        new, old = json.loads(again.read_text()), json.loads(first.read_text())
+        same = {(r["adapter"], r["lr"], r["seed"]) for r in new["runs"]}
+        pair = [[np.mean([r["best"][metric] for r in d["runs"] if r["task"] == task
+                          and (r["adapter"], r["lr"], r["seed"]) in same] or [np.nan]) for task, metric in COLUMNS]
+                for d in (old, new)]
+        perf = [(d.get("pretrained") or {}).get("pretrain_perf") for d in (old, new)]
+        avg = [np.mean(values) for values in pair]
+        out.append(f"| {label} | {perf[0]:.3f} → {perf[1]:.3f} | " + " | ".join(
+            f"{a:.2f} → {b:.2f}" for a, b in zip(*pair)) + f" | {avg[0]:.2f} → {avg[1]:.2f} ({avg[1] - avg[0]:+.2f}) |")
+    if not out:
+        return ""
+    heads = ["Model", "Pre-Train Perf."] + [f"{t} {m}" for t, m in COLUMNS] + ["Avg"]
+    return "\n".join(["| " + " | ".join(heads) + " |", "|" + "---|" * len(heads)] + out + [
+        "", "first run → pretrained again by the same command; the same fine-tuning settings and seeds on both sides"])
+
 TRANSFER = [("SST-2", "acc"), ("STS-B", "pearson"), ("STS-B", "spearman")]
 BERT_VOCAB_SIZE = 30522
 
@@ -259,7 +284,9 @@ def main(argv=None) -> int:
     if args.smoke:
         print(SMOKE + "\n")
     for title, text in (("Tables 1-2", glue_tables(results, args.seeds)), ("Table 4", ood_table(results)),
-                        ("Figure 5", figure5_table(results)), ("Transfer probes", transfer_table(results)),
+                        ("Figure 5", figure5_table(results)),
+                        ("Pretraining noise (Tables 1-2's models pretrained again)", retrain_table(results)),
+                        ("Transfer probes", transfer_table(results)),
                         ("Transfer probes, all five tasks", transfer_table(results, COLUMNS)),
                         ("Frozen-feature probes", features_table(results)),
                         ("Pretraining (held-out and training MLM loss after each epoch)", premise_table(results, RERUN)),
