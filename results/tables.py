@@ -105,8 +105,8 @@ def glue_tables(results: Path, seeds: list[int] | None = None) -> str:
                                  "the same seeds; (f)/(a): the better mode was full/adapter."])
 
 
-def ood_table(results: Path) -> str:
-    f = results / "ood.json"
+def ood_table(results: Path, name: str = "ood.json") -> str:
+    f = results / name
     if not f.is_file():
         return ""
     data = json.loads(f.read_text())
@@ -284,6 +284,7 @@ def main(argv=None) -> int:
     if args.smoke:
         print(SMOKE + "\n")
     for title, text in (("Tables 1-2", glue_tables(results, args.seeds)), ("Table 4", ood_table(results)),
+                        ("Table 4, its models pretrained again", ood_table(results, "probes/retrain/ood.json")),
                         ("Figure 5", figure5_table(results)),
                         ("Pretraining noise (Tables 1-2's models pretrained again)", retrain_table(results)),
                         ("Transfer probes", transfer_table(results)),

@@ -209,6 +209,20 @@ def test_retrain_table_compares_only_the_settings_and_seeds_run_again(tmp_path, 
     assert row.startswith("| Vanilla BERT (teacher) | -5.151 → -5.118 | 10.00 → 11.00 | 70.00 → 72.00 | 80.00 → 80.00 |")
     assert row.endswith("| 55.00 → 57.00 | 47.00 → 48.57 (+1.57) |")
 
+
+def test_table4_and_its_models_pretrained_again_each_read_their_own_file(tmp_path, capsys):
+    subsets = [name for name, _ in tables.OOD]
+    for name, shift in (("ood.json", 0.0), ("probes/retrain/ood.json", 0.25)):
+        rows = {f"ckpt/{m}.pt": {s: {"log_likelihood": -5.0 - i - j / 10 + shift} for j, s in enumerate(subsets)}
+                for i, m in enumerate(("moe.epoch4", "moe_tcd.epoch3"))}
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(json.dumps({"results": rows, "legend": "legend"}))
+    assert tables.main(["--results", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    first, again = out.split("### Table 4, its models pretrained again")
+    assert "| moe_tcd.epoch3 | -6.000 | -6.100 | -6.200 | -6.300 | -6.400 |" in first.split("### Table 4\n")[1]
+    assert "| moe_tcd.epoch3 | -5.750 | -5.850 | -5.950 | -6.050 | -6.150 |" in again.split("###")[0]
+
 def test_plots_are_drawn_from_metrics(tmp_path):
     pytest.importorskip("matplotlib")
     import plot
