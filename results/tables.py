@@ -67,6 +67,16 @@ def only_seeds(data: dict, seeds: list[int]) -> dict:
     return {**data, "runs": runs, "summary": summarize(runs)}
 
 
+def perf_cell(data: dict) -> str:
+    """The Pre-Train Perf. of the checkpoint the runs came from; each value where a retrained checkpoint
+    (the same step, float noise) gave some of them."""
+    perfs = {f"{r['pretrain_perf']:.3f}" for r in data["runs"] if r.get("pretrain_perf") is not None}
+    if len(perfs) > 1:
+        return " / ".join(sorted(perfs, key=float))
+    perf = (data.get("pretrained") or {}).get("pretrain_perf")
+    return "-" if perf is None else f"{perf:.3f}"
+
+
 def glue_rows(results: Path, mode: str | None, seeds: list[int] | None = None) -> list[str]:
     """One row per model: the best setting per task (mode None) or the best of one mode."""
     lines = []
@@ -83,10 +93,9 @@ def glue_rows(results: Path, mode: str | None, seeds: list[int] | None = None) -
             cells.append(cell(best, metric, f" ({best['mode'][0]})" if best and mode is None else "")[0])
             columns.append(per_seed(data, task, best, metric))
             counts |= set() if best is None else {best["seeds"]}
-        perf, epoch = pre.get("pretrain_perf"), pre.get("epoch")
+        epoch = pre.get("epoch")
         lo, hi = (min(counts), max(counts)) if counts else (None, None)
-        head = [label] + ([mode] if mode else []) + ["-" if epoch is None else f"{epoch:.0f}",
-                                                     "-" if perf is None else f"{perf:.3f}",
+        head = [label] + ([mode] if mode else []) + ["-" if epoch is None else f"{epoch:.0f}", perf_cell(data),
                                                      "-" if lo is None else f"{lo}" if lo == hi else f"{lo}-{hi}"]
         lines.append("| " + " | ".join(head + cells + [average_cell(columns)]) + " |")
     return lines

@@ -210,6 +210,14 @@ def test_retrain_table_compares_only_the_settings_and_seeds_run_again(tmp_path, 
     assert row.endswith("| 55.00 → 57.00 | 47.00 → 48.57 (+1.57) |")
 
 
+
+def test_tables_show_each_pretrain_perf_a_row_came_from():
+    runs = [{"pretrain_perf": -5.1511}, {"pretrain_perf": -10.2}, {"pretrain_perf": -5.1511}, {}]
+    assert tables.perf_cell({"runs": runs, "pretrained": {"pretrain_perf": -5.1511}}) == "-10.200 / -5.151"
+    assert tables.perf_cell({"runs": runs[:1], "pretrained": {"pretrain_perf": -5.1511}}) == "-5.151"
+    assert tables.perf_cell({"runs": [{}], "pretrained": {"pretrain_perf": -4.2}}) == "-4.200"
+    assert tables.perf_cell({"runs": [], "pretrained": {}}) == "-"
+
 def test_table4_and_its_models_pretrained_again_each_read_their_own_file(tmp_path, capsys):
     subsets = [name for name, _ in tables.OOD]
     for name, shift in (("ood.json", 0.0), ("probes/retrain/ood.json", 0.25)):
