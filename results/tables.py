@@ -71,9 +71,9 @@ def perf_cell(data: dict) -> str:
     """The Pre-Train Perf. of the checkpoint the runs came from; each value where a retrained checkpoint
     (the same step, float noise) gave some of them."""
     perfs = {f"{r['pretrain_perf']:.3f}" for r in data["runs"] if r.get("pretrain_perf") is not None}
-    if len(perfs) > 1:
+    if perfs:
         return " / ".join(sorted(perfs, key=float))
-    perf = (data.get("pretrained") or {}).get("pretrain_perf")
+    perf = (data.get("pretrained") or {}).get("pretrain_perf")      # files written before runs recorded it
     return "-" if perf is None else f"{perf:.3f}"
 
 
@@ -171,12 +171,11 @@ def retrain_table(results: Path) -> str:
             continue
         new, old = json.loads(again.read_text()), json.loads(first.read_text())
         same = {(r["adapter"], r["lr"], r["seed"]) for r in new["runs"]}
-        pair = [[np.mean([r["best"][metric] for r in d["runs"] if r["task"] == task
-                          and (r["adapter"], r["lr"], r["seed"]) in same] or [np.nan]) for task, metric in COLUMNS]
-                for d in (old, new)]
-        perf = [(d.get("pretrained") or {}).get("pretrain_perf") for d in (old, new)]
+        old = {**old, "runs": [r for r in old["runs"] if (r["adapter"], r["lr"], r["seed"]) in same]}
+        pair = [[np.mean([r["best"][metric] for r in d["runs"] if r["task"] == task] or [np.nan])
+                 for task, metric in COLUMNS] for d in (old, new)]
         avg = [np.mean(values) for values in pair]
-        out.append(f"| {label} | {perf[0]:.3f} → {perf[1]:.3f} | " + " | ".join(
+        out.append(f"| {label} | {perf_cell(old)} → {perf_cell(new)} | " + " | ".join(
             f"{a:.2f} → {b:.2f}" for a, b in zip(*pair)) + f" | {avg[0]:.2f} → {avg[1]:.2f} ({avg[1] - avg[0]:+.2f}) |")
     if not out:
         return ""

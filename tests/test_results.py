@@ -193,20 +193,23 @@ def test_retrain_table_compares_only_the_settings_and_seeds_run_again(tmp_path, 
             "STS-B": {"pearson": 20.0, "spearman": 18.0}, "RTE": {"acc": 55.0}}
     shift = {"mcc": 1.0, "acc": 2.0, "f1": 0.0, "pearson": 4.0, "spearman": 0.0}     # RTE and SST-2 acc move by 2
 
-    def runs(settings, move=lambda metric: 0.0):
+    def runs(settings, perf, move=lambda metric: 0.0):   # perf: {seed: Pre-Train Perf. of its checkpoint}
         return [{"task": task, "mode": "full" if a == 0 else "adapter", "adapter": a, "lr": lr, "seed": seed,
+                 "pretrain_perf": perf[seed],
                  "best": {"epoch": 1, **{k: v + 10 * (seed - 1) + 20 * (a > 0) + move(k) for k, v in metrics.items()}}}
                 for task, metrics in base.items() for a, lr, seed in settings]
 
-    for sub, name, perf, rs in (("finetune", "teacher", -5.151, runs([(0, 5e-5, 1), (0, 5e-5, 2), (64, 3e-4, 1)])),
-                                ("probes/retrain", "teacher", -5.118, runs([(0, 5e-5, 1)], shift.get))):
+    # the first file's seed-1 runs came from a checkpoint at -5.159, its later ones from one at -5.151
+    first = runs([(0, 5e-5, 1), (0, 5e-5, 2), (64, 3e-4, 1)], {1: -5.159, 2: -5.151})
+    for sub, name, perf, rs in (("finetune", "teacher", -5.151, first),
+                                ("probes/retrain", "teacher", -5.118, runs([(0, 5e-5, 1)], {1: -5.118}, shift.get))):
         (tmp_path / sub).mkdir(parents=True)
         (tmp_path / sub / f"{name}.json").write_text(json.dumps(
             {"pretrained": {"epoch": 3.0, "pretrain_perf": perf}, "runs": rs, "summary": finetune.summarize(rs)}))
     assert tables.main(["--results", str(tmp_path)]) == 0
     row = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("| Vanilla BERT (teacher) | -5"))
     # only full lr 5e-5 seed 1 on the first side: 329/7 = 47.00; moved by (1+2+0+2+4+0+2)/7 = 1.57
-    assert row.startswith("| Vanilla BERT (teacher) | -5.151 → -5.118 | 10.00 → 11.00 | 70.00 → 72.00 | 80.00 → 80.00 |")
+    assert row.startswith("| Vanilla BERT (teacher) | -5.159 → -5.118 | 10.00 → 11.00 | 70.00 → 72.00 | 80.00 → 80.00 |")
     assert row.endswith("| 55.00 → 57.00 | 47.00 → 48.57 (+1.57) |")
 
 
@@ -214,7 +217,7 @@ def test_retrain_table_compares_only_the_settings_and_seeds_run_again(tmp_path, 
 def test_tables_show_each_pretrain_perf_a_row_came_from():
     runs = [{"pretrain_perf": -5.1511}, {"pretrain_perf": -10.2}, {"pretrain_perf": -5.1511}, {}]
     assert tables.perf_cell({"runs": runs, "pretrained": {"pretrain_perf": -5.1511}}) == "-10.200 / -5.151"
-    assert tables.perf_cell({"runs": runs[:1], "pretrained": {"pretrain_perf": -5.1511}}) == "-5.151"
+    assert tables.perf_cell({"runs": runs[:1], "pretrained": {"pretrain_perf": -5.1590}}) == "-5.151"
     assert tables.perf_cell({"runs": [{}], "pretrained": {"pretrain_perf": -4.2}}) == "-4.200"
     assert tables.perf_cell({"runs": [], "pretrained": {}}) == "-"
 
