@@ -14,6 +14,8 @@
 # the MoE baseline (Tables 1, 3, 4) and the vanilla row of Table 4 are aligned to MoE + TCD by
 # Pre-Train Perf., on the side at least as good as TCD (results/align.py); Table 2 by epochs.
 # The environment variables RUNS and DATA (default ../shared/data) move the outputs and inputs.
+# PRETRAIN_SEED=N (default 0, the reported run) makes a replicate: every pretraining run with seed N,
+# in $RUNS/seedN and results/replicates/seedN, then Tables 1-2 (full, one seed) and Table 4 only.
 set -euo pipefail
 R=$(cd "$(dirname "$0")/.." && pwd)
 D=${DATA:-$R/../shared/data}
@@ -23,12 +25,16 @@ QUICK=0
 for arg in "$@"; do
   case $arg in
     --quick) QUICK=1 ;;
-    -h|--help) sed -n '2,16p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -h|--help) sed -n '2,18p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) echo "run.sh: error: unknown argument '$arg' (run.sh takes --quick or --help)" >&2; exit 2 ;;
   esac
 done
 if [ $QUICK = 1 ]; then
   RUNS=$RUNS/quick; RES=$RUNS/results
+fi
+PRETRAIN_SEED=${PRETRAIN_SEED:-0}
+if [ "$PRETRAIN_SEED" != 0 ]; then   # one pretraining per row cannot rank the rows: README, section 5
+  RUNS=$RUNS/seed$PRETRAIN_SEED; RES=$RES/replicates/seed$PRETRAIN_SEED
 fi
 [ -d "$D/pretrain" ] || { echo "run.sh: error: no data in $D: set DATA to the shared data directory" >&2; exit 2; }
 mkdir -p "$RUNS/ckpt" "$RUNS/logs" "$RES/pretrain" "$RES/finetune" "$RES/figure5"
@@ -54,6 +60,10 @@ if [ $QUICK = 1 ]; then
   head -c 400000 "$D/pretrain/train.txt" > "$RUNS/quick.txt"      # ~4 steps an epoch
 fi
 P="$DATA_FLAGS $RECIPE --epochs $MAX_EPOCHS --keep-epochs --eval-every 250 --log-every 50 --cache-dir $RUNS/cache"
+TABLE_MODES="FULL ADAPTER"; SHARED_JOBS=(anchor ood floor figure5)
+if [ "$PRETRAIN_SEED" != 0 ]; then   # a replicate: the setting of the pretraining-noise table, and Table 4
+  P="$P --seed $PRETRAIN_SEED"; SEEDS=1; TABLE_MODES=FULL; SHARED_JOBS=(ood)
+fi
 stamp() { echo "$(date -u +%FT%TZ) $*" | tee -a "$RUNS/logs/stages.txt"; }
 
 # ---------------------------------------------------------------- 1-3. pretraining
@@ -116,8 +126,8 @@ finetune() {  # NAME CKPT OUT_DIR SEEDS MODES TASKS...: the modes into one JSON,
 ft_tables() {  # NAME CKPT NAME CKPT: Tables 1-2 for two models, seed by seed, so that a run cut short still
   local seed  # leaves every row; one lane owns both models' JSON files (two writers would lose runs)
   for seed in $SEEDS; do
-    finetune $1 "$2" "$RES/finetune" $seed "FULL ADAPTER" $TASKS
-    finetune $3 "$4" "$RES/finetune" $seed "FULL ADAPTER" $TASKS
+    finetune $1 "$2" "$RES/finetune" $seed "$TABLE_MODES" $TASKS
+    finetune $3 "$4" "$RES/finetune" $seed "$TABLE_MODES" $TASKS
   done
 }
 
@@ -166,8 +176,11 @@ done
 # each lane fine-tunes its two models of Tables 1-2, then takes the next job of stages 6-7 that no lane has
 # claimed (mkdir is atomic), longest first, so neither core waits for the other until the last job
 shared_jobs() {
-  local job
-  for job in anchor ood floor "${KEPT[@]}"; do
+  local job jobs=()
+  for job in "${SHARED_JOBS[@]}"; do
+    if [ "$job" = figure5 ]; then jobs+=("${KEPT[@]}"); else jobs+=("$job"); fi
+  done
+  for job in "${jobs[@]}"; do
     if mkdir "$RUNS/claims/$(basename "$job" .pt)" 2>/dev/null; then
       case $job in anchor|ood|floor) $job ;; *) figure5 "$job" ;; esac
     fi
