@@ -415,8 +415,9 @@ def done_settings(runs: list[dict], key: str) -> set[tuple]:
     return {(r["adapter"], r["lr"], r["seed"]) for r in runs if r["task"] == TASKS[key].name}
 
 
-# a checkpoint retrained by the same command differs by float noise (Pre-Train Perf. by up to ~0.01 here:
-# CPU reductions are not bitwise repeatable); two kept epochs of one run differ by 0.05 or more
+# a checkpoint retrained by the same command differs by float noise (CPU reductions are not bitwise
+# repeatable): Pre-Train Perf. by up to ~0.01 on one machine, up to 0.06 on another (results/README.md,
+# section 5); two kept epochs of one run differ by 0.05 or more, so 0.02 admits only the first kind
 SAME_PERF = 0.02
 
 

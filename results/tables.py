@@ -159,11 +159,10 @@ def figure5_table(results: Path) -> str:
     return "\n".join(out + ["", "MRPC dev accuracy, full fine-tuning at lr 5e-5, mean ± std over seeds (Pre-Train Perf.)"])
 
 
-
 def retrain_table(results: Path) -> str:
     """The models of Tables 1-2 pretrained again by the same command (float noise: another machine, other
     reductions) and fine-tuned with some of the same settings and seeds (probes/retrain/NAME.json), against
-    the runs with those settings and seeds in finetune/NAME.json: how far pretraining noise alone moves a row."""
+    the runs with those settings and seeds in finetune/NAME.json: how far a second pretraining moves a row."""
     out = []
     for key, label in MODELS:
         again, first = results / "probes" / "retrain" / f"{key}.json", results / "finetune" / f"{key}.json"
