@@ -182,6 +182,37 @@ def retrain_table(results: Path) -> str:
     return "\n".join(["| " + " | ".join(heads) + " |", "|" + "---|" * len(heads)] + out + [
         "", "first run → pretrained again by the same command; the same fine-tuning settings and seeds on both sides"])
 
+
+REPLICATE_SETTING = (0, 5e-5, 1)   # (adapter, lr, seed): run.sh's full fine-tuning, seed 1, the one every pretraining has
+
+
+def replicate_average(path: Path) -> float | None:
+    """The five-task average of REPLICATE_SETTING's runs in a finetune.py results file; None until every task is in."""
+    if not path.is_file():
+        return None
+    runs = [r for r in json.loads(path.read_text())["runs"] if (r["adapter"], r["lr"], r["seed"]) == REPLICATE_SETTING]
+    values = [[r["best"][metric] for r in runs if r["task"] == task] for task, metric in COLUMNS]
+    return float(np.mean([v[0] for v in values])) if all(values) else None
+
+
+def replicates_table(results: Path) -> str:
+    """Each row of Tables 1-2 over every pretraining of it: the first (finetune/), the same command again
+    (probes/retrain/) and the replicates with other pretraining seeds (run.sh with PRETRAIN_SEED=N)."""
+    sources = [("first", results / "finetune"), ("again", results / "probes" / "retrain")] + [
+        (d.name, d / "finetune") for d in sorted((results / "replicates").glob("seed*"))]
+    out = []
+    for key, label in MODELS[2:]:                                   # the pretrained rows
+        values = {name: replicate_average(d / f"{key}.json") for name, d in sources}
+        got = [v for v in values.values() if v is not None]
+        if len(got) > 1:
+            out.append(f"| {label} | {len(got)} | " + " | ".join("-" if v is None else f"{v:.2f}" for v in values.values())
+                       + f" | {np.mean(got):.2f} ± {np.std(got, ddof=1):.2f} |")
+    if not out:
+        return ""
+    heads = ["Model", "pretrainings"] + [name for name, _ in sources] + ["mean ± std"]
+    return "\n".join(["| " + " | ".join(heads) + " |", "|" + "---|" * len(heads)] + out + [
+        "", "five-task average of full fine-tuning at lr 5e-5, seed 1, after each pretraining; std over pretrainings (ddof=1)"])
+
 TRANSFER = [("SST-2", "acc"), ("STS-B", "pearson"), ("STS-B", "spearman")]
 BERT_VOCAB_SIZE = 30522
 
@@ -294,6 +325,7 @@ def main(argv=None) -> int:
                         ("Table 4, its models pretrained again", ood_table(results, "probes/retrain/ood.json")),
                         ("Figure 5", figure5_table(results)),
                         ("Pretraining noise (Tables 1-2's models pretrained again)", retrain_table(results)),
+                        ("Tables 1-2 over pretrainings", replicates_table(results)),
                         ("Transfer probes", transfer_table(results)),
                         ("Transfer probes, all five tasks", transfer_table(results, COLUMNS)),
                         ("Frozen-feature probes", features_table(results)),

@@ -234,6 +234,30 @@ def test_table4_and_its_models_pretrained_again_each_read_their_own_file(tmp_pat
     assert "| moe_tcd.epoch3 | -6.000 | -6.100 | -6.200 | -6.300 | -6.400 |" in first.split("### Table 4\n")[1]
     assert "| moe_tcd.epoch3 | -5.750 | -5.850 | -5.950 | -6.050 | -6.150 |" in again.split("###")[0]
 
+
+def test_replicates_table_averages_each_pretraining_of_a_row(tmp_path, capsys):
+    import finetune
+    base = {"CoLA": {"mcc": 10.0}, "MRPC": {"acc": 70.0, "f1": 80.0}, "SST-2": {"acc": 76.0},
+            "STS-B": {"pearson": 20.0, "spearman": 18.0}, "RTE": {"acc": 55.0}}    # average 47
+
+    def write(sub, name, shift, tasks=tuple(base)):   # full lr 5e-5 seed 1 at 47 + shift; other settings far off
+        runs = [{"task": t, "mode": "adapter" if a else "full", "adapter": a, "lr": lr, "seed": seed,
+                 "best": {"epoch": 1, **{k: v + shift + 30 * (a > 0) + 20 * (seed != 1) for k, v in base[t].items()}}}
+                for t in tasks for a, lr, seed in ((0, 5e-5, 2), (64, 3e-4, 1), (0, 5e-5, 1))]
+        (tmp_path / sub).mkdir(parents=True, exist_ok=True)
+        (tmp_path / sub / f"{name}.json").write_text(json.dumps({"runs": runs, "summary": finetune.summarize(runs)}))
+
+    write("finetune", "teacher", 1.0)
+    write("probes/retrain", "teacher", -2.0)
+    write("replicates/seed2/finetune", "teacher", 4.0)
+    write("replicates/seed3/finetune", "teacher", 9.0, tasks=("CoLA", "RTE"))          # not every task yet
+    write("finetune", "moe_tcd", 0.0)                                                # one pretraining: no row
+    assert tables.main(["--results", str(tmp_path)]) == 0
+    out = capsys.readouterr().out.split("### Tables 1-2 over pretrainings")[1]
+    # 48, 45 and 51: mean 48, sample std 3
+    assert "| Vanilla BERT (teacher) | 3 | 48.00 | 45.00 | 51.00 | - | 48.00 ± 3.00 |" in out
+    assert "MoE BERT w/ TCD" not in out
+
 def test_plots_are_drawn_from_metrics(tmp_path):
     pytest.importorskip("matplotlib")
     import plot
