@@ -471,7 +471,8 @@ def run(args) -> int:
     tokenizer, device = make_tokenizer(vocab), torch.device(args.device)
     pretrained = where_it_stood(mlm, ckpt, vocab)
     todo = {key: [g for g in grid(args, key, mlm.config) if g not in done_settings(runs, key)] for key in keys}
-    if runs and any(todo.values()):  # a finished file is left as it is, whatever checkpoint stands there now
+    adding = any(todo.values())      # a finished file is left as it is, whatever checkpoint stands there now
+    if runs and adding:
         check_same_checkpoint(out, earlier, pretrained)
     for key in keys:
         if not todo[key]:
@@ -489,7 +490,7 @@ def run(args) -> int:
                        f"{r['best']['epoch']} " + " ".join(f"{k}={v:.2f}" for k, v in r["best"].items()
                                                             if k not in ("epoch", "train_loss", "seconds")))
     # nothing left to run: the file stays as written, with the checkpoint its runs came from
-    summary = write_results(out, args, runs, pretrained) if any(todo.values()) else summarize(runs) if runs else {}
+    summary = write_results(out, args, runs, pretrained) if adding else summarize(runs) if runs else {}
     for name, result in summary.items():
         best = result["best"]
         print(f"{name}: best setting {best['mode']}" + (f" adapter {best['adapter']}" if best["adapter"] else "")

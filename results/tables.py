@@ -159,6 +159,20 @@ def figure5_table(results: Path) -> str:
     return "\n".join(out + ["", "MRPC dev accuracy, full fine-tuning at lr 5e-5, mean ± std over seeds (Pre-Train Perf.)"])
 
 
+def setting(run: dict) -> tuple:
+    return run["adapter"], run["lr"], run["seed"]
+
+
+def same_settings(runs: list[dict], settings: set[tuple]) -> list[dict]:
+    """The runs with one of these (adapter, lr, seed) settings."""
+    return [r for r in runs if setting(r) in settings]
+
+
+def column_means(runs: list[dict]) -> list[float]:
+    """Per column of Tables 1-2, the mean best-epoch value over the runs on its task (nan where none)."""
+    return [np.mean([r["best"][metric] for r in runs if r["task"] == task] or [np.nan]) for task, metric in COLUMNS]
+
+
 def retrain_table(results: Path) -> str:
     """The models of Tables 1-2 pretrained again by the same command (float noise: another machine, other
     reductions) and fine-tuned with some of the same settings and seeds (probes/retrain/NAME.json), against
@@ -169,10 +183,8 @@ def retrain_table(results: Path) -> str:
         if not (again.is_file() and first.is_file()):
             continue
         new, old = json.loads(again.read_text()), json.loads(first.read_text())
-        same = {(r["adapter"], r["lr"], r["seed"]) for r in new["runs"]}
-        old = {**old, "runs": [r for r in old["runs"] if (r["adapter"], r["lr"], r["seed"]) in same]}
-        pair = [[np.mean([r["best"][metric] for r in d["runs"] if r["task"] == task] or [np.nan])
-                 for task, metric in COLUMNS] for d in (old, new)]
+        old = {**old, "runs": same_settings(old["runs"], {setting(r) for r in new["runs"]})}
+        pair = [column_means(d["runs"]) for d in (old, new)]
         avg = [np.mean(values) for values in pair]
         out.append(f"| {label} | {perf_cell(old)} → {perf_cell(new)} | " + " | ".join(
             f"{a:.2f} → {b:.2f}" for a, b in zip(*pair)) + f" | {avg[0]:.2f} → {avg[1]:.2f} ({avg[1] - avg[0]:+.2f}) |")
@@ -190,9 +202,8 @@ def replicate_average(path: Path) -> float | None:
     """The five-task average of REPLICATE_SETTING's runs in a finetune.py results file; None until every task is in."""
     if not path.is_file():
         return None
-    runs = [r for r in json.loads(path.read_text())["runs"] if (r["adapter"], r["lr"], r["seed"]) == REPLICATE_SETTING]
-    values = [[r["best"][metric] for r in runs if r["task"] == task] for task, metric in COLUMNS]
-    return float(np.mean([v[0] for v in values])) if all(values) else None
+    values = column_means(same_settings(json.loads(path.read_text())["runs"], {REPLICATE_SETTING}))
+    return None if np.isnan(values).any() else float(np.mean(values))
 
 
 def replicates_table(results: Path) -> str:
@@ -212,6 +223,7 @@ def replicates_table(results: Path) -> str:
     heads = ["Model", "pretrainings"] + [name for name, _ in sources] + ["mean ± std"]
     return "\n".join(["| " + " | ".join(heads) + " |", "|" + "---|" * len(heads)] + out + [
         "", "five-task average of full fine-tuning at lr 5e-5, seed 1, after each pretraining; std over pretrainings (ddof=1)"])
+
 
 TRANSFER = [("SST-2", "acc"), ("STS-B", "pearson"), ("STS-B", "spearman")]
 BERT_VOCAB_SIZE = 30522

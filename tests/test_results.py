@@ -186,7 +186,6 @@ def test_figure5_reads_its_setting_from_both_directories(tmp_path, capsys):
     assert "| moe | 61.00 ± 1.00 (-5.00) | 70.00 ± 0.00 (-5.00) |" in capsys.readouterr().out
 
 
-
 def test_retrain_table_compares_only_the_settings_and_seeds_run_again(tmp_path, capsys):
     import finetune
     base = {"CoLA": {"mcc": 10.0}, "MRPC": {"acc": 70.0, "f1": 80.0}, "SST-2": {"acc": 76.0},
@@ -213,13 +212,13 @@ def test_retrain_table_compares_only_the_settings_and_seeds_run_again(tmp_path, 
     assert row.endswith("| 55.00 → 57.00 | 47.00 → 48.57 (+1.57) |")
 
 
-
 def test_tables_show_each_pretrain_perf_a_row_came_from():
     runs = [{"pretrain_perf": -5.1511}, {"pretrain_perf": -10.2}, {"pretrain_perf": -5.1511}, {}]
     assert tables.perf_cell({"runs": runs, "pretrained": {"pretrain_perf": -5.1511}}) == "-10.200 / -5.151"
     assert tables.perf_cell({"runs": runs[:1], "pretrained": {"pretrain_perf": -5.1590}}) == "-5.151"
     assert tables.perf_cell({"runs": [{}], "pretrained": {"pretrain_perf": -4.2}}) == "-4.200"
     assert tables.perf_cell({"runs": [], "pretrained": {}}) == "-"
+
 
 def test_table4_and_its_models_pretrained_again_each_read_their_own_file(tmp_path, capsys):
     subsets = [name for name, _ in tables.OOD]
@@ -257,6 +256,7 @@ def test_replicates_table_averages_each_pretraining_of_a_row(tmp_path, capsys):
     # 48, 45 and 51: mean 48, sample std 3
     assert "| Vanilla BERT (teacher) | 3 | 48.00 | 45.00 | 51.00 | - | 48.00 ± 3.00 |" in out
     assert "MoE BERT w/ TCD" not in out
+
 
 def test_plots_are_drawn_from_metrics(tmp_path):
     pytest.importorskip("matplotlib")
