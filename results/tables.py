@@ -206,23 +206,58 @@ def replicate_average(path: Path) -> float | None:
     return None if np.isnan(values).any() else float(np.mean(values))
 
 
-def replicates_table(results: Path) -> str:
-    """Each row of Tables 1-2 over every pretraining of it: the first (finetune/), the same command again
-    (probes/retrain/) and the replicates with other pretraining seeds (run.sh with PRETRAIN_SEED=N)."""
+def pretraining_averages(results: Path) -> tuple[list[str], dict[str, dict[str, float | None]]]:
+    """Each pretrained row's REPLICATE_SETTING average after every pretraining of it: the first (finetune/),
+    the same command again (probes/retrain/) and the replicates with other pretraining seeds (run.sh with
+    PRETRAIN_SEED=N), as (pretraining names, {row key: {pretraining: average or None}})."""
     sources = [("first", results / "finetune"), ("again", results / "probes" / "retrain")] + [
         (d.name, d / "finetune") for d in sorted((results / "replicates").glob("seed*"))]
+    return [name for name, _ in sources], {key: {name: replicate_average(d / f"{key}.json") for name, d in sources}
+                                           for key, _ in MODELS[2:]}
+
+
+def replicates_table(results: Path) -> str:
+    """Each row of Tables 1-2 over every pretraining of it, with mean ± std over the pretrainings."""
+    names, averages = pretraining_averages(results)
     out = []
     for key, label in MODELS[2:]:                                   # the pretrained rows
-        values = {name: replicate_average(d / f"{key}.json") for name, d in sources}
-        got = [v for v in values.values() if v is not None]
+        got = [v for v in averages[key].values() if v is not None]
         if len(got) > 1:
-            out.append(f"| {label} | {len(got)} | " + " | ".join("-" if v is None else f"{v:.2f}" for v in values.values())
+            out.append(f"| {label} | {len(got)} | " + " | ".join("-" if v is None else f"{v:.2f}" for v in averages[key].values())
                        + f" | {np.mean(got):.2f} ± {np.std(got, ddof=1):.2f} |")
     if not out:
         return ""
-    heads = ["Model", "pretrainings"] + [name for name, _ in sources] + ["mean ± std"]
+    heads = ["Model", "pretrainings"] + names + ["mean ± std"]
     return "\n".join(["| " + " | ".join(heads) + " |", "|" + "---|" * len(heads)] + out + [
         "", "five-task average of full fine-tuning at lr 5e-5, seed 1, after each pretraining; std over pretrainings (ddof=1)"])
+
+
+# (claim, row, the row it is compared with): the paper says the difference is positive for (c), negative for (b)
+CLAIMS = [("(b)", "moe_perf", "teacher"), ("(b)", "moe_epoch", "teacher"),
+          ("(c)", "moe_tcd", "moe_perf"), ("(c)", "moe_tcd", "moe_epoch"), ("(c)", "moe_tcd", "teacher")]
+
+
+def claims_table(results: Path) -> str:
+    """Claims (b) and (c) over pretrainings: each difference between two rows taken within one pretraining
+    (the student is taught by its own pretraining's teacher), mean ± standard error over the pretrainings
+    that have both rows, and how many of them point the paper's way."""
+    names, averages = pretraining_averages(results)
+    labels, out = dict(MODELS), []
+    for claim, row, other in CLAIMS:
+        diffs = [averages[row][n] - averages[other][n] for n in names
+                 if averages[row][n] is not None and averages[other][n] is not None]
+        if len(diffs) < 2:
+            continue
+        sign = 1 if claim == "(c)" else -1                        # the paper's direction
+        mean, se = np.mean(diffs), np.std(diffs, ddof=1) / np.sqrt(len(diffs))
+        out.append(f"| {claim} | {labels[row]} − {labels[other]} | {len(diffs)} | " + ", ".join(f"{d:+.2f}" for d in diffs)
+                   + f" | {mean:+.2f} ± {se:.2f} | {sum(sign * d > 0 for d in diffs)} of {len(diffs)} |")
+    if not out:
+        return ""
+    return "\n".join(["| claim | difference | pretrainings | per pretraining | mean ± s.e. | the paper's way |",
+                      "|" + "---|" * 6] + out + [
+        "", "differences of the averages above, within each pretraining; s.e. = std (ddof=1) / √n; "
+            "the paper's way: (b) below 0, (c) above 0"])
 
 
 TRANSFER = [("SST-2", "acc"), ("STS-B", "pearson"), ("STS-B", "spearman")]
@@ -338,6 +373,7 @@ def main(argv=None) -> int:
                         ("Figure 5", figure5_table(results)),
                         ("Pretraining noise (Tables 1-2's models pretrained again)", retrain_table(results)),
                         ("Tables 1-2 over pretrainings", replicates_table(results)),
+                        ("Claims (b) and (c) over pretrainings", claims_table(results)),
                         ("Transfer probes", transfer_table(results)),
                         ("Transfer probes, all five tasks", transfer_table(results, COLUMNS)),
                         ("Frozen-feature probes", features_table(results)),

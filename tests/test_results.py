@@ -258,6 +258,35 @@ def test_replicates_table_averages_each_pretraining_of_a_row(tmp_path, capsys):
     assert "MoE BERT w/ TCD" not in out
 
 
+def test_claims_table_pairs_rows_within_each_pretraining(tmp_path, capsys):
+    import finetune
+    base = {"CoLA": {"mcc": 10.0}, "MRPC": {"acc": 70.0, "f1": 80.0}, "SST-2": {"acc": 76.0},
+            "STS-B": {"pearson": 20.0, "spearman": 18.0}, "RTE": {"acc": 55.0}}    # average 47
+
+    def write(sub, name, shift):   # full lr 5e-5 seed 1 at 47 + shift, another seed far off
+        runs = [{"task": t, "mode": "full", "adapter": 0, "lr": 5e-5, "seed": seed,
+                 "best": {"epoch": 1, **{k: v + shift + 20 * (seed != 1) for k, v in base[t].items()}}}
+                for t in base for seed in (2, 1)]
+        (tmp_path / sub).mkdir(parents=True, exist_ok=True)
+        (tmp_path / sub / f"{name}.json").write_text(json.dumps({"runs": runs, "summary": finetune.summarize(runs)}))
+
+    for sub, teacher, tcd in (("finetune", 1.0, 3.0), ("probes/retrain", -2.0, 0.0), ("replicates/seed2/finetune", 4.0, 3.0)):
+        write(sub, "teacher", teacher)
+        write(sub, "moe_tcd", tcd)
+    write("finetune", "moe_epoch", 0.0)
+    write("probes/retrain", "moe_epoch", -1.0)
+    write("replicates/seed2/finetune", "moe_epoch", 2.0)
+    write("replicates/seed3/finetune", "moe_epoch", 50.0)         # no teacher in seed 3: not a pair
+    write("finetune", "moe_perf", 9.0)                            # one pretraining: no row
+    assert tables.main(["--results", str(tmp_path)]) == 0
+    out = capsys.readouterr().out.split("### Claims (b) and (c) over pretrainings")[1].split("###")[0]
+    # TCD - teacher: +2, +2, -1: mean +1, std sqrt(3), s.e. 1; two of three above 0 (the paper's way for (c))
+    assert "| (c) | MoE BERT w/ TCD − Vanilla BERT (teacher) | 3 | +2.00, +2.00, -1.00 | +1.00 ± 1.00 | 2 of 3 |" in out
+    # epoch-aligned - teacher: -1, +1, -2 (seed 3 has no teacher); two below 0 (the paper's way for (b))
+    assert "| (b) | MoE BERT, epoch-aligned − Vanilla BERT (teacher) | 3 | -1.00, +1.00, -2.00 | -0.67 ± 0.88 | 2 of 3 |" in out
+    assert "perf-aligned" not in out
+
+
 def test_plots_are_drawn_from_metrics(tmp_path):
     pytest.importorskip("matplotlib")
     import plot
