@@ -206,14 +206,21 @@ def replicate_average(path: Path) -> float | None:
     return None if np.isnan(values).any() else float(np.mean(values))
 
 
+def pretrainings(results: Path) -> list[tuple[str, Path, Path]]:
+    """(name, fine-tuning results dir, pretraining curves dir) of every pretraining of the rerun's models:
+    the first, the same command again (probes/retrain/), and the replicates with other pretraining seeds."""
+    again = results / "probes" / "retrain"
+    return [("first", results / "finetune", results / "pretrain"), ("again", again, again / "pretrain")] + [
+        (d.name, d / "finetune", d / "pretrain") for d in sorted((results / "replicates").glob("seed*"))]
+
+
 def pretraining_averages(results: Path) -> tuple[list[str], dict[str, dict[str, float | None]]]:
     """Each pretrained row's REPLICATE_SETTING average after every pretraining of it: the first (finetune/),
     the same command again (probes/retrain/) and the replicates with other pretraining seeds (run.sh with
     PRETRAIN_SEED=N), as (pretraining names, {row key: {pretraining: average or None}})."""
-    sources = [("first", results / "finetune"), ("again", results / "probes" / "retrain")] + [
-        (d.name, d / "finetune") for d in sorted((results / "replicates").glob("seed*"))]
-    return [name for name, _ in sources], {key: {name: replicate_average(d / f"{key}.json") for name, d in sources}
-                                           for key, _ in MODELS[2:]}
+    sources = pretrainings(results)
+    return [name for name, _, _ in sources], {key: {name: replicate_average(d / f"{key}.json") for name, d, _ in sources}
+                                              for key, _ in MODELS[2:]}
 
 
 def replicates_table(results: Path) -> str:
@@ -258,6 +265,34 @@ def claims_table(results: Path) -> str:
                       "|" + "---|" * 6] + out + [
         "", "differences of the averages above, within each pretraining; s.e. = std (ddof=1) / √n; "
             "the paper's way: (b) below 0, (c) above 0"])
+
+
+TEACHER_EPOCH, STUDENT_EPOCH, SHARED_EPOCH = 3, 3, 6      # run.sh: TEACHER_EPOCHS, TCD_EPOCHS, MOE_EPOCHS
+
+
+def pretraining_table(results: Path) -> str:
+    """The premises over pretrainings, Pre-Train Perf. only: is the teacher weaker than its TCD student, is
+    MoE ahead of vanilla at equal epochs (claim a), and which MoE epoch performance alignment picks."""
+    out = []
+    for name, _, curves in pretrainings(results):
+        perf = {run: {e: -loss for e, (loss, _) in epoch_losses(curves / f"{run}.jsonl").items()}
+                for run in ("vanilla", "moe", "moe_tcd") if (curves / f"{run}.jsonl").is_file()}
+        vanilla, moe, tcd = (perf.get(run, {}) for run in ("vanilla", "moe", "moe_tcd"))
+        if TEACHER_EPOCH not in vanilla or STUDENT_EPOCH not in tcd:
+            continue
+        teacher, student = vanilla[TEACHER_EPOCH], tcd[STUDENT_EPOCH]
+        lead = [f"{moe[e] - vanilla[e]:+.3f}" if e in moe and e in vanilla else "-" for e in (TEACHER_EPOCH, SHARED_EPOCH)]
+        better = [e for e in moe if moe[e] >= student]                # align.py's rule: the closest at least as good
+        aligned = min(better, key=lambda e: moe[e] - student, default=None)
+        cells = ["-", "-"] if aligned is None else [f"epoch {aligned} ({moe[aligned]:.3f})", f"{moe[aligned] - student:+.3f}"]
+        out.append(f"| {name} | {teacher:.3f} | {student:.3f} | {student - teacher:+.3f} | " + " | ".join(lead + cells) + " |")
+    if not out:
+        return ""
+    heads = ["pretraining", f"teacher (vanilla, epoch {TEACHER_EPOCH})", f"TCD student (epoch {STUDENT_EPOCH})",
+             "student − teacher", f"MoE − vanilla, epoch {TEACHER_EPOCH}", f"MoE − vanilla, epoch {SHARED_EPOCH}",
+             "perf-aligned MoE", "its lead over TCD"]
+    return "\n".join(["| " + " | ".join(heads) + " |", "|" + "---|" * len(heads)] + out + [
+        "", "Pre-Train Perf. (closer to 0 is better); the paper's setting: every difference above 0"])
 
 
 TRANSFER = [("SST-2", "acc"), ("STS-B", "pearson"), ("STS-B", "spearman")]
@@ -374,6 +409,7 @@ def main(argv=None) -> int:
                         ("Pretraining noise (Tables 1-2's models pretrained again)", retrain_table(results)),
                         ("Tables 1-2 over pretrainings", replicates_table(results)),
                         ("Claims (b) and (c) over pretrainings", claims_table(results)),
+                        ("Pretraining over pretrainings (the premises)", pretraining_table(results)),
                         ("Transfer probes", transfer_table(results)),
                         ("Transfer probes, all five tasks", transfer_table(results, COLUMNS)),
                         ("Frozen-feature probes", features_table(results)),

@@ -287,6 +287,28 @@ def test_claims_table_pairs_rows_within_each_pretraining(tmp_path, capsys):
     assert "perf-aligned" not in out
 
 
+def test_pretraining_table_checks_each_pretrainings_premises(tmp_path, capsys):
+    def curve(sub, run, perfs):      # Pre-Train Perf. at the end of epochs 1, 2, ...
+        rows = [{"valid": True, "step": 10 * e, "epoch": float(e), "pretrain_perf": v} for e, v in enumerate(perfs, 1)]
+        (tmp_path / sub).mkdir(parents=True, exist_ok=True)
+        (tmp_path / sub / f"{run}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+    curve("pretrain", "vanilla", [-7.0, -6.0, -5.2, -5.0, -4.8, -4.7])
+    curve("pretrain", "moe", [-7.0, -5.9, -4.9, -4.85, -4.78, -4.65])
+    curve("pretrain", "moe_tcd", [-6.5, -5.5, -4.88])
+    curve("replicates/seed2/pretrain", "vanilla", [-7.0, -6.0, -5.3])     # no MoE baseline yet
+    curve("replicates/seed2/pretrain", "moe_tcd", [-6.5, -5.5, -5.4])
+    curve("replicates/seed3/pretrain", "vanilla", [-7.0, -6.0, -5.3])     # no student yet: no row
+    curve("replicates/seed4/pretrain", "vanilla", [-7.0, -6.0])           # no teacher yet: no row
+    curve("replicates/seed4/pretrain", "moe_tcd", [-6.5, -5.5, -5.0])
+    assert tables.main(["--results", str(tmp_path)]) == 0
+    out = capsys.readouterr().out.split("### Pretraining over pretrainings (the premises)")[1].split("###")[0]
+    # MoE epoch 3 (-4.90) is nearer TCD (-4.88) but worse: alignment takes epoch 4, the nearest at least as good
+    assert "| first | -5.200 | -4.880 | +0.320 | +0.300 | +0.050 | epoch 4 (-4.850) | +0.030 |" in out
+    assert "| seed2 | -5.300 | -5.400 | -0.100 | - | - | - | - |" in out
+    assert "seed3" not in out and "seed4" not in out
+
+
 def test_plots_are_drawn_from_metrics(tmp_path):
     pytest.importorskip("matplotlib")
     import plot
