@@ -93,6 +93,8 @@ def glue_rows(results: Path, mode: str | None, seeds: list[int] | None = None) -
             cells.append(cell(best, metric, f" ({best['mode'][0]})" if best and mode is None else "")[0])
             columns.append(per_seed(data, task, best, metric))
             counts |= set() if best is None else {best["seeds"]}
+        if mode and not counts:
+            continue                                                # no run in this mode (the anchor: full only)
         epoch = pre.get("epoch")
         lo, hi = (min(counts), max(counts)) if counts else (None, None)
         head = [label] + ([mode] if mode else []) + ["-" if epoch is None else f"{epoch:.0f}", perf_cell(data),

@@ -61,6 +61,18 @@ def test_tables_take_the_better_mode_per_task(tmp_path, capsys):
     assert "| MoE BERT w/ TCD | full | 3 | -5.500 | 2 |" in out
 
 
+def test_tables_leave_out_a_mode_a_model_never_ran(tmp_path, capsys):
+    import finetune
+    runs = [{"task": "RTE", "mode": "full", "adapter": 0, "lr": 5e-5, "seed": 1,
+             "best": {"epoch": 1, "train_loss": 0.5, "seconds": 1.0, "acc": 56.0}}]
+    (tmp_path / "finetune").mkdir()
+    (tmp_path / "finetune" / "minilm.json").write_text(json.dumps({"runs": runs, "summary": finetune.summarize(runs)}))
+    assert tables.main(["--results", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "| all-MiniLM-L6-v2 (anchor: a well-pretrained BERT, one seed) | full | - | - | 1 | - | - | - | - | - | - | 56.00" in out
+    assert "| adapter |" not in out
+
+
 def test_tables_average_a_row_only_once_every_task_is_in(tmp_path, capsys):
     import finetune
     scores = {"CoLA": {"mcc": 10.0}, "MRPC": {"acc": 70.0, "f1": 80.0}, "SST-2": {"acc": 76.0},
