@@ -129,6 +129,35 @@ def ood_table(results: Path, name: str = "ood.json") -> str:
     return "\n".join(out + ["", data.get("legend", "")])
 
 
+OOD_ROLES = ("vanilla", "perf", "tcd", "epoch")     # run.sh's ood(): --ckpt VANILLA PERF TCD EPOCH, in this order
+
+
+def ood_claims_table(results: Path) -> str:
+    """Claim (d) over pretrainings, per Pile subset: TCD − the performance-aligned MoE and vanilla − TCD
+    (the paper: vanilla ≳ MoE + TCD > MoE), within each pretraining's Table 4, mean ± s.e. over them."""
+    files = [results / "ood.json", results / "probes" / "retrain" / "ood.json"] + sorted(
+        (results / "replicates").glob("seed*/ood.json"))
+    per_pretraining = []
+    for f in files:
+        rows = list(json.loads(f.read_text())["results"].values()) if f.is_file() else []
+        if len(rows) == len(OOD_ROLES):
+            per_pretraining.append(dict(zip(OOD_ROLES, rows)))
+    if len(per_pretraining) < 2:
+        return ""
+    out = []
+    for subset, short in OOD:
+        cells = []
+        for better, worse in (("tcd", "perf"), ("vanilla", "tcd")):
+            diffs = [t[better][subset]["log_likelihood"] - t[worse][subset]["log_likelihood"] for t in per_pretraining]
+            cells += [", ".join(f"{d:+.3f}" for d in diffs),
+                      f"{np.mean(diffs):+.3f} ± {np.std(diffs, ddof=1) / np.sqrt(len(diffs)):.3f}"]
+        out.append(f"| {short} | " + " | ".join(cells) + " |")
+    heads = ["subset", "TCD − perf-aligned MoE", "mean ± s.e.", "vanilla − TCD", "mean ± s.e."]
+    return "\n".join(["| " + " | ".join(heads) + " |", "|" + "---|" * len(heads)] + out + [
+        "", f"masked-LM log-likelihood differences within each of {len(per_pretraining)} pretrainings' Table 4 (in the order "
+            "first, again, replicates); the paper's way: both above 0 (vanilla ≳ MoE + TCD > MoE)"])
+
+
 FIGURE5_SETTING = {"mode": "full", "lr": 5e-5}      # run.sh's Figure 5 fine-tuning
 
 
@@ -407,11 +436,14 @@ def main(argv=None) -> int:
         print(SMOKE + "\n")
     for title, text in (("Tables 1-2", glue_tables(results, args.seeds)), ("Table 4", ood_table(results)),
                         ("Table 4, its models pretrained again", ood_table(results, "probes/retrain/ood.json")),
+                        *((f"Table 4, pretraining {f.parent.name}", ood_table(results, str(f.relative_to(results))))
+                          for f in sorted((results / "replicates").glob("seed*/ood.json"))),
                         ("Figure 5", figure5_table(results)),
                         ("Pretraining noise (Tables 1-2's models pretrained again)", retrain_table(results)),
                         ("Tables 1-2 over pretrainings", replicates_table(results)),
                         ("Claims (b) and (c) over pretrainings", claims_table(results)),
                         ("Pretraining over pretrainings (the premises)", pretraining_table(results)),
+                        ("Claim (d) over pretrainings (Table 4)", ood_claims_table(results)),
                         ("Transfer probes", transfer_table(results)),
                         ("Transfer probes, all five tasks", transfer_table(results, COLUMNS)),
                         ("Frozen-feature probes", features_table(results)),

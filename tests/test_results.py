@@ -321,6 +321,28 @@ def test_pretraining_table_checks_each_pretrainings_premises(tmp_path, capsys):
     assert "seed3" not in out and "seed4" not in out
 
 
+def test_ood_claims_table_takes_differences_within_each_pretrainings_table4(tmp_path, capsys):
+    subsets = [name for name, _ in tables.OOD]
+
+    def table4(rel, lls):   # lls: log-likelihood of vanilla, perf-aligned MoE, TCD, epoch-aligned MoE (run.sh's order)
+        rows = {f"ckpt/{role}.pt": {s: {"log_likelihood": ll - i / 100} for i, s in enumerate(subsets)}
+                for role, ll in zip(("vanilla.epoch5", "moe.epoch4", "moe_tcd.epoch3", "moe.epoch6")[:len(lls)], lls)}
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_text(json.dumps({"results": rows, "legend": "legend"}))
+
+    table4("ood.json", (-5.0, -5.3, -5.1, -4.9))                       # TCD - perf +0.2, vanilla - TCD +0.1
+    table4("probes/retrain/ood.json", (-5.4, -5.2, -5.1, -4.9))        # +0.1, -0.3
+    table4("replicates/seed2/ood.json", (-4.9, -5.5, -5.2, -5.0))      # +0.3, +0.3
+    table4("replicates/seed3/ood.json", (-5.0, -5.5))                  # not every row yet: left out
+    assert tables.main(["--results", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    claims = out.split("### Claim (d) over pretrainings (Table 4)")[1].split("###")[0]
+    # TCD - perf: +0.2, +0.1, +0.3: mean +0.2, std 0.1, s.e. 0.058; vanilla - TCD: +0.1, -0.3, +0.3: mean 0.033, s.e. 0.176
+    assert "| AX | +0.200, +0.100, +0.300 | +0.200 ± 0.058 | +0.100, -0.300, +0.300 | +0.033 ± 0.176 |" in claims
+    assert "3 pretrainings" in claims
+    assert "### Table 4, pretraining seed2" in out and "### Table 4, pretraining seed3" in out
+
+
 def test_plots_are_drawn_from_metrics(tmp_path):
     pytest.importorskip("matplotlib")
     import plot
