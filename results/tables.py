@@ -11,6 +11,7 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
@@ -135,12 +136,12 @@ OOD_ROLES = ("vanilla", "perf", "tcd", "epoch")     # run.sh's ood(): --ckpt VAN
 def ood_claims_table(results: Path) -> str:
     """Claim (d) over pretrainings, per Pile subset: TCD − the performance-aligned MoE and vanilla − TCD
     (the paper: vanilla ≳ MoE + TCD > MoE), within each pretraining's Table 4, mean ± s.e. over them."""
-    files = [results / "ood.json", results / "probes" / "retrain" / "ood.json"] + sorted(
-        (results / "replicates").glob("seed*/ood.json"))
-    per_pretraining = []
-    for f in files:
+    names, per_pretraining = [], []
+    for p in pretrainings(results):
+        f = p.root / "ood.json"
         rows = list(json.loads(f.read_text())["results"].values()) if f.is_file() else []
         if len(rows) == len(OOD_ROLES):
+            names.append(p.name)
             per_pretraining.append(dict(zip(OOD_ROLES, rows)))
     if len(per_pretraining) < 2:
         return ""
@@ -154,8 +155,8 @@ def ood_claims_table(results: Path) -> str:
         out.append(f"| {short} | " + " | ".join(cells) + " |")
     heads = ["subset", "TCD − perf-aligned MoE", "mean ± s.e.", "vanilla − TCD", "mean ± s.e."]
     return "\n".join(["| " + " | ".join(heads) + " |", "|" + "---|" * len(heads)] + out + [
-        "", f"masked-LM log-likelihood differences within each of {len(per_pretraining)} pretrainings' Table 4 (in the order "
-            "first, again, replicates); the paper's way: both above 0 (vanilla ≳ MoE + TCD > MoE)"])
+        "", f"masked-LM log-likelihood differences within each pretraining's Table 4 ({', '.join(names)}); "
+            "the paper's way: both above 0 (vanilla ≳ MoE + TCD > MoE)"])
 
 
 FIGURE5_SETTING = {"mode": "full", "lr": 5e-5}      # run.sh's Figure 5 fine-tuning
@@ -237,12 +238,20 @@ def replicate_average(path: Path) -> float | None:
     return None if np.isnan(values).any() else float(np.mean(values))
 
 
-def pretrainings(results: Path) -> list[tuple[str, Path, Path]]:
-    """(name, fine-tuning results dir, pretraining curves dir) of every pretraining of the rerun's models:
-    the first, the same command again (probes/retrain/), and the replicates with other pretraining seeds."""
+class Pretraining(NamedTuple):
+    name: str          # first, again, seedN
+    root: Path         # where its Table 4 (ood.json) is
+    finetune: Path     # its finetune.py results (teacher.json, moe_perf.json, ...)
+    curves: Path       # its pretraining curves (vanilla.jsonl, moe.jsonl, moe_tcd.jsonl)
+
+
+def pretrainings(results: Path) -> list[Pretraining]:
+    """Every pretraining of the rerun's models: the first, the same command again (probes/retrain/), and
+    the replicates with other pretraining seeds (run.sh with PRETRAIN_SEED=N, replicates/seedN/)."""
     again = results / "probes" / "retrain"
-    return [("first", results / "finetune", results / "pretrain"), ("again", again, again / "pretrain")] + [
-        (d.name, d / "finetune", d / "pretrain") for d in sorted((results / "replicates").glob("seed*"))]
+    return [Pretraining("first", results, results / "finetune", results / "pretrain"),
+            Pretraining("again", again, again, again / "pretrain")] + [
+        Pretraining(d.name, d, d / "finetune", d / "pretrain") for d in sorted((results / "replicates").glob("seed*"))]
 
 
 def pretraining_averages(results: Path) -> tuple[list[str], dict[str, dict[str, float | None]]]:
@@ -250,8 +259,8 @@ def pretraining_averages(results: Path) -> tuple[list[str], dict[str, dict[str, 
     the same command again (probes/retrain/) and the replicates with other pretraining seeds (run.sh with
     PRETRAIN_SEED=N), as (pretraining names, {row key: {pretraining: average or None}})."""
     sources = pretrainings(results)
-    return [name for name, _, _ in sources], {key: {name: replicate_average(d / f"{key}.json") for name, d, _ in sources}
-                                              for key, _ in MODELS[2:]}
+    return [p.name for p in sources], {key: {p.name: replicate_average(p.finetune / f"{key}.json") for p in sources}
+                                       for key, _ in MODELS[2:]}
 
 
 def replicates_table(results: Path) -> str:
@@ -305,7 +314,7 @@ def pretraining_table(results: Path) -> str:
     """The premises over pretrainings, Pre-Train Perf. only: is the teacher weaker than its TCD student, is
     MoE ahead of vanilla at equal epochs (claim a), and which MoE epoch performance alignment picks."""
     out = []
-    for name, _, curves in pretrainings(results):
+    for name, _, _, curves in pretrainings(results):
         perf = {run: {e: -loss for e, (loss, _) in epoch_losses(curves / f"{run}.jsonl").items()}
                 for run in ("vanilla", "moe", "moe_tcd") if (curves / f"{run}.jsonl").is_file()}
         vanilla, moe, tcd = (perf.get(run, {}) for run in ("vanilla", "moe", "moe_tcd"))
@@ -436,8 +445,7 @@ def main(argv=None) -> int:
         print(SMOKE + "\n")
     for title, text in (("Tables 1-2", glue_tables(results, args.seeds)), ("Table 4", ood_table(results)),
                         ("Table 4, its models pretrained again", ood_table(results, "probes/retrain/ood.json")),
-                        *((f"Table 4, pretraining {f.parent.name}", ood_table(results, str(f.relative_to(results))))
-                          for f in sorted((results / "replicates").glob("seed*/ood.json"))),
+                        *((f"Table 4, pretraining {p.name}", ood_table(p.root)) for p in pretrainings(results)[2:]),
                         ("Figure 5", figure5_table(results)),
                         ("Pretraining noise (Tables 1-2's models pretrained again)", retrain_table(results)),
                         ("Tables 1-2 over pretrainings", replicates_table(results)),
