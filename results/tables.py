@@ -16,8 +16,9 @@ from typing import NamedTuple
 import numpy as np
 
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE.parent))
+sys.path[:0] = [str(HERE.parent), str(HERE)]
 from finetune import TASKS, main_score, summarize  # noqa: E402
+from align import AlignError, align  # noqa: E402
 SMOKE = "**Smoke test** (`run.sh --quick`: a few steps, one seed, one epoch): these numbers mean nothing."
 MODELS = [("minilm", "all-MiniLM-L6-v2 (anchor: a well-pretrained BERT, one seed)"),
           ("scratch", "BERT, no pretraining (floor)"), ("teacher", "Vanilla BERT (teacher)"),
@@ -322,9 +323,13 @@ def pretraining_table(results: Path) -> str:
             continue
         teacher, student = vanilla[TEACHER_EPOCH], tcd[STUDENT_EPOCH]
         lead = [f"{moe[e] - vanilla[e]:+.3f}" if e in moe and e in vanilla else "-" for e in (TEACHER_EPOCH, SHARED_EPOCH)]
-        better = [e for e in moe if moe[e] >= student]                # align.py's rule: the closest at least as good
-        aligned = min(better, key=lambda e: moe[e] - student, default=None)
-        cells = ["-", "-"] if aligned is None else [f"epoch {aligned} ({moe[aligned]:.3f})", f"{moe[aligned] - student:+.3f}"]
+        try:                                                          # align.py's rule: the closest at least as good
+            chosen, _ = align(target={"pretrain_perf": student}, by="perf", epoch=None,
+                              candidates=[{"epoch": e, "pretrain_perf": v} for e, v in moe.items()])
+            aligned = chosen["epoch"]
+            cells = [f"epoch {aligned} ({moe[aligned]:.3f})", f"{moe[aligned] - student:+.3f}"]
+        except AlignError:                                            # no MoE epoch yet, or none as good as TCD
+            cells = ["-", "-"]
         out.append(f"| {name} | {teacher:.3f} | {student:.3f} | {student - teacher:+.3f} | " + " | ".join(lead + cells) + " |")
     if not out:
         return ""
