@@ -6,6 +6,7 @@
 - pretrain.png: the same for the reproduction's models (results/pretrain/*.jsonl)
 - figure1.png: GLUE average against Pre-Train Perf., one point per fine-tuned checkpoint (Fig. 1)
 - figure5.png: MRPC accuracy against pretraining epoch for each model's kept checkpoints (Fig. 5)
+- claims.png: claims (b) and (c) as differences of GLUE averages within each pretraining, mean ± s.e.
 - hf_curve.png: ours and HF's BertForMaskedLM trained side by side (results/hf_curve.jsonl)
 Needs matplotlib (requirements-dev.txt); the scripts themselves never import it.
 """
@@ -17,7 +18,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from tables import figure5_points  # noqa: E402
+from tables import MODELS, claim_differences, figure5_points  # noqa: E402
 
 
 def curve(path: Path) -> tuple[list[float], list[float]]:
@@ -95,6 +96,34 @@ def plot_points(points: list[dict], x: str, y: str, out: Path, xlabel: str, ylab
     finish(fig, ax, out, xlabel, ylabel)
 
 
+def plot_claims(results: Path, out: Path) -> bool:
+    """One line per difference of claims (b) and (c): a dot per pretraining, the mean ± s.e. as a bar, and
+    an arrow toward the side the paper says it falls on. False (nothing drawn) below two pretrainings."""
+    import matplotlib.pyplot as plt
+    import numpy as np
+    claims = [c for c in claim_differences(results) if len(c[4]) >= 2]
+    if not claims:
+        return False
+    labels, colors = dict(MODELS), {}
+    fig, ax = plt.subplots(figsize=(9, 0.6 * len(claims) + 1.6))
+    for i, (claim, row, other, names, diffs) in enumerate(claims):
+        y = len(claims) - 1 - i
+        for name, d in zip(names, diffs):
+            first = name not in colors                                  # one legend entry per pretraining
+            ax.plot(d, y, "o", color=colors.setdefault(name, f"C{len(colors)}"), alpha=0.7, label=name if first else None)
+        mean, se = np.mean(diffs), np.std(diffs, ddof=1) / np.sqrt(len(diffs))
+        ax.errorbar(mean, y, xerr=se, fmt="D", color="black", capsize=4)
+        paper = "→" if claim == "(c)" else "←"                          # the paper's side of 0
+        ax.annotate(f"paper {paper}", (0, y), textcoords="offset points", xytext=(6 if paper == "→" else -50, 6),
+                    fontsize=7, color="grey")
+    ax.axvline(0, color="grey", linewidth=1)
+    ax.set_yticks(range(len(claims)))
+    ax.set_yticklabels([f"{c[0]} {labels[c[1]]} − {labels[c[2]]}" for c in reversed(claims)], fontsize=8)
+    ax.set_title("black: mean ± s.e. over pretrainings", fontsize=9)
+    finish(fig, ax, out, "difference of GLUE averages (points) within a pretraining", "")
+    return True
+
+
 def main(argv=None) -> int:
     import argparse
     p = argparse.ArgumentParser(prog="plot.py", description=__doc__.split("\n")[0])
@@ -123,6 +152,7 @@ def draw(results: Path) -> int:
             for epoch, (acc, _, _) in by_epoch.items()]
     if fig5:
         plot_points(fig5, "epoch", "mrpc", results / "figure5.png", "pretraining epoch", "MRPC accuracy (dev, full fine-tuning)")
+    plot_claims(results, results / "claims.png")
     return 0
 
 

@@ -285,15 +285,23 @@ CLAIMS = [("(b)", "moe_perf", "teacher"), ("(b)", "moe_epoch", "teacher"),
           ("(c)", "moe_tcd", "moe_perf"), ("(c)", "moe_tcd", "moe_epoch"), ("(c)", "moe_tcd", "teacher")]
 
 
-def claims_table(results: Path) -> str:
-    """Claims (b) and (c) over pretrainings: each difference between two rows taken within one pretraining
-    (the student is taught by its own pretraining's teacher), mean ± standard error over the pretrainings
-    that have both rows, and how many of them point the paper's way."""
+def claim_differences(results: Path) -> list[tuple[str, str, str, list[str], list[float]]]:
+    """Each difference of CLAIMS between two rows' averages, taken within one pretraining (the student is
+    taught by its own pretraining's teacher), as (claim, row, other row, pretraining names, differences),
+    over the pretrainings that have both rows."""
     names, averages = pretraining_averages(results)
-    labels, out = dict(MODELS), []
+    out = []
     for claim, row, other in CLAIMS:
-        diffs = [averages[row][n] - averages[other][n] for n in names
-                 if averages[row][n] is not None and averages[other][n] is not None]
+        both = [n for n in names if averages[row][n] is not None and averages[other][n] is not None]
+        out.append((claim, row, other, both, [averages[row][n] - averages[other][n] for n in both]))
+    return out
+
+
+def claims_table(results: Path) -> str:
+    """Claims (b) and (c) over pretrainings: each difference of claim_differences, mean ± standard error over
+    the pretrainings that have both rows, and how many of them point the paper's way."""
+    labels, out = dict(MODELS), []
+    for claim, row, other, _, diffs in claim_differences(results):
         if len(diffs) < 2:
             continue
         sign = 1 if claim == "(c)" else -1                        # the paper's direction

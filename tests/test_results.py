@@ -270,17 +270,18 @@ def test_replicates_table_averages_each_pretraining_of_a_row(tmp_path, capsys):
     assert "MoE BERT w/ TCD" not in out
 
 
-def test_claims_table_pairs_rows_within_each_pretraining(tmp_path, capsys):
+def write_claims_fixture(results: Path) -> None:
+    """Full fine-tuning (lr 5e-5) of four rows in four pretrainings, seed 1 at 47 + shift, another seed far off."""
     import finetune
     base = {"CoLA": {"mcc": 10.0}, "MRPC": {"acc": 70.0, "f1": 80.0}, "SST-2": {"acc": 76.0},
             "STS-B": {"pearson": 20.0, "spearman": 18.0}, "RTE": {"acc": 55.0}}    # average 47
 
-    def write(sub, name, shift):   # full lr 5e-5 seed 1 at 47 + shift, another seed far off
+    def write(sub, name, shift):
         runs = [{"task": t, "mode": "full", "adapter": 0, "lr": 5e-5, "seed": seed,
                  "best": {"epoch": 1, **{k: v + shift + 20 * (seed != 1) for k, v in base[t].items()}}}
                 for t in base for seed in (2, 1)]
-        (tmp_path / sub).mkdir(parents=True, exist_ok=True)
-        (tmp_path / sub / f"{name}.json").write_text(json.dumps({"runs": runs, "summary": finetune.summarize(runs)}))
+        (results / sub).mkdir(parents=True, exist_ok=True)
+        (results / sub / f"{name}.json").write_text(json.dumps({"runs": runs, "summary": finetune.summarize(runs)}))
 
     for sub, teacher, tcd in (("finetune", 1.0, 3.0), ("probes/retrain", -2.0, 0.0), ("replicates/seed2/finetune", 4.0, 3.0)):
         write(sub, "teacher", teacher)
@@ -290,6 +291,29 @@ def test_claims_table_pairs_rows_within_each_pretraining(tmp_path, capsys):
     write("replicates/seed2/finetune", "moe_epoch", 2.0)
     write("replicates/seed3/finetune", "moe_epoch", 50.0)         # no teacher in seed 3: not a pair
     write("finetune", "moe_perf", 9.0)                            # one pretraining: no row
+
+
+def test_claim_differences_pair_rows_within_each_pretraining(tmp_path):
+    write_claims_fixture(tmp_path)
+    got = {(row, other): (names, [round(d, 6) for d in diffs])
+           for _, row, other, names, diffs in tables.claim_differences(tmp_path)}
+    assert got[("moe_tcd", "teacher")] == (["first", "again", "seed2"], [2.0, 2.0, -1.0])
+    assert got[("moe_epoch", "teacher")] == (["first", "again", "seed2"], [-1.0, 1.0, -2.0])
+    assert got[("moe_tcd", "moe_epoch")] == (["first", "again", "seed2"], [3.0, 1.0, 1.0])
+    assert got[("moe_perf", "teacher")] == (["first"], [8.0])
+
+
+def test_claims_plot_is_drawn_from_two_pretrainings_on(tmp_path):
+    pytest.importorskip("matplotlib")
+    import plot
+    assert plot.plot_claims(tmp_path, tmp_path / "claims.png") is False            # no fine-tuning at all
+    write_claims_fixture(tmp_path)
+    assert plot.plot_claims(tmp_path, tmp_path / "claims.png") is True
+    assert (tmp_path / "claims.png").stat().st_size > 1000
+
+
+def test_claims_table_pairs_rows_within_each_pretraining(tmp_path, capsys):
+    write_claims_fixture(tmp_path)
     assert tables.main(["--results", str(tmp_path)]) == 0
     out = capsys.readouterr().out.split("### Claims (b) and (c) over pretrainings")[1].split("###")[0]
     # TCD - teacher: +2, +2, -1: mean +1, std sqrt(3), s.e. 1; two of three above 0 (the paper's way for (c))
