@@ -267,11 +267,13 @@ def pretraining_averages(results: Path) -> tuple[list[str], dict[str, dict[str, 
 def replicates_table(results: Path) -> str:
     """Each row of Tables 1-2 over every pretraining of it, with mean ± std over the pretrainings."""
     names, averages = pretraining_averages(results)
+    names = [n for n in names if any(averages[key][n] is not None for key, _ in MODELS[2:])]  # drop: none done yet
     out = []
     for key, label in MODELS[2:]:                                   # the pretrained rows
-        got = [v for v in averages[key].values() if v is not None]
+        row = [averages[key][n] for n in names]
+        got = [v for v in row if v is not None]
         if len(got) > 1:
-            out.append(f"| {label} | {len(got)} | " + " | ".join("-" if v is None else f"{v:.2f}" for v in averages[key].values())
+            out.append(f"| {label} | {len(got)} | " + " | ".join("-" if v is None else f"{v:.2f}" for v in row)
                        + f" | {np.mean(got):.2f} ± {np.std(got, ddof=1):.2f} |")
     if not out:
         return ""

@@ -262,12 +262,17 @@ def test_replicates_table_averages_each_pretraining_of_a_row(tmp_path, capsys):
     write("probes/retrain", "teacher", -2.0)
     write("replicates/seed2/finetune", "teacher", 4.0)
     write("replicates/seed3/finetune", "teacher", 9.0, tasks=("CoLA", "RTE"))          # not every task yet
-    write("finetune", "moe_tcd", 0.0)                                                # one pretraining: no row
+    write("replicates/seed4/finetune", "teacher", 9.0, tasks=("CoLA",))                # nothing finished: no column
+    write("finetune", "moe_epoch", 0.0)                                              # one pretraining: no row
+    write("finetune", "moe_tcd", 0.0)
+    write("replicates/seed3/finetune", "moe_tcd", 2.0)
     assert tables.main(["--results", str(tmp_path)]) == 0
-    out = capsys.readouterr().out.split("### Tables 1-2 over pretrainings")[1]
+    out = capsys.readouterr().out.split("### Tables 1-2 over pretrainings")[1].split("###")[0]
+    assert "| Model | pretrainings | first | again | seed2 | seed3 | mean ± std |" in out
     # 48, 45 and 51: mean 48, sample std 3
     assert "| Vanilla BERT (teacher) | 3 | 48.00 | 45.00 | 51.00 | - | 48.00 ± 3.00 |" in out
-    assert "MoE BERT w/ TCD" not in out
+    assert "| MoE BERT w/ TCD | 2 | 47.00 | - | - | 49.00 | 48.00 ± 1.41 |" in out
+    assert "epoch-aligned" not in out
 
 
 def write_claims_fixture(results: Path) -> None:
