@@ -151,7 +151,10 @@ def draw(results: Path) -> int:
     fig5 = [{"name": model, "epoch": epoch, "mrpc": acc} for model, by_epoch in figure5_points(results).items()
             for epoch, (acc, _, _) in by_epoch.items()]
     if fig5:
-        plot_points(fig5, "epoch", "mrpc", results / "figure5.png", "pretraining epoch", "MRPC accuracy (dev, full fine-tuning)")
+        scratch = results / "finetune" / "scratch.json"           # the no-pretraining floor's MRPC accuracy
+        mrpc_floor = json.loads(scratch.read_text())["paper_row"].get("MRPC acc", "-") if scratch.is_file() else "-"
+        plot_points(fig5, "epoch", "mrpc", results / "figure5.png", "pretraining epoch", "MRPC accuracy (dev, full fine-tuning)",
+                    None if mrpc_floor == "-" else float(mrpc_floor))
     plot_claims(results, results / "claims.png")
     return 0
 

@@ -382,6 +382,27 @@ def test_plots_are_drawn_from_metrics(tmp_path):
     assert (tmp_path / "pretrain.png").stat().st_size > 1000
 
 
+def test_figure5_plot_marks_the_no_pretraining_floor(tmp_path, monkeypatch):
+    pytest.importorskip("matplotlib")
+    import finetune
+    import plot
+    runs = [{"task": "MRPC", "mode": "full", "adapter": 0, "lr": 5e-5, "seed": seed,
+             "best": {"epoch": 1, "acc": acc, "f1": 80.0}} for seed, acc in ((1, 69.0), (2, 70.0))]
+    (tmp_path / "figure5").mkdir()
+    (tmp_path / "figure5" / "vanilla.epoch2.json").write_text(json.dumps(
+        {"ckpt": "runs/vanilla.epoch2.pt", "pretrained": {"pretrain_perf": -5.5}, "runs": runs,
+         "summary": finetune.summarize(runs)}))
+    drawn = {}
+    monkeypatch.setattr(plot, "plot_points", lambda points, x, y, out, *a: drawn.update({out.name: (points, a)}))
+    plot.draw(tmp_path)
+    assert drawn["figure5.png"] == ([{"name": "vanilla", "epoch": 2, "mrpc": 69.5}], ("pretraining epoch",
+                                    "MRPC accuracy (dev, full fine-tuning)", None))     # no floor run: no line
+    (tmp_path / "finetune").mkdir()
+    (tmp_path / "finetune" / "scratch.json").write_text(json.dumps({"runs": [], "summary": {}, "paper_row": {"MRPC acc": "68.46"}}))
+    plot.draw(tmp_path)
+    assert drawn["figure5.png"][1][-1] == 68.46
+
+
 def test_hf_curve_head_on_masked_rows_is_hfs_loss_and_gradient():
     transformers = pytest.importorskip("transformers")
     import torch
