@@ -18,7 +18,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from tables import MODELS, claim_differences, figure5_points  # noqa: E402
+from tables import MODELS, PAPER_SIGN, claim_differences, figure5_points  # noqa: E402
 
 
 def curve(path: Path) -> tuple[list[float], list[float]]:
@@ -98,7 +98,7 @@ def plot_points(points: list[dict], x: str, y: str, out: Path, xlabel: str, ylab
 
 def plot_claims(results: Path, out: Path) -> bool:
     """One line per difference of claims (b) and (c): a dot per pretraining, the mean ± s.e. as a bar, and
-    an arrow toward the side the paper says it falls on. False (nothing drawn) below two pretrainings."""
+    an arrow toward the side of 0 the paper says it falls on. False (nothing drawn) below two pretrainings."""
     import matplotlib.pyplot as plt
     import numpy as np
     claims = [c for c in claim_differences(results) if len(c[4]) >= 2]
@@ -113,7 +113,7 @@ def plot_claims(results: Path, out: Path) -> bool:
             ax.plot(d, y, "o", color=colors.setdefault(name, f"C{len(colors)}"), alpha=0.7, label=name if first else None)
         mean, se = np.mean(diffs), np.std(diffs, ddof=1) / np.sqrt(len(diffs))
         ax.errorbar(mean, y, xerr=se, fmt="D", color="black", capsize=4)
-        paper = "→" if claim == "(c)" else "←"                          # the paper's side of 0
+        paper = "→" if PAPER_SIGN[claim] > 0 else "←"
         ax.annotate(f"paper {paper}", (0, y), textcoords="offset points", xytext=(6 if paper == "→" else -50, 6),
                     fontsize=7, color="grey")
     ax.axvline(0, color="grey", linewidth=1)

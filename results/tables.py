@@ -285,6 +285,7 @@ def replicates_table(results: Path) -> str:
 # (claim, row, the row it is compared with): the paper says the difference is positive for (c), negative for (b)
 CLAIMS = [("(b)", "moe_perf", "teacher"), ("(b)", "moe_epoch", "teacher"),
           ("(c)", "moe_tcd", "moe_perf"), ("(c)", "moe_tcd", "moe_epoch"), ("(c)", "moe_tcd", "teacher")]
+PAPER_SIGN = {"(b)": -1, "(c)": 1}                                 # the side of 0 the paper says each falls on
 
 
 def claim_differences(results: Path) -> list[tuple[str, str, str, list[str], list[float]]]:
@@ -306,7 +307,7 @@ def claims_table(results: Path) -> str:
     for claim, row, other, _, diffs in claim_differences(results):
         if len(diffs) < 2:
             continue
-        sign = 1 if claim == "(c)" else -1                        # the paper's direction
+        sign = PAPER_SIGN[claim]
         mean, se = np.mean(diffs), np.std(diffs, ddof=1) / np.sqrt(len(diffs))
         out.append(f"| {claim} | {labels[row]} − {labels[other]} | {len(diffs)} | " + ", ".join(f"{d:+.2f}" for d in diffs)
                    + f" | {mean:+.2f} ± {se:.2f} | {sum(sign * d > 0 for d in diffs)} of {len(diffs)} |")
