@@ -18,7 +18,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from tables import MODELS, PAPER_SIGN, claim_differences, figure5_points  # noqa: E402
+from tables import MODELS, PAPER_SIGN, claim_differences, figure5_points, mean_se  # noqa: E402
 
 
 def curve(path: Path) -> tuple[list[float], list[float]]:
@@ -100,7 +100,6 @@ def plot_claims(results: Path, out: Path) -> bool:
     """One line per difference of claims (b) and (c): a dot per pretraining, the mean ± s.e. as a bar, and
     an arrow toward the side of 0 the paper says it falls on. False (nothing drawn) below two pretrainings."""
     import matplotlib.pyplot as plt
-    import numpy as np
     claims = [c for c in claim_differences(results) if len(c[4]) >= 2]
     if not claims:
         return False
@@ -111,7 +110,7 @@ def plot_claims(results: Path, out: Path) -> bool:
         for name, d in zip(names, diffs):
             first = name not in colors                                  # one legend entry per pretraining
             ax.plot(d, y, "o", color=colors.setdefault(name, f"C{len(colors)}"), alpha=0.7, label=name if first else None)
-        mean, se = np.mean(diffs), np.std(diffs, ddof=1) / np.sqrt(len(diffs))
+        mean, se = mean_se(diffs)
         ax.errorbar(mean, y, xerr=se, fmt="D", color="black", capsize=4)
         paper = "→" if PAPER_SIGN[claim] > 0 else "←"
         ax.annotate(f"paper {paper}", (0, y), textcoords="offset points", xytext=(6 if paper == "→" else -50, 6),

@@ -134,6 +134,11 @@ def ood_table(results: Path, name: str = "ood.json") -> str:
 OOD_ROLES = ("vanilla", "perf", "tcd", "epoch")     # run.sh's ood(): --ckpt VANILLA PERF TCD EPOCH, in this order
 
 
+def mean_se(values: list[float]) -> tuple[float, float]:
+    """Mean and standard error, std (ddof=1) / √n, over pretrainings."""
+    return float(np.mean(values)), float(np.std(values, ddof=1) / np.sqrt(len(values)))
+
+
 def ood_claims_table(results: Path) -> str:
     """Claim (d) over pretrainings, per Pile subset: TCD − the performance-aligned MoE and vanilla − TCD
     (the paper: vanilla ≳ MoE + TCD > MoE), within each pretraining's Table 4, mean ± s.e. over them."""
@@ -151,8 +156,8 @@ def ood_claims_table(results: Path) -> str:
         cells = []
         for better, worse in (("tcd", "perf"), ("vanilla", "tcd")):
             diffs = [t[better][subset]["log_likelihood"] - t[worse][subset]["log_likelihood"] for t in per_pretraining]
-            cells += [", ".join(f"{d:+.3f}" for d in diffs),
-                      f"{np.mean(diffs):+.3f} ± {np.std(diffs, ddof=1) / np.sqrt(len(diffs)):.3f}"]
+            mean, se = mean_se(diffs)
+            cells += [", ".join(f"{d:+.3f}" for d in diffs), f"{mean:+.3f} ± {se:.3f}"]
         out.append(f"| {short} | " + " | ".join(cells) + " |")
     heads = ["subset", "TCD − perf-aligned MoE", "mean ± s.e.", "vanilla − TCD", "mean ± s.e."]
     return "\n".join(["| " + " | ".join(heads) + " |", "|" + "---|" * len(heads)] + out + [
@@ -308,7 +313,7 @@ def claims_table(results: Path) -> str:
         if len(diffs) < 2:
             continue
         sign = PAPER_SIGN[claim]
-        mean, se = np.mean(diffs), np.std(diffs, ddof=1) / np.sqrt(len(diffs))
+        mean, se = mean_se(diffs)
         out.append(f"| {claim} | {labels[row]} − {labels[other]} | {len(diffs)} | " + ", ".join(f"{d:+.2f}" for d in diffs)
                    + f" | {mean:+.2f} ± {se:.2f} | {sum(sign * d > 0 for d in diffs)} of {len(diffs)} |")
     if not out:

@@ -317,6 +317,11 @@ def test_claims_plot_is_drawn_from_two_pretrainings_on(tmp_path):
     assert (tmp_path / "claims.png").stat().st_size > 1000
 
 
+def test_mean_se_is_the_standard_error_over_pretrainings():
+    mean, se = tables.mean_se([1.0, 2.0, 6.0])          # deviations -2, -1, +3: std (ddof=1) √7, s.e. √(7/3)
+    assert mean == pytest.approx(3.0) and se == pytest.approx((7 / 3) ** 0.5)
+
+
 def test_claims_table_pairs_rows_within_each_pretraining(tmp_path, capsys):
     write_claims_fixture(tmp_path)
     assert tables.main(["--results", str(tmp_path)]) == 0
