@@ -118,8 +118,9 @@ def glue_tables(results: Path, seeds: list[int] | None = None) -> str:
                                  "the same seeds; (f)/(a): the better mode was full/adapter."])
 
 
-def ood_table(results: Path, name: str = "ood.json") -> str:
-    f = results / name
+def ood_table(root: Path) -> str:
+    """Table 4 of one pretraining: root/ood.json (results/ood.py), a row per model."""
+    f = root / "ood.json"
     if not f.is_file():
         return ""
     data = json.loads(f.read_text())
@@ -464,9 +465,10 @@ def main(argv=None) -> int:
     results = Path(args.results)
     if args.smoke:
         print(SMOKE + "\n")
-    for title, text in (("Tables 1-2", glue_tables(results, args.seeds)), ("Table 4", ood_table(results)),
-                        ("Table 4, its models pretrained again", ood_table(results, "probes/retrain/ood.json")),
-                        *((f"Table 4, pretraining {p.name}", ood_table(p.root)) for p in pretrainings(results)[2:]),
+    table4 = {"first": "Table 4", "again": "Table 4, its models pretrained again"}
+    for title, text in (("Tables 1-2", glue_tables(results, args.seeds)),
+                        *((table4.get(p.name, f"Table 4, pretraining {p.name}"), ood_table(p.root))
+                          for p in pretrainings(results)),
                         ("Figure 5", figure5_table(results)),
                         ("Pretraining noise (Tables 1-2's models pretrained again)", retrain_table(results)),
                         ("Tables 1-2 over pretrainings", replicates_table(results)),
