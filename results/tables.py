@@ -330,8 +330,9 @@ TEACHER_EPOCH, STUDENT_EPOCH, SHARED_EPOCH = 3, 3, 6      # run.sh: TEACHER_EPOC
 
 def pretraining_table(results: Path) -> str:
     """The premises over pretrainings, Pre-Train Perf. only: is the teacher weaker than its TCD student, is
-    MoE ahead of vanilla at equal epochs (claim a), and which MoE epoch performance alignment picks."""
-    out = []
+    MoE ahead of vanilla at equal epochs (claim a), and which MoE epoch performance alignment picks; a last
+    row gives each difference's mean ± s.e. over the pretrainings that have it."""
+    out, columns = [], [[], [], [], []]     # student − teacher, MoE − vanilla at both epochs, lead over TCD
     for name, _, _, curves in pretrainings(results):
         perf = {run: {e: -loss for e, (loss, _) in epoch_losses(curves / f"{run}.jsonl").items()}
                 for run in ("vanilla", "moe", "moe_tcd") if (curves / f"{run}.jsonl").is_file()}
@@ -339,17 +340,24 @@ def pretraining_table(results: Path) -> str:
         if TEACHER_EPOCH not in vanilla or STUDENT_EPOCH not in tcd:
             continue
         teacher, student = vanilla[TEACHER_EPOCH], tcd[STUDENT_EPOCH]
-        lead = [f"{moe[e] - vanilla[e]:+.3f}" if e in moe and e in vanilla else "-" for e in (TEACHER_EPOCH, SHARED_EPOCH)]
+        values = [student - teacher] + [moe[e] - vanilla[e] if e in moe and e in vanilla else None
+                                        for e in (TEACHER_EPOCH, SHARED_EPOCH)]
         try:                                                          # align.py's rule: the closest at least as good
             chosen, _ = align(target={"pretrain_perf": student}, by="perf", epoch=None,
                               candidates=[{"epoch": e, "pretrain_perf": v} for e, v in moe.items()])
-            aligned = chosen["epoch"]
-            cells = [f"epoch {aligned} ({moe[aligned]:.3f})", f"{moe[aligned] - student:+.3f}"]
+            aligned = f"epoch {chosen['epoch']} ({chosen['pretrain_perf']:.3f})"
+            values.append(chosen["pretrain_perf"] - student)
         except AlignError:                                            # no MoE epoch yet, or none as good as TCD
-            cells = ["-", "-"]
-        out.append(f"| {name} | {teacher:.3f} | {student:.3f} | {student - teacher:+.3f} | " + " | ".join(lead + cells) + " |")
+            aligned = "-"
+            values.append(None)
+        for column, value in zip(columns, values):
+            column += [] if value is None else [value]
+        cells = ["-" if v is None else f"{v:+.3f}" for v in values]
+        out.append(f"| {name} | {teacher:.3f} | {student:.3f} | " + " | ".join(cells[:3] + [aligned, cells[3]]) + " |")
     if not out:
         return ""
+    means = ["-" if len(c) < 2 else "{:+.3f} ± {:.3f}".format(*mean_se(c)) for c in columns]
+    out.append("| mean ± s.e. | | | " + " | ".join(means[:3] + ["", means[3]]) + " |")
     heads = ["pretraining", f"teacher (vanilla, epoch {TEACHER_EPOCH})", f"TCD student (epoch {STUDENT_EPOCH})",
              "student − teacher", f"MoE − vanilla, epoch {TEACHER_EPOCH}", f"MoE − vanilla, epoch {SHARED_EPOCH}",
              "perf-aligned MoE", "its lead over TCD"]

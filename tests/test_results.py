@@ -342,6 +342,9 @@ def test_pretraining_table_checks_each_pretrainings_premises(tmp_path, capsys):
     curve("pretrain", "vanilla", [-7.0, -6.0, -5.2, -5.0, -4.8, -4.7])
     curve("pretrain", "moe", [-7.0, -5.9, -4.9, -4.85, -4.78, -4.65])
     curve("pretrain", "moe_tcd", [-6.5, -5.5, -4.88])
+    curve("probes/retrain/pretrain", "vanilla", [-7.0, -6.0, -5.1, -4.9, -4.8, -4.75])
+    curve("probes/retrain/pretrain", "moe", [-7.0, -5.8, -5.0, -4.86, -4.82, -4.65])
+    curve("probes/retrain/pretrain", "moe_tcd", [-6.5, -5.5, -4.95])
     curve("replicates/seed2/pretrain", "vanilla", [-7.0, -6.0, -5.3])     # no MoE baseline yet
     curve("replicates/seed2/pretrain", "moe_tcd", [-6.5, -5.5, -5.4])
     curve("replicates/seed3/pretrain", "vanilla", [-7.0, -6.0, -5.3])     # no student yet: no row
@@ -351,7 +354,10 @@ def test_pretraining_table_checks_each_pretrainings_premises(tmp_path, capsys):
     out = capsys.readouterr().out.split("### Pretraining over pretrainings (the premises)")[1].split("###")[0]
     # MoE epoch 3 (-4.90) is nearer TCD (-4.88) but worse: alignment takes epoch 4, the nearest at least as good
     assert "| first | -5.200 | -4.880 | +0.320 | +0.300 | +0.050 | epoch 4 (-4.850) | +0.030 |" in out
+    assert "| again | -5.100 | -4.950 | +0.150 | +0.100 | +0.100 | epoch 4 (-4.860) | +0.090 |" in out
     assert "| seed2 | -5.300 | -5.400 | -0.100 | - | - | - | - |" in out
+    # student − teacher: +0.32, +0.15, -0.10: mean 0.123, std 0.211, s.e. 0.122; the others over first and again
+    assert "| mean ± s.e. | | | +0.123 ± 0.122 | +0.200 ± 0.100 | +0.075 ± 0.025 |  | +0.060 ± 0.030 |" in out
     assert "seed3" not in out and "seed4" not in out
 
 
