@@ -351,7 +351,8 @@ def pretraining_table(results: Path) -> str:
             aligned = "-"
             values.append(None)
         for column, value in zip(columns, values):
-            column += [] if value is None else [value]
+            if value is not None:
+                column.append(value)
         cells = ["-" if v is None else f"{v:+.3f}" for v in values]
         out.append(f"| {name} | {teacher:.3f} | {student:.3f} | " + " | ".join(cells[:3] + [aligned, cells[3]]) + " |")
     if not out:
