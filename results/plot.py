@@ -73,10 +73,9 @@ def finetune_points(directory: Path) -> list[dict]:
     for f in sorted(directory.glob("*.json")):
         result = json.loads(f.read_text())
         pre = result.get("pretrained") or {}
-        row = result.get("paper_row", {})
-        avg = row.get("Avg", "-")
+        row = {key: None if value == "-" else float(value) for key, value in result.get("paper_row", {}).items()}
         points.append({"name": f.stem, "pretrain_perf": pre.get("pretrain_perf"), "epoch": pre.get("epoch"),
-                       "avg": None if avg == "-" else float(avg)})
+                       "avg": row.get("Avg"), "mrpc": row.get("MRPC acc")})
     return points
 
 
@@ -142,18 +141,16 @@ def draw(results: Path) -> int:
     if (results / "hf_curve.jsonl").is_file():
         plot_hf_curve(results / "hf_curve.jsonl", results / "hf_curve.png")
     glue = finetune_points(results / "finetune") if (results / "finetune").is_dir() else []
-    floor = next((p["avg"] for p in glue if p["name"] == "scratch"), None)
+    floor = next((p for p in glue if p["name"] == "scratch"), {})       # the no-pretraining floor's scores
     glue = [p for p in glue if p["name"] not in ("scratch", "minilm")]
     if glue:
         plot_points(glue, "pretrain_perf", "avg", results / "figure1.png", "Pre-Train Perf.", "GLUE average (dev)",
-                    floor)
+                    floor.get("avg"))
     fig5 = [{"name": model, "epoch": epoch, "mrpc": acc} for model, by_epoch in figure5_points(results).items()
             for epoch, (acc, _, _) in by_epoch.items()]
     if fig5:
-        scratch = results / "finetune" / "scratch.json"           # the no-pretraining floor's MRPC accuracy
-        mrpc_floor = json.loads(scratch.read_text())["paper_row"].get("MRPC acc", "-") if scratch.is_file() else "-"
         plot_points(fig5, "epoch", "mrpc", results / "figure5.png", "pretraining epoch", "MRPC accuracy (dev, full fine-tuning)",
-                    None if mrpc_floor == "-" else float(mrpc_floor))
+                    floor.get("mrpc"))
     plot_claims(results, results / "claims.png")
     return 0
 
