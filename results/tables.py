@@ -140,6 +140,15 @@ def mean_se(values: list[float]) -> tuple[float, float]:
     return float(np.mean(values)), float(np.std(values, ddof=1) / np.sqrt(len(values)))
 
 
+def t_interval(values: list[float], level: float = 0.95) -> tuple[float, float]:
+    """Two-sided confidence interval for the mean over pretrainings: mean ± t(n-1) · s.e. (Student's t, since
+    a handful of pretrainings gives a poor estimate of the spread)."""
+    from scipy.stats import t          # only here, so that the rest of tables.py runs without scipy
+    mean, se = mean_se(values)
+    half = float(t.ppf((1 + level) / 2, df=len(values) - 1)) * se
+    return mean - half, mean + half
+
+
 def ood_claims_table(results: Path) -> str:
     """Claim (d) over pretrainings, per Pile subset: TCD − the performance-aligned MoE and vanilla − TCD
     (the paper: vanilla ≳ MoE + TCD > MoE), within each pretraining's Table 4, mean ± s.e. over them."""
@@ -315,14 +324,15 @@ def claims_table(results: Path) -> str:
             continue
         sign = PAPER_SIGN[claim]
         mean, se = mean_se(diffs)
+        low, high = t_interval(diffs)
         out.append(f"| {claim} | {labels[row]} − {labels[other]} | {len(diffs)} | " + ", ".join(f"{d:+.2f}" for d in diffs)
-                   + f" | {mean:+.2f} ± {se:.2f} | {sum(sign * d > 0 for d in diffs)} of {len(diffs)} |")
+                   + f" | {mean:+.2f} ± {se:.2f} | {low:+.2f} to {high:+.2f} | {sum(sign * d > 0 for d in diffs)} of {len(diffs)} |")
     if not out:
         return ""
-    return "\n".join(["| claim | difference | pretrainings | per pretraining | mean ± s.e. | the paper's way |",
-                      "|" + "---|" * 6] + out + [
-        "", "differences of the averages above, within each pretraining; s.e. = std (ddof=1) / √n; "
-            "the paper's way: (b) below 0, (c) above 0"])
+    return "\n".join(["| claim | difference | pretrainings | per pretraining | mean ± s.e. | 95% interval | the paper's way |",
+                      "|" + "---|" * 7] + out + [
+        "", "differences of the averages above, within each pretraining; s.e. = std (ddof=1) / √n; 95% interval: "
+            "mean ± t(n-1) s.e.; the paper's way: (b) below 0, (c) above 0"])
 
 
 TEACHER_EPOCH, STUDENT_EPOCH, SHARED_EPOCH = 3, 3, 6      # run.sh: TEACHER_EPOCHS, TCD_EPOCHS, MOE_EPOCHS

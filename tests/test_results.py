@@ -322,14 +322,22 @@ def test_mean_se_is_the_standard_error_over_pretrainings():
     assert mean == pytest.approx(3.0) and se == pytest.approx((7 / 3) ** 0.5)
 
 
+def test_t_interval_uses_students_t_with_n_minus_1_degrees_of_freedom():
+    low, high = tables.t_interval([1.0, 2.0, 6.0])     # t(0.975, df 2) = 4.3027 (printed tables), not 1.96
+    assert low == pytest.approx(3.0 - 4.302653 * (7 / 3) ** 0.5) and high == pytest.approx(3.0 + 4.302653 * (7 / 3) ** 0.5)
+    low, high = tables.t_interval([0.5, -1.0, 2.0, 0.1], level=0.9)   # t(0.95, df 3) = 2.3534
+    mean, se = tables.mean_se([0.5, -1.0, 2.0, 0.1])
+    assert (low, high) == (pytest.approx(mean - 2.353363 * se), pytest.approx(mean + 2.353363 * se))
+
+
 def test_claims_table_pairs_rows_within_each_pretraining(tmp_path, capsys):
     write_claims_fixture(tmp_path)
     assert tables.main(["--results", str(tmp_path)]) == 0
     out = capsys.readouterr().out.split("### Claims (b) and (c) over pretrainings")[1].split("###")[0]
     # TCD - teacher: +2, +2, -1: mean +1, std sqrt(3), s.e. 1; two of three above 0 (the paper's way for (c))
-    assert "| (c) | MoE BERT w/ TCD − Vanilla BERT (teacher) | 3 | +2.00, +2.00, -1.00 | +1.00 ± 1.00 | 2 of 3 |" in out
+    assert "| (c) | MoE BERT w/ TCD − Vanilla BERT (teacher) | 3 | +2.00, +2.00, -1.00 | +1.00 ± 1.00 | -3.30 to +5.30 | 2 of 3 |" in out
     # epoch-aligned - teacher: -1, +1, -2 (seed 3 has no teacher); two below 0 (the paper's way for (b))
-    assert "| (b) | MoE BERT, epoch-aligned − Vanilla BERT (teacher) | 3 | -1.00, +1.00, -2.00 | -0.67 ± 0.88 | 2 of 3 |" in out
+    assert "| (b) | MoE BERT, epoch-aligned − Vanilla BERT (teacher) | 3 | -1.00, +1.00, -2.00 | -0.67 ± 0.88 | -4.46 to +3.13 | 2 of 3 |" in out
     assert "perf-aligned" not in out
 
 
