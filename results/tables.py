@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
+from scipy.stats import t as student_t
 
 HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE.parent), str(HERE)]
@@ -143,9 +144,8 @@ def mean_se(values: list[float]) -> tuple[float, float]:
 def t_interval(values: list[float], level: float = 0.95) -> tuple[float, float]:
     """Two-sided confidence interval for the mean over pretrainings: mean ± t(n-1) · s.e. (Student's t, since
     a handful of pretrainings gives a poor estimate of the spread)."""
-    from scipy.stats import t          # only here, so that the rest of tables.py runs without scipy
     mean, se = mean_se(values)
-    half = float(t.ppf((1 + level) / 2, df=len(values) - 1)) * se
+    half = float(student_t.ppf((1 + level) / 2, df=len(values) - 1)) * se
     return mean - half, mean + half
 
 
