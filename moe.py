@@ -23,6 +23,7 @@ Copy this file alone into another project: it imports only torch.
 from __future__ import annotations
 
 import math
+import weakref
 
 import torch
 import torch.distributed as dist
@@ -41,7 +42,11 @@ class SwitchFFN(nn.Module):
         if num_experts % self.world:
             raise ValueError(f"{num_experts} experts cannot be split evenly over {self.world} "
                              f"ranks: choose a world size that divides the number of experts")
-        self.group, self.num_experts = group, num_experts
+        # a weak reference: torch.distributed owns the group, and destroy_process_group must really
+        # destroy it (joining gloo's threads) while the interpreter is alive; a strong one here kept it
+        # to interpreter exit, where a gloo thread freeing an all-to-all buffer aborted the process
+        self._group = weakref.ref(group) if group is not None else None
+        self.num_experts = num_experts
         self.local_experts = num_experts // self.world
         self.router = nn.Linear(hidden_size, num_experts)      # W_r, b_r of Eq. 1
         E, H, Fd = self.local_experts, hidden_size, intermediate_size
@@ -57,6 +62,11 @@ class SwitchFFN(nn.Module):
         self.last_counts = torch.zeros(num_experts, dtype=torch.long)  # tokens per expert, last call (on x's device)
         if group is not None:
             self._check_group(hidden_size, intermediate_size)
+
+    @property
+    def group(self):
+        """The expert-parallel process group, or None for a local layer."""
+        return None if self._group is None else _alive(self._group)
 
     @torch.no_grad()
     def reset_parameters(self, std: float = 0.02) -> None:
@@ -226,7 +236,7 @@ class _AllToAll(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, send: list[int], recv: list[int], group) -> torch.Tensor:
-        ctx.send, ctx.recv, ctx.group = send, recv, group
+        ctx.send, ctx.recv, ctx.group = send, recv, weakref.ref(group)    # borrowed: see SwitchFFN
         out = x.new_empty(sum(recv), *x.shape[1:])
         dist.all_to_all_single(out, x.contiguous(), recv, send, group=group)
         return out
@@ -234,8 +244,16 @@ class _AllToAll(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         back = grad.new_empty(sum(ctx.send), *grad.shape[1:])
-        dist.all_to_all_single(back, grad.contiguous(), ctx.send, ctx.recv, group=ctx.group)
+        dist.all_to_all_single(back, grad.contiguous(), ctx.send, ctx.recv, group=_alive(ctx.group))
         return back, None, None, None
+
+
+def _alive(group_ref: weakref.ref):
+    group = group_ref()
+    if group is None:
+        raise RuntimeError("the process group of this expert-parallel layer was destroyed: "
+                           "build the model again after init_process_group")
+    return group
 
 
 def _all_to_all(x: torch.Tensor, send: list[int], recv: list[int], group) -> torch.Tensor:

@@ -162,14 +162,6 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _exit_now() -> None:
-    """End a spawned worker once its results are stored, skipping C++ static destructors: at
-    interpreter shutdown torch + gloo abort about one run in ten ('terminate called without an
-    active exception', no Python frame), after all the work is done."""
-    import os
-    os._exit(0)
-
-
 def _sharded_worker(rank: int, world: int, store: str, results):
     import torch.distributed as dist
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
@@ -214,7 +206,6 @@ def _sharded_worker(rank: int, world: int, store: str, results):
             torch.allclose(getattr(shard, n).grad, expert_grads[n][lo:lo + 3], atol=1e-5) for n in expert_grads)
     finally:
         dist.destroy_process_group()
-    _exit_now()
 
 
 def test_sharded_layer_equals_one_process(tmp_path):
@@ -240,7 +231,6 @@ def _bad_world_worker(rank: int, world: int, store: str, results):
         results[rank] = errors
     finally:
         dist.destroy_process_group()
-    _exit_now()
 
 
 def test_experts_not_divisible_by_world_fail_fast(tmp_path):
@@ -283,7 +273,6 @@ def _subgroup_worker(rank: int, world: int, store: str, results):
                          "gathered_rows": state["state"][w1]["exp_avg"].shape[0]}
     finally:
         dist.destroy_process_group()
-    _exit_now()
 
 
 def test_clip_and_optimizer_state_use_the_layers_expert_group(tmp_path):
@@ -294,3 +283,24 @@ def test_clip_and_optimizer_state_use_the_layers_expert_group(tmp_path):
         r = results[rank]
         assert r["norm"] == pytest.approx(r["expected"], rel=1e-5) and r["gathered_rows"] == 4, (rank, r)
     assert results[0]["norm"] != pytest.approx(results[2]["norm"])   # the groups really differ
+
+
+def test_layer_borrows_its_process_group_so_destroy_really_ends_it(tmp_path):
+    """destroy_process_group must destroy the group (joining gloo's threads) while the interpreter lives:
+    a layer, or its autograd graph, that kept a strong reference made rank exit abort now and then."""
+    import gc
+    import weakref
+    import torch.distributed as dist
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        ffn = SwitchFFN(8, 16, 4, group=dist.group.WORLD)
+        y, bal = ffn(torch.randn(5, 8, requires_grad=True))
+        graph_kept = y.sum() + bal                              # a graph through both all-to-alls, kept alive
+        graph_kept.backward(retain_graph=True)
+        group = weakref.ref(dist.group.WORLD)
+    finally:
+        dist.destroy_process_group()
+    gc.collect()
+    assert group() is None, "something still holds the destroyed process group"
+    with pytest.raises(RuntimeError, match="process group of this expert-parallel layer was destroyed"):
+        ffn(torch.randn(3, 8))
