@@ -32,7 +32,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from distill import Teacher, sample_groups, tcd_losses
-from model import BertConfig, BertForMaskedLM, adamw_warmup_linear, tune_allocator
+from common import tune_allocator
+from model import BertConfig, BertForMaskedLM, adamw_warmup_linear
 from moe import SwitchFFN
 
 

@@ -89,7 +89,7 @@ class Teacher(nn.Module):
 
     @classmethod
     def load(cls, path, bf16: bool = False) -> "Teacher":
-        from model import load_checkpoint
+        from checkpoint import load_checkpoint
         mlm, ckpt = load_checkpoint(path)
         return cls(mlm.bert, ckpt.get("vocab"), bf16)
 

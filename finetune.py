@@ -38,8 +38,9 @@ import torch
 from scipy import stats
 from tqdm import tqdm
 
-from model import (HelpFormatter, BertForSequenceClassification, InputFileError, adamw_warmup_linear, check_checkpoint_path, finite_float,
-                   load_checkpoint, make_tokenizer, portable_args, portable_path, read_vocab, tune_allocator, unwritable, write_json)
+from checkpoint import check_checkpoint_path, load_checkpoint, make_tokenizer, read_vocab
+from common import HelpFormatter, InputFileError, finite_float, portable_args, portable_path, tune_allocator, unwritable, write_json
+from model import BertForSequenceClassification, adamw_warmup_linear
 
 HERE = Path(__file__).resolve().parent
 

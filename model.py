@@ -5,26 +5,21 @@
     res = mlm(input_ids, attention_mask, labels=labels)   # res.loss, res.logits, res.balance_loss
     out = mlm.bert(input_ids, attention_mask, taps=True)  # out.taps: the relation sites of Fig. 3
 
-Also here: the classification model with Houlsby adapters used by finetune.py, checkpoint
-save/load (atomic writes, `weights_only=True` loads), and Hugging Face BERT directories in and
-out: `read_checkpoint` takes one wherever a checkpoint is expected, `from_hf_bert` reads one and
-`to_hf_bert` writes a dense model as one. The layer is numerically the same as `transformers.BertModel`
-(tests/test_model.py checks it on shared random weights).
+Also here: the classification model with Houlsby adapters that finetune.py trains, AdamW with
+BERT's warm-up schedule, MLM masking and "Pre-Train Perf.". Nothing else: checkpoints and Hugging
+Face directories are checkpoint.py's, command lines the stage scripts'. The layer is numerically
+the same as `transformers.BertModel` (tests/test_model.py checks it on shared random weights).
 
 Shapes: B batch, T sequence length, H hidden size (the paper's H), nh heads, hs = H / nh head
 size, V vocabulary, n_masked scored positions. The paper's code comes first; the CPU speed code
-(cheaper dropout masks, written-out attention, the allocator setting) is at the end.
+(cheaper dropout masks, written-out attention, bucketed masked rows) is at the end.
+
+Copy this file with moe.py (for MoE configs) into another project: it imports only torch.
 """
 from __future__ import annotations
 
-import argparse
-import json
 import math
-import os
-import shutil
-import tempfile
-from dataclasses import asdict, dataclass, fields
-from pathlib import Path
+from dataclasses import dataclass, fields
 
 import torch
 import torch.nn as nn
@@ -204,9 +199,6 @@ def _init_weights(module: nn.Module) -> None:
             m.reset_parameters()
 
 
-MASKED_ROWS_BUCKET = 128
-
-
 class BertForMaskedLM(nn.Module):
     def __init__(self, cfg: BertConfig, expert_group=None):
         super().__init__()
@@ -229,13 +221,9 @@ class BertForMaskedLM(nn.Module):
             return MaskedLMOutput(None, self.head(out.hidden), out.balance_loss, out.taps)
         index = (labels.reshape(-1) != -100).nonzero().squeeze(1)   # (n_masked,): the head only where scored
         n = index.numel()
-        # pad the row count up to a multiple of MASKED_ROWS_BUCKET: the count changes every step, and
-        # buffers of ever-new sizes fragmented the heap (a tiny run grew to 10 GB) and filled
-        # oneDNN's kernel cache; padding rows repeat row 0 and are ignored by the loss
-        rows = -(-n // MASKED_ROWS_BUCKET) * MASKED_ROWS_BUCKET
-        index = torch.cat([index, index.new_zeros(rows - n)])
+        index = bucketed_rows(index)                                   # (rows >= n,): see the speed code
         logits = self.head(out.hidden.reshape(-1, out.hidden.shape[-1]).index_select(0, index))  # (rows, V)
-        targets = torch.cat([labels.reshape(-1)[index[:n]], labels.new_full((rows - n,), -100)])
+        targets = torch.cat([labels.reshape(-1)[index[:n]], labels.new_full((index.numel() - n,), -100)])
         loss = F.cross_entropy(logits.float(), targets) if n else logits.sum() * 0.0   # L_MLM, Eq. 12
         return MaskedLMOutput(loss, logits[:n], out.balance_loss, out.taps)
 
@@ -316,284 +304,6 @@ def masked_log_likelihood(model: BertForMaskedLM, input_ids, labels, attention_m
     return logp.sum().item(), logp.numel()
 
 
-# ---------------------------------------------------------------- checkpoints and tokenizer
-
-class InputFileError(ValueError):
-    """An input file that is missing or is not what it should be (reported as one line, exit code 2)."""
-
-
-class CheckpointError(InputFileError):
-    """A file that is missing or is not a checkpoint of this project."""
-
-
-BERT_SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
-
-
-def finite_float(text: str) -> float:
-    """argparse type for float flags: a number, and a finite one (inf or nan would train to NaN weights)."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"invalid number {text!r}") from None
-    if not math.isfinite(value):
-        raise argparse.ArgumentTypeError(f"{text} is not a finite number")
-    return value
-
-
-def save_checkpoint(path, module: nn.Module, **extra) -> None:
-    """torch.save of {config, model: state dict, **extra} to a temp file, then os.replace, so a
-    crash never leaves a torn file. extra may replace `model` (e.g. experts gathered from ranks)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    state = {"config": asdict(module.config), "model": module.state_dict(), **extra}
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    os.close(fd)
-    try:
-        torch.save(state, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
-class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Shows a default once, and only when there is one (the paper's value, where given, is the default)."""
-
-    def _get_help_string(self, action):
-        if action.default is None or action.default is False or action.default is argparse.SUPPRESS \
-                or "default" in (action.help or "") \
-                or "paper:" in (action.help or ""):
-            return action.help
-        return super()._get_help_string(action)
-
-
-def write_json(path, data) -> None:
-    """JSON to a temp file, then os.replace: a reader never sees half a file."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(data, f, indent=1)
-    os.replace(tmp, path)
-
-
-REPO = Path(__file__).resolve().parent
-
-
-def portable_path(path) -> str:
-    """A path as results JSON records it: relative to this repository (e.g. ../runs/ckpt/moe.pt), so a
-    file committed under results/ names no machine's directories."""
-    return os.path.relpath(Path(path).resolve(), REPO)
-
-
-def portable_args(args, *paths: str) -> dict:
-    """vars(args) as results JSON keeps them: the named path flags (a path or a list) made portable."""
-    shown = {}
-    for name in paths:
-        value = getattr(args, name)
-        if value:
-            shown[name] = [portable_path(p) for p in value] if isinstance(value, list) else portable_path(value)
-    return {**vars(args), **shown}
-
-
-def check_checkpoint_path(path) -> None:
-    """Cheap early check that `path` can be a checkpoint (a file, or a directory with config.json)."""
-    p = Path(path)
-    if p.is_dir() and not (p / "config.json").is_file():
-        raise CheckpointError(f"{p} is a directory but not a Hugging Face BERT directory: expected config.json, "
-                              "model.safetensors or pytorch_model.bin, and vocab.txt")
-    if not p.exists():
-        raise CheckpointError(f"checkpoint {p} not found: pass a .pt file written by pretrain.py "
-                              "or a Hugging Face BERT directory")
-
-
-def unwritable(directory) -> str | None:
-    """Why files cannot be written into `directory` (created if missing), or None if they can."""
-    try:
-        Path(directory).mkdir(parents=True, exist_ok=True)
-        tempfile.TemporaryFile(dir=directory).close()
-    except OSError as e:
-        return e.strerror or type(e).__name__
-    return None
-
-
-def read_checkpoint(path) -> dict:
-    """The checkpoint dict of a .pt file (loaded with weights_only=True) or of a Hugging Face BERT
-    directory (read_hf_bert); CheckpointError naming what was expected if it is neither."""
-    path = Path(path)
-    check_checkpoint_path(path)
-    if path.is_dir():
-        return read_hf_bert(path)
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise CheckpointError(f"{path} is not a readable checkpoint ({type(e).__name__}): "
-                              "pass a .pt file written by pretrain.py or a Hugging Face BERT directory") from None
-    if not isinstance(ckpt, dict) or not {"config", "model"} <= ckpt.keys():
-        raise CheckpointError(f"{path} is a torch file but not a checkpoint of this project "
-                              "(no 'config'/'model'); pass a Hugging Face BERT directory as a directory")
-    return ckpt
-
-
-def read_hf_bert(directory) -> dict:
-    """A Hugging Face BERT directory (config.json, weights, vocab.txt) as a checkpoint dict of this
-    project: config, model, vocab (None without vocab.txt), and mlm_head (False when the weights
-    hold a bare encoder, whose head is then random)."""
-    d = Path(directory)
-    check_checkpoint_path(d)
-    model, has_head = _hf_bert(d)
-    vocab = read_vocab(d / "vocab.txt") if (d / "vocab.txt").is_file() else None
-    if vocab is not None and len(vocab) != model.config.vocab_size:
-        raise CheckpointError(f"{d}: vocab.txt has {len(vocab):,} tokens but config.json says vocab_size "
-                              f"{model.config.vocab_size:,}")
-    return {"config": asdict(model.config), "model": model.state_dict(), "vocab": vocab, "mlm_head": has_head,
-            "hf_dir": str(d)}
-
-
-def load_checkpoint(path) -> tuple[BertForMaskedLM, dict]:
-    """(BertForMaskedLM with the saved weights, the checkpoint dict)."""
-    ckpt = read_checkpoint(path)
-    model = BertForMaskedLM(BertConfig.from_dict(ckpt["config"]))
-    try:
-        model.load_state_dict(ckpt["model"])
-    except RuntimeError as e:
-        raise CheckpointError(f"{path}: weights do not fit the saved config: {str(e).splitlines()[0]}") from None
-    return model, ckpt
-
-
-def read_vocab(path) -> list[str]:
-    """A WordPiece vocab.txt as a list (line number = token id)."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"vocab file {path} not found: pass a WordPiece vocab.txt")
-    try:
-        tokens = path.read_text(encoding="utf-8").split("\n")
-    except UnicodeDecodeError:
-        raise InputFileError(f"vocab file {path} is not UTF-8 text: pass a WordPiece vocab.txt") from None
-    tokens = tokens[:-1] if tokens and tokens[-1] == "" else tokens
-    missing = [t for t in BERT_SPECIAL_TOKENS if t not in tokens]
-    if missing:
-        raise InputFileError(f"{path} is not a BERT WordPiece vocabulary: it has no {', '.join(missing)} "
-                             f"(pass a vocab.txt such as data/bert-base-uncased-vocab.txt)")
-    return tokens
-
-
-def make_tokenizer(vocab: list[str]):
-    """BERT uncased WordPiece tokenizer (`tokenizers`) over a vocab list (line = id)."""
-    from tokenizers import BertWordPieceTokenizer
-    return BertWordPieceTokenizer({t: i for i, t in enumerate(vocab)}, lowercase=True)
-
-
-def from_hf_bert(directory) -> BertForMaskedLM:
-    """A BertForMaskedLM from a Hugging Face BERT directory: config.json plus model.safetensors
-    (needs the optional `safetensors` package) or pytorch_model.bin. Without an MLM head in
-    the weights (a bare BertModel), the head keeps its random initialisation."""
-    return _hf_bert(Path(directory))[0]
-
-
-def _hf_bert(d: Path) -> tuple[BertForMaskedLM, bool]:
-    if not (d / "config.json").is_file():
-        raise CheckpointError(f"{d} has no config.json: pass a Hugging Face BERT model directory")
-    hf = json.loads((d / "config.json").read_text())
-    if hf.get("model_type", "bert") != "bert":
-        raise CheckpointError(f"{d}: model_type {hf['model_type']!r} is not supported (only 'bert')")
-    if hf.get("hidden_act", "gelu") != "gelu":
-        raise CheckpointError(f"{d}: hidden_act {hf['hidden_act']!r} is not supported (only 'gelu')")
-    cfg = BertConfig(vocab_size=hf["vocab_size"], hidden_size=hf["hidden_size"],
-                     num_layers=hf["num_hidden_layers"], num_heads=hf["num_attention_heads"],
-                     intermediate_size=hf["intermediate_size"], max_position=hf["max_position_embeddings"],
-                     type_vocab_size=hf.get("type_vocab_size", 2), dropout=hf.get("hidden_dropout_prob", 0.1),
-                     attention_dropout=hf.get("attention_probs_dropout_prob", 0.1),
-                     layer_norm_eps=hf.get("layer_norm_eps", 1e-12), pad_token_id=hf.get("pad_token_id", 0) or 0)
-    if (d / "model.safetensors").is_file():
-        try:
-            from safetensors.torch import load_file
-        except ImportError:
-            raise CheckpointError("reading model.safetensors needs the safetensors package: "
-                                  "pip install safetensors") from None
-        hf_state = load_file(str(d / "model.safetensors"))
-    elif (d / "pytorch_model.bin").is_file():
-        hf_state = torch.load(d / "pytorch_model.bin", map_location="cpu", weights_only=True)
-    else:
-        raise CheckpointError(f"{d} has neither model.safetensors nor pytorch_model.bin")
-    hf_state = {k.removeprefix("bert."): v for k, v in hf_state.items()}
-    model = BertForMaskedLM(cfg)
-    try:
-        missing, _ = model.load_state_dict(_convert_hf_state(hf_state, cfg), strict=False)
-    except (KeyError, RuntimeError) as e:
-        raise CheckpointError(f"{d}: weights do not match a BERT of its config.json ({e})") from None
-    if any(k.startswith("bert.") for k in missing):
-        raise CheckpointError(f"{d}: encoder weights missing from the file: {missing[:3]}")
-    return model, "decoder_bias" not in missing
-
-
-def to_hf_bert(mlm: BertForMaskedLM, directory, vocab: list[str] | None = None) -> None:
-    """Write a dense model as a Hugging Face BERT directory (config.json, model.safetensors, and
-    vocab.txt when given) that transformers.BertForMaskedLM.from_pretrained loads with the same
-    logits. Written into a temp directory and renamed, so a crash leaves no half directory."""
-    cfg, d = mlm.config, Path(directory)
-    if cfg.moe:
-        raise CheckpointError(f"a MoE model ({cfg.num_experts} experts) cannot be written as a Hugging Face BERT: "
-                              "that format has one dense FFN per layer, no router and no experts")
-    if d.exists() and (not d.is_dir() or any(d.iterdir())):
-        raise CheckpointError(f"{d} exists and is not an empty directory: pass a new directory")
-    from safetensors.torch import save_file
-    hf = {"architectures": ["BertForMaskedLM"], "model_type": "bert", "vocab_size": cfg.vocab_size,
-          "hidden_size": cfg.hidden_size, "num_hidden_layers": cfg.num_layers, "num_attention_heads": cfg.num_heads,
-          "intermediate_size": cfg.intermediate_size, "hidden_act": "gelu", "max_position_embeddings": cfg.max_position,
-          "type_vocab_size": cfg.type_vocab_size, "hidden_dropout_prob": cfg.dropout,
-          "attention_probs_dropout_prob": cfg.attention_dropout, "layer_norm_eps": cfg.layer_norm_eps,
-          "pad_token_id": cfg.pad_token_id, "initializer_range": 0.02, "position_embedding_type": "absolute",
-          "tie_word_embeddings": True}
-    d.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=d.parent, prefix=d.name + ".", suffix=".tmp"))
-    try:
-        (tmp / "config.json").write_text(json.dumps(hf, indent=2) + "\n")
-        save_file(_to_hf_state(mlm.state_dict(), cfg), str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        if vocab is not None:
-            (tmp / "vocab.txt").write_text("".join(t + "\n" for t in vocab), encoding="utf-8")
-        if d.exists():
-            d.rmdir()
-        os.replace(tmp, d)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
-def _hf_names(cfg: BertConfig) -> list[tuple[str, str]]:
-    """(our name, HF's name without the "bert." prefix) of every weight but the fused qkv."""
-    pairs = [("bert.word.weight", "embeddings.word_embeddings.weight"),
-             ("bert.position.weight", "embeddings.position_embeddings.weight"),
-             ("bert.token_type.weight", "embeddings.token_type_embeddings.weight")]
-    sublayers = [("bert.ln", "embeddings.LayerNorm")] + [
-        (f"bert.layers.{i}.{ours}", f"encoder.layer.{i}.{hf}") for i in range(cfg.num_layers)
-        for ours, hf in (("attn_out", "attention.output.dense"), ("ln1", "attention.output.LayerNorm"),
-                         ("ffn.fc1", "intermediate.dense"), ("ffn.fc2", "output.dense"), ("ln2", "output.LayerNorm"))]
-    sublayers += [("transform", "cls.predictions.transform.dense"), ("transform_ln", "cls.predictions.transform.LayerNorm")]
-    pairs += [(f"{ours}.{t}", f"{hf}.{t}") for ours, hf in sublayers for t in ("weight", "bias")]
-    return pairs + [("decoder_bias", "cls.predictions.bias")]
-
-
-def _convert_hf_state(s: dict, cfg: BertConfig) -> dict:
-    """HF BERT weights (names without "bert.") as ours; the MLM head only where the file has one."""
-    out = {ours: s[hf] for ours, hf in _hf_names(cfg) if not hf.startswith("cls.") or "cls.predictions.bias" in s}
-    for i in range(cfg.num_layers):
-        att = f"encoder.layer.{i}.attention.self."
-        for t in ("weight", "bias"):
-            out[f"bert.layers.{i}.qkv.{t}"] = torch.cat([s[att + n + "." + t] for n in ("query", "key", "value")])
-    return out
-
-
-def _to_hf_state(s: dict, cfg: BertConfig) -> dict:
-    """The inverse of _convert_hf_state, with HF BertForMaskedLM's names (contiguous copies, as
-    safetensors needs; the decoder weight is the word embedding, as HF ties it)."""
-    out = {(hf if hf.startswith("cls.") else "bert." + hf): s[ours] for ours, hf in _hf_names(cfg)}
-    for i in range(cfg.num_layers):
-        for t in ("weight", "bias"):
-            for name, part in zip(("query", "key", "value"), s[f"bert.layers.{i}.qkv.{t}"].chunk(3)):
-                out[f"bert.encoder.layer.{i}.attention.self.{name}.{t}"] = part
-    out["cls.predictions.decoder.weight"] = s["bert.word.weight"]
-    return {k: v.detach().clone().contiguous() for k, v in out.items()}
-
-
 # ---------------------------------------------------------------- speed code
 # Not needed to follow the paper: the same arithmetic as F.dropout and F.scaled_dot_product_attention,
 # made cheaper on CPUs (README, Speed). Tests check each against the plain version.
@@ -632,15 +342,12 @@ def attention(q, k, v, mask: torch.Tensor | None, p: float, training: bool) -> t
     return dropout(scores.softmax(-1), p, training) @ v
 
 
-def tune_allocator() -> None:
-    """Keep freed memory in the process (glibc): training re-allocates the same big buffers each
-    step, and re-mapping them page-faults for 1.3-1.7x tokens/s. The limits are mallopt's largest
-    (2 GiB): at 1 GiB, HF's reference step still gave its heap top back and re-faulted 1.5-2 GB a
-    step (1.3 s -> 1.7-2.1 s, small preset). Scripts call it; import does not."""
-    import ctypes
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:
-        return
-    libc.mallopt(-1, 2**31 - 1)        # M_TRIM_THRESHOLD: do not give the heap top back
-    libc.mallopt(-3, 2**31 - 1)        # M_MMAP_THRESHOLD: serve large blocks from the heap
+MASKED_ROWS_BUCKET = 128
+
+
+def bucketed_rows(index: torch.Tensor) -> torch.Tensor:
+    """index padded with row 0 up to a multiple of MASKED_ROWS_BUCKET rows, the padding scored as -100:
+    the masked count changes every step, and buffers of ever-new sizes fragment the heap and fill
+    oneDNN's kernel cache; a few fixed sizes do neither."""
+    rows = -(-index.numel() // MASKED_ROWS_BUCKET) * MASKED_ROWS_BUCKET
+    return torch.cat([index, index.new_zeros(rows - index.numel())])

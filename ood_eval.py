@@ -24,8 +24,9 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from model import (HelpFormatter, CheckpointError, InputFileError, check_checkpoint_path, load_checkpoint, make_tokenizer, mask_tokens,
-                   masked_log_likelihood, portable_args, portable_path, tune_allocator, unwritable, write_json)
+from checkpoint import CheckpointError, check_checkpoint_path, load_checkpoint, make_tokenizer
+from common import HelpFormatter, InputFileError, portable_args, portable_path, tune_allocator, unwritable, write_json
+from model import mask_tokens, masked_log_likelihood
 
 PAPER_SUBSETS = ["ArXiv", "DM Mathematics", "Github", "StackExchange", "Ubuntu IRC"]
 PILE_SUBSETS = PAPER_SUBSETS + [

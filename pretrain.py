@@ -48,8 +48,9 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from distill import Teacher, sample_groups, tcd_losses
-from model import (HelpFormatter, BertConfig, BertForMaskedLM, CheckpointError, adamw_warmup_linear, finite_float, make_tokenizer, mask_tokens,
-                   masked_log_likelihood, read_checkpoint, read_vocab, save_checkpoint, tune_allocator, unwritable)
+from checkpoint import CheckpointError, make_tokenizer, read_checkpoint, read_vocab, save_checkpoint
+from common import HelpFormatter, finite_float, tune_allocator, unwritable
+from model import BertConfig, BertForMaskedLM, adamw_warmup_linear, mask_tokens, masked_log_likelihood
 from moe import clip_gradients, gather_experts, optimizer_state, shard_experts, sync_gradients
 
 HERE = Path(__file__).resolve().parent
@@ -229,7 +230,7 @@ class Run:
     model: BertForMaskedLM
     optimizer: torch.optim.Optimizer
     scheduler: object
-    group: object
+    expert_parallel: bool             # experts sharded over the ranks (the group itself stays torch's)
     teacher: Teacher | None
     steps_per_epoch: int
     total_steps: int
@@ -283,7 +284,7 @@ def train_step(run: Run, inputs, labels, step: int) -> dict:
         parts = parts.to(run.device)
         dist.all_reduce(parts)
         parts = parts.cpu() / run.world
-    grad_norm = clip_gradients(run.model, args.clip, run.group is not None)
+    grad_norm = clip_gradients(run.model, args.clip, run.expert_parallel)
     run.optimizer.step()
     run.scheduler.step()
     run.optimizer.zero_grad(set_to_none=True)
@@ -314,8 +315,8 @@ def evaluate(model, inputs, labels, batch_size, bf16, rank, world) -> float:
 
 def save(run: Run, step: int, path: Path | None = None) -> None:
     """A consolidated checkpoint that carries everything needed to continue the run (collective)."""
-    state = gather_experts(run.model) if run.group is not None else run.model.state_dict()
-    opt = optimizer_state(run.optimizer, run.model, run.group is not None)
+    state = gather_experts(run.model) if run.expert_parallel else run.model.state_dict()
+    opt = optimizer_state(run.optimizer, run.model, run.expert_parallel)
     if run.rank == 0:
         saved_args = {**vars(run.args), "micro_batches": run.world * run.args.grad_accum}
         save_checkpoint(path or run.out, run.model, model=state, vocab=run.vocab, step=step,
@@ -375,7 +376,7 @@ def build(args, rank: int, world: int, device) -> tuple[Run, int, np.ndarray]:
     optimizer, scheduler = adamw_warmup_linear(model, args.lr, args.weight_decay, warmup, total_steps,
                                                betas=(0.9, args.beta2))
     relation_tokens = max(args.relation_group, args.relation_tokens // (world * args.grad_accum))
-    run = Run(args, rank, world, device, out, vocab, train_seg, model, optimizer, scheduler, group, teacher,
+    run = Run(args, rank, world, device, out, vocab, train_seg, model, optimizer, scheduler, group is not None, teacher,
               steps_per_epoch, total_steps, relation_tokens)
     if teacher is not None and args.relation_group > run.micro * args.seq_len:
         raise UsageError(f"--relation-group {args.relation_group} is more than the {run.micro * args.seq_len} "

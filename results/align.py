@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from model import finite_float, portable_path, write_json  # noqa: E402
+from common import finite_float, portable_path, write_json  # noqa: E402
 
 
 class AlignError(Exception):

@@ -22,7 +22,8 @@ from scipy.stats import spearmanr
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from finetune import batches, encode, load_task, where_it_stood  # noqa: E402
-from model import load_checkpoint, make_tokenizer, portable_path, read_vocab, write_json  # noqa: E402
+from checkpoint import load_checkpoint, make_tokenizer, read_vocab  # noqa: E402
+from common import portable_path, write_json  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 

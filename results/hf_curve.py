@@ -26,7 +26,9 @@ import transformers
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
-from model import HelpFormatter, adamw_warmup_linear, finite_float, from_hf_bert, mask_tokens, read_vocab  # noqa: E402
+from checkpoint import from_hf_bert, read_vocab  # noqa: E402
+from common import HelpFormatter, finite_float  # noqa: E402
+from model import adamw_warmup_linear, mask_tokens  # noqa: E402
 from pretrain import VALID_SEED, evaluate, global_batch, read_documents, seeded, segments, sinusoid_positions_  # noqa: E402
 
 

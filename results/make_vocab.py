@@ -15,7 +15,7 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from model import BERT_SPECIAL_TOKENS, read_vocab  # noqa: E402
+from checkpoint import BERT_SPECIAL_TOKENS, read_vocab  # noqa: E402
 
 
 def train_vocab(files: list[str], size: int) -> list[str]:

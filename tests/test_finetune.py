@@ -12,7 +12,8 @@ import torch
 from scipy import stats
 
 import finetune
-from model import BertConfig, BertForMaskedLM, read_vocab, save_checkpoint
+from checkpoint import read_vocab, save_checkpoint
+from model import BertConfig, BertForMaskedLM
 
 ROOT = Path(__file__).resolve().parent.parent
 SHARED_GLUE = ROOT.parent / "shared" / "data" / "glue"
@@ -144,7 +145,7 @@ def test_metrics_match_scikit_learn_in_degenerate_cases(pred, gold):
 def test_mnli_scores_matched_and_mismatched_dev_sets_separately(ckpt):
     """Two dev sets of different sizes and predictions: acc_m is the matched one's accuracy,
     acc_mm the mismatched one's, and the task's score is their mean."""
-    from model import load_checkpoint
+    from checkpoint import load_checkpoint
     mlm, _ = load_checkpoint(ckpt)
     torch.manual_seed(3)
     model = finetune.BertForSequenceClassification(mlm.config, num_labels=3).eval()
@@ -226,7 +227,8 @@ def test_training_improves_loss_and_adapters_train_only_their_set(tmp_path, ckpt
 
 def test_adapter_mode_updates_only_adapters_layernorms_and_head(ckpt):
     import finetune as ft
-    from model import BertForSequenceClassification, load_checkpoint
+    from checkpoint import load_checkpoint
+    from model import BertForSequenceClassification
     mlm, _ = load_checkpoint(ckpt)
     clf = BertForSequenceClassification(mlm.config, 2, adapter_size=8)
     clf.bert.load_state_dict(mlm.bert.state_dict(), strict=False)
@@ -409,7 +411,7 @@ def test_a_hugging_face_directory_fine_tunes_like_its_checkpoint_with_progress_a
     """--ckpt takes an HF BERT directory: the same runs as from the .pt it was written from. The run
     prints a line per epoch, fine-tunes with --dropout whatever the pretraining run used, and the
     JSON records repository-relative paths."""
-    from model import to_hf_bert
+    from checkpoint import to_hf_bert
     write_task(tmp_path, "rte", n_train=24, n_dev=8)
     torch.manual_seed(0)
     dense = BertForMaskedLM(BertConfig.preset("tiny", num_layers=1, dropout=0.0, attention_dropout=0.0))

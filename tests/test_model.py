@@ -6,8 +6,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from model import (BertConfig, attention, dropout, BertForMaskedLM, BertForSequenceClassification, CheckpointError, InputFileError,
-                   mask_tokens, from_hf_bert, load_checkpoint, read_checkpoint, read_vocab, save_checkpoint, to_hf_bert)
+from checkpoint import CheckpointError, from_hf_bert, load_checkpoint, read_checkpoint, read_vocab, save_checkpoint, to_hf_bert
+from common import InputFileError
+from model import BertConfig, BertForMaskedLM, BertForSequenceClassification, attention, dropout, mask_tokens
 
 transformers = pytest.importorskip("transformers")
 
@@ -49,7 +50,8 @@ def test_training_matches_hf_bert_step_by_step(tmp_path):
     """25 AdamW steps of ours and of HF's BertForMaskedLM from the same weights on the same padded,
     masked batches (dropout off, fp32): every step's loss and the final weights agree. This checks
     every backward path written here (attention, the masked-only head, tied decoder), not only the forward."""
-    from model import _convert_hf_state, adamw_warmup_linear
+    from checkpoint import _convert_hf_state
+    from model import adamw_warmup_linear
     hf = hf_model(tmp_path).train()
     ours = from_hf_bert(tmp_path).train()
     opt_ours, _ = adamw_warmup_linear(ours, 1e-3, 0.01, warmup=1, total=10**6)

@@ -10,7 +10,9 @@ import pytest
 import torch
 
 import ood_eval
-from model import BertConfig, BertForMaskedLM, portable_path, read_vocab, save_checkpoint, to_hf_bert
+from checkpoint import read_vocab, save_checkpoint, to_hf_bert
+from common import portable_path
+from model import BertConfig, BertForMaskedLM
 
 ROOT = Path(__file__).resolve().parent.parent
 SHARED_PILE = ROOT.parent / "shared" / "data" / "pile-ood" / "val.jsonl"
@@ -83,7 +85,7 @@ def test_known_model_gives_expected_log_likelihood(tmp_path):
 def test_padding_is_masked_out_of_the_score(ckpts):
     """A short window scored in a padded batch gives the same log-likelihood as scored alone,
     unpadded: the attention mask leaves the padding out (a model that attended to it would not)."""
-    from model import load_checkpoint
+    from checkpoint import load_checkpoint
     model, _ = load_checkpoint(ckpts / "m0.pt")
     model.eval()
     g = torch.Generator().manual_seed(7)
@@ -145,7 +147,7 @@ def test_bad_input_is_one_clear_line(tmp_path, ckpts):
     to_hf_bert(bare, tmp_path / "bare", VOCAB)
     (tmp_path / "bare" / "model.safetensors").write_bytes(b"")        # replaced below by an encoder-only file
     from safetensors.torch import save_file
-    from model import _to_hf_state
+    from checkpoint import _to_hf_state
     save_file({k: v for k, v in _to_hf_state(bare.state_dict(), bare.config).items() if k.startswith("bert.")},
               str(tmp_path / "bare" / "model.safetensors"))
     cases += [(["--data", str(good), "--ckpt", str(tmp_path / "notbert")], "not a Hugging Face BERT directory"),
@@ -200,7 +202,7 @@ def test_real_sample(tmp_path, ckpts):
 def test_a_hugging_face_directory_scores_as_its_checkpoint_and_progress_is_shown(tmp_path, ckpts, capsys):
     """A dense checkpoint written as an HF BERT directory scores exactly as the .pt it came from; the
     run prints a line per checkpoint and per subset, and says when it skips a scored checkpoint."""
-    from model import load_checkpoint
+    from checkpoint import load_checkpoint
     mlm, _ = load_checkpoint(ckpts / "m0.pt")
     to_hf_bert(mlm, tmp_path / "hf", VOCAB)
     data = pile(tmp_path / "p.jsonl")

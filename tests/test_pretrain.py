@@ -9,7 +9,8 @@ import pytest
 import torch
 
 import pretrain
-from model import BertConfig, BertForMaskedLM, load_checkpoint, read_vocab, save_checkpoint
+from checkpoint import load_checkpoint, read_vocab, save_checkpoint
+from model import BertConfig, BertForMaskedLM
 
 ROOT = Path(__file__).resolve().parent.parent
 VOCAB = read_vocab(ROOT / "data" / "bert-base-uncased-vocab.txt")
@@ -440,7 +441,7 @@ def test_relation_tokens_are_sampled_as_asked_from_a_generator_of_seed_step_and_
 
 def test_a_hugging_face_directory_teaches_as_its_checkpoint(tmp_path, corpus):
     """--teacher takes an HF BERT directory: the same TCD run, loss for loss, as with the .pt."""
-    from model import to_hf_bert
+    from checkpoint import to_hf_bert
     torch.manual_seed(4)
     teacher = BertForMaskedLM(BertConfig.preset("tiny"))
     save_checkpoint(tmp_path / "teacher.pt", teacher, vocab=VOCAB)

@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from model import BertConfig, BertForMaskedLM, save_checkpoint
+from checkpoint import save_checkpoint
+from model import BertConfig, BertForMaskedLM
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "results"))
@@ -481,7 +482,7 @@ def test_scripts_take_help_and_refuse_unknown_arguments(tmp_path, script):
 def test_make_vocab_fits_the_corpus_and_refuses_to_overwrite(tmp_path, capsys):
     """The vocabulary starts with BERT's special tokens ([PAD] = 0), then the rest sorted; it
     tokenizes its corpus without [UNK]; an existing --out or a missing corpus is one line, exit 2."""
-    from model import make_tokenizer, read_vocab
+    from checkpoint import make_tokenizer, read_vocab
     words = ["whale", "harpoon", "captain", "ocean", "sailor", "ship", "sea", "storm", "deck", "mast"]
     text = "\n".join(" ".join(words[(i * 7 + j * 3) % 10] + ("s" if j % 3 == 0 else "") for j in range(12)) + "."
                      for i in range(200))
@@ -507,7 +508,7 @@ def test_feature_probe_pools_real_tokens_and_fits_like_sklearn(tmp_path):
     import feature_probe
     from sklearn.linear_model import LogisticRegression
     from finetune import encode
-    from model import make_tokenizer, read_vocab
+    from checkpoint import make_tokenizer, read_vocab
     torch.manual_seed(0)
     bert = BertForMaskedLM(BertConfig.preset("tiny", num_layers=2)).bert.eval()
     tokenizer = make_tokenizer(read_vocab(ROOT / "data" / "bert-base-uncased-vocab.txt"))
@@ -532,7 +533,7 @@ def test_feature_probe_pools_real_tokens_and_fits_like_sklearn(tmp_path):
 def test_feature_probe_scores_stsb_by_cosine_of_mean_vectors(tmp_path, capsys):
     import feature_probe
     from scipy.stats import spearmanr
-    from model import make_tokenizer, read_vocab
+    from checkpoint import make_tokenizer, read_vocab
     import random
     rng, words = random.Random(0), "the cat dog sat ran on a mat good bad film great awful red".split()
     text = lambda: " ".join(rng.choice(words) for _ in range(rng.randint(3, 9)))   # noqa: E731

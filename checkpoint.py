@@ -1,0 +1,239 @@
+"""Checkpoint files: one `.pt` per run, Hugging Face BERT directories in and out, the vocabulary.
+
+    save_checkpoint("ckpt/vanilla.pt", mlm, vocab=vocab, step=1000)   # atomic: temp file, then os.replace
+    mlm, ckpt = load_checkpoint("ckpt/vanilla.pt")                     # or a Hugging Face BERT directory
+    to_hf_bert(mlm, "hf/vanilla", ckpt["vocab"])                       # dense models: transformers loads it
+    mlm = from_hf_bert("path/to/bert")                                 # config.json + weights
+
+Every load is `torch.load(..., weights_only=True)`: a checkpoint is untrusted input. A checkpoint is
+a dict: config (BertConfig as a dict), model (state dict, all experts), vocab, and what the writer
+adds (step, epoch, metrics, optimizer, scheduler, rng, data_state, args). `read_checkpoint` takes a
+Hugging Face BERT directory wherever a checkpoint is expected.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from common import InputFileError
+from model import BertConfig, BertForMaskedLM
+
+
+class CheckpointError(InputFileError):
+    """A file that is missing or is not a checkpoint of this project."""
+
+
+BERT_SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
+
+
+def save_checkpoint(path, module: nn.Module, **extra) -> None:
+    """torch.save of {config, model: state dict, **extra} to a temp file, then os.replace, so a
+    crash never leaves a torn file. extra may replace `model` (e.g. experts gathered from ranks)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    state = {"config": asdict(module.config), "model": module.state_dict(), **extra}
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+    os.close(fd)
+    try:
+        torch.save(state, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def check_checkpoint_path(path) -> None:
+    """Cheap early check that `path` can be a checkpoint (a file, or a directory with config.json)."""
+    p = Path(path)
+    if p.is_dir() and not (p / "config.json").is_file():
+        raise CheckpointError(f"{p} is a directory but not a Hugging Face BERT directory: expected config.json, "
+                              "model.safetensors or pytorch_model.bin, and vocab.txt")
+    if not p.exists():
+        raise CheckpointError(f"checkpoint {p} not found: pass a .pt file written by pretrain.py "
+                              "or a Hugging Face BERT directory")
+
+
+def read_checkpoint(path) -> dict:
+    """The checkpoint dict of a .pt file (loaded with weights_only=True) or of a Hugging Face BERT
+    directory (read_hf_bert); CheckpointError naming what was expected if it is neither."""
+    path = Path(path)
+    check_checkpoint_path(path)
+    if path.is_dir():
+        return read_hf_bert(path)
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise CheckpointError(f"{path} is not a readable checkpoint ({type(e).__name__}): "
+                              "pass a .pt file written by pretrain.py or a Hugging Face BERT directory") from None
+    if not isinstance(ckpt, dict) or not {"config", "model"} <= ckpt.keys():
+        raise CheckpointError(f"{path} is a torch file but not a checkpoint of this project "
+                              "(no 'config'/'model'); pass a Hugging Face BERT directory as a directory")
+    return ckpt
+
+
+def read_hf_bert(directory) -> dict:
+    """A Hugging Face BERT directory (config.json, weights, vocab.txt) as a checkpoint dict of this
+    project: config, model, vocab (None without vocab.txt), and mlm_head (False when the weights
+    hold a bare encoder, whose head is then random)."""
+    d = Path(directory)
+    check_checkpoint_path(d)
+    model, has_head = _hf_bert(d)
+    vocab = read_vocab(d / "vocab.txt") if (d / "vocab.txt").is_file() else None
+    if vocab is not None and len(vocab) != model.config.vocab_size:
+        raise CheckpointError(f"{d}: vocab.txt has {len(vocab):,} tokens but config.json says vocab_size "
+                              f"{model.config.vocab_size:,}")
+    return {"config": asdict(model.config), "model": model.state_dict(), "vocab": vocab, "mlm_head": has_head,
+            "hf_dir": str(d)}
+
+
+def load_checkpoint(path) -> tuple[BertForMaskedLM, dict]:
+    """(BertForMaskedLM with the saved weights, the checkpoint dict)."""
+    ckpt = read_checkpoint(path)
+    model = BertForMaskedLM(BertConfig.from_dict(ckpt["config"]))
+    try:
+        model.load_state_dict(ckpt["model"])
+    except RuntimeError as e:
+        raise CheckpointError(f"{path}: weights do not fit the saved config: {str(e).splitlines()[0]}") from None
+    return model, ckpt
+
+
+def read_vocab(path) -> list[str]:
+    """A WordPiece vocab.txt as a list (line number = token id)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"vocab file {path} not found: pass a WordPiece vocab.txt")
+    try:
+        tokens = path.read_text(encoding="utf-8").split("\n")
+    except UnicodeDecodeError:
+        raise InputFileError(f"vocab file {path} is not UTF-8 text: pass a WordPiece vocab.txt") from None
+    tokens = tokens[:-1] if tokens and tokens[-1] == "" else tokens
+    missing = [t for t in BERT_SPECIAL_TOKENS if t not in tokens]
+    if missing:
+        raise InputFileError(f"{path} is not a BERT WordPiece vocabulary: it has no {', '.join(missing)} "
+                             f"(pass a vocab.txt such as data/bert-base-uncased-vocab.txt)")
+    return tokens
+
+
+def make_tokenizer(vocab: list[str]):
+    """BERT uncased WordPiece tokenizer (`tokenizers`) over a vocab list (line = id)."""
+    from tokenizers import BertWordPieceTokenizer
+    return BertWordPieceTokenizer({t: i for i, t in enumerate(vocab)}, lowercase=True)
+
+
+def from_hf_bert(directory) -> BertForMaskedLM:
+    """A BertForMaskedLM from a Hugging Face BERT directory: config.json plus model.safetensors
+    (needs the optional `safetensors` package) or pytorch_model.bin. Without an MLM head in
+    the weights (a bare BertModel), the head keeps its random initialisation."""
+    return _hf_bert(Path(directory))[0]
+
+
+def _hf_bert(d: Path) -> tuple[BertForMaskedLM, bool]:
+    if not (d / "config.json").is_file():
+        raise CheckpointError(f"{d} has no config.json: pass a Hugging Face BERT model directory")
+    hf = json.loads((d / "config.json").read_text())
+    if hf.get("model_type", "bert") != "bert":
+        raise CheckpointError(f"{d}: model_type {hf['model_type']!r} is not supported (only 'bert')")
+    if hf.get("hidden_act", "gelu") != "gelu":
+        raise CheckpointError(f"{d}: hidden_act {hf['hidden_act']!r} is not supported (only 'gelu')")
+    cfg = BertConfig(vocab_size=hf["vocab_size"], hidden_size=hf["hidden_size"],
+                     num_layers=hf["num_hidden_layers"], num_heads=hf["num_attention_heads"],
+                     intermediate_size=hf["intermediate_size"], max_position=hf["max_position_embeddings"],
+                     type_vocab_size=hf.get("type_vocab_size", 2), dropout=hf.get("hidden_dropout_prob", 0.1),
+                     attention_dropout=hf.get("attention_probs_dropout_prob", 0.1),
+                     layer_norm_eps=hf.get("layer_norm_eps", 1e-12), pad_token_id=hf.get("pad_token_id", 0) or 0)
+    if (d / "model.safetensors").is_file():
+        try:
+            from safetensors.torch import load_file
+        except ImportError:
+            raise CheckpointError("reading model.safetensors needs the safetensors package: "
+                                  "pip install safetensors") from None
+        hf_state = load_file(str(d / "model.safetensors"))
+    elif (d / "pytorch_model.bin").is_file():
+        hf_state = torch.load(d / "pytorch_model.bin", map_location="cpu", weights_only=True)
+    else:
+        raise CheckpointError(f"{d} has neither model.safetensors nor pytorch_model.bin")
+    hf_state = {k.removeprefix("bert."): v for k, v in hf_state.items()}
+    model = BertForMaskedLM(cfg)
+    try:
+        missing, _ = model.load_state_dict(_convert_hf_state(hf_state, cfg), strict=False)
+    except (KeyError, RuntimeError) as e:
+        raise CheckpointError(f"{d}: weights do not match a BERT of its config.json ({e})") from None
+    if any(k.startswith("bert.") for k in missing):
+        raise CheckpointError(f"{d}: encoder weights missing from the file: {missing[:3]}")
+    return model, "decoder_bias" not in missing
+
+
+def to_hf_bert(mlm: BertForMaskedLM, directory, vocab: list[str] | None = None) -> None:
+    """Write a dense model as a Hugging Face BERT directory (config.json, model.safetensors, and
+    vocab.txt when given) that transformers.BertForMaskedLM.from_pretrained loads with the same
+    logits. Written into a temp directory and renamed, so a crash leaves no half directory."""
+    cfg, d = mlm.config, Path(directory)
+    if cfg.moe:
+        raise CheckpointError(f"a MoE model ({cfg.num_experts} experts) cannot be written as a Hugging Face BERT: "
+                              "that format has one dense FFN per layer, no router and no experts")
+    if d.exists() and (not d.is_dir() or any(d.iterdir())):
+        raise CheckpointError(f"{d} exists and is not an empty directory: pass a new directory")
+    from safetensors.torch import save_file
+    hf = {"architectures": ["BertForMaskedLM"], "model_type": "bert", "vocab_size": cfg.vocab_size,
+          "hidden_size": cfg.hidden_size, "num_hidden_layers": cfg.num_layers, "num_attention_heads": cfg.num_heads,
+          "intermediate_size": cfg.intermediate_size, "hidden_act": "gelu", "max_position_embeddings": cfg.max_position,
+          "type_vocab_size": cfg.type_vocab_size, "hidden_dropout_prob": cfg.dropout,
+          "attention_probs_dropout_prob": cfg.attention_dropout, "layer_norm_eps": cfg.layer_norm_eps,
+          "pad_token_id": cfg.pad_token_id, "initializer_range": 0.02, "position_embedding_type": "absolute",
+          "tie_word_embeddings": True}
+    d.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=d.parent, prefix=d.name + ".", suffix=".tmp"))
+    try:
+        (tmp / "config.json").write_text(json.dumps(hf, indent=2) + "\n")
+        save_file(_to_hf_state(mlm.state_dict(), cfg), str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        if vocab is not None:
+            (tmp / "vocab.txt").write_text("".join(t + "\n" for t in vocab), encoding="utf-8")
+        if d.exists():
+            d.rmdir()
+        os.replace(tmp, d)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _hf_names(cfg: BertConfig) -> list[tuple[str, str]]:
+    """(our name, HF's name without the "bert." prefix) of every weight but the fused qkv."""
+    pairs = [("bert.word.weight", "embeddings.word_embeddings.weight"),
+             ("bert.position.weight", "embeddings.position_embeddings.weight"),
+             ("bert.token_type.weight", "embeddings.token_type_embeddings.weight")]
+    sublayers = [("bert.ln", "embeddings.LayerNorm")] + [
+        (f"bert.layers.{i}.{ours}", f"encoder.layer.{i}.{hf}") for i in range(cfg.num_layers)
+        for ours, hf in (("attn_out", "attention.output.dense"), ("ln1", "attention.output.LayerNorm"),
+                         ("ffn.fc1", "intermediate.dense"), ("ffn.fc2", "output.dense"), ("ln2", "output.LayerNorm"))]
+    sublayers += [("transform", "cls.predictions.transform.dense"), ("transform_ln", "cls.predictions.transform.LayerNorm")]
+    pairs += [(f"{ours}.{t}", f"{hf}.{t}") for ours, hf in sublayers for t in ("weight", "bias")]
+    return pairs + [("decoder_bias", "cls.predictions.bias")]
+
+
+def _convert_hf_state(s: dict, cfg: BertConfig) -> dict:
+    """HF BERT weights (names without "bert.") as ours; the MLM head only where the file has one."""
+    out = {ours: s[hf] for ours, hf in _hf_names(cfg) if not hf.startswith("cls.") or "cls.predictions.bias" in s}
+    for i in range(cfg.num_layers):
+        att = f"encoder.layer.{i}.attention.self."
+        for t in ("weight", "bias"):
+            out[f"bert.layers.{i}.qkv.{t}"] = torch.cat([s[att + n + "." + t] for n in ("query", "key", "value")])
+    return out
+
+
+def _to_hf_state(s: dict, cfg: BertConfig) -> dict:
+    """The inverse of _convert_hf_state, with HF BertForMaskedLM's names (contiguous copies, as
+    safetensors needs; the decoder weight is the word embedding, as HF ties it)."""
+    out = {(hf if hf.startswith("cls.") else "bert." + hf): s[ours] for ours, hf in _hf_names(cfg)}
+    for i in range(cfg.num_layers):
+        for t in ("weight", "bias"):
+            for name, part in zip(("query", "key", "value"), s[f"bert.layers.{i}.qkv.{t}"].chunk(3)):
+                out[f"bert.encoder.layer.{i}.attention.self.{name}.{t}"] = part
+    out["cls.predictions.decoder.weight"] = s["bert.word.weight"]
+    return {k: v.detach().clone().contiguous() for k, v in out.items()}
+
