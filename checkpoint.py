@@ -237,3 +237,28 @@ def _to_hf_state(s: dict, cfg: BertConfig) -> dict:
     out["cls.predictions.decoder.weight"] = s["bert.word.weight"]
     return {k: v.detach().clone().contiguous() for k, v in out.items()}
 
+
+
+# ---------------------------------------------------------------- command line
+
+def main(argv=None) -> int:
+    import argparse
+    import sys
+    p = argparse.ArgumentParser(prog="checkpoint.py", description="Checkpoint files from the command line.")
+    sub = p.add_subparsers(dest="command", required=True)
+    export = sub.add_parser("export", help="write a dense checkpoint as a Hugging Face BERT directory")
+    export.add_argument("ckpt", help="a .pt written by pretrain.py (or a Hugging Face BERT directory)")
+    export.add_argument("out", help="a new directory: config.json, model.safetensors, vocab.txt")
+    args = p.parse_args(argv)
+    try:
+        mlm, ckpt = load_checkpoint(args.ckpt)
+        to_hf_bert(mlm, args.out, ckpt.get("vocab"))
+    except (InputFileError, FileNotFoundError) as e:
+        print(f"checkpoint.py: error: {e}", file=sys.stderr)
+        return 2
+    print(f"wrote {args.out}: transformers.BertForMaskedLM.from_pretrained({args.out!r}) loads it")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

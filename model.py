@@ -18,7 +18,6 @@ Copy this file with moe.py (for MoE configs) into another project: it imports on
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, fields
 
 import torch

