@@ -3,6 +3,7 @@
 #
 #   bash results/run.sh --quick     # smoke test: every stage for a few steps (~10 min on 2 cores)
 #   bash results/run.sh             # the real run: many hours; the same command resumes it
+#   bash results/run.sh --table3    # only Table 3's stage (its teacher first, retraced if it was lost)
 #   bash results/run.sh --help      # this text
 #
 # Checkpoints, logs and the token cache go to $RUNS (default: runs/ in this repository, ignored by
@@ -16,17 +17,20 @@
 # The environment variables RUNS and DATA (default ../shared/data) move the outputs and inputs.
 # PRETRAIN_SEED=N (default 0, the reported run) makes a replicate: every pretraining run with seed N,
 # in $RUNS/seedN and results/replicates/seedN, then Tables 1-2 (full, one seed) and Table 4 only.
+# Table 3 (stage 8) pretrains MoE + T and MoE + T, I, A beside the TCD student into table3/, fine-tuned as
+# the replicates are; --table3 runs that stage alone, for pretrainings that ran before it existed.
 set -euo pipefail
 R=$(cd "$(dirname "$0")/.." && pwd)
 D=${DATA:-$R/../shared/data}
 RUNS=${RUNS:-$R/runs}
 RES=$R/results
-QUICK=0
+QUICK=0; ONLY=all
 for arg in "$@"; do
   case $arg in
     --quick) QUICK=1 ;;
-    -h|--help) sed -n '2,18p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
-    *) echo "run.sh: error: unknown argument '$arg' (run.sh takes --quick or --help)" >&2; exit 2 ;;
+    --table3) ONLY=table3 ;;
+    -h|--help) sed -n '2,21p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    *) echo "run.sh: error: unknown argument '$arg' (run.sh takes --quick, --table3 or --help)" >&2; exit 2 ;;
   esac
 done
 if [ $QUICK = 1 ]; then
@@ -84,12 +88,15 @@ FULL="--adapter 0 --lr 5e-5"; ADAPTER="--adapter 64 --lr 3e-4"
 TEACHER=$RUNS/ckpt/vanilla.epoch$TEACHER_EPOCHS.pt
 # two jobs at a time, one core each: the baseline beside the teacher, the student as soon as its teacher
 # exists, the rest of the vanilla run once the baseline is done
+# the student starts from scratch; only its relation targets come from the teacher (Eq. 13)
+STUDENT_FLAGS="--moe --experts $EXPERTS --lambda-b $LAMBDA_B --teacher $TEACHER --relation-tokens 512"  # 4096 x 64/512
+if [ $ONLY = table3 ]; then
+  pretrain vanilla $TEACHER_EPOCHS                                     # the teacher only (retraced if lost)
+else
 pretrain moe $MOE_EPOCHS --moe --experts $EXPERTS --lambda-b $LAMBDA_B &   # baseline, L_MLM + λB·L_B
 BASELINE=$!
 pretrain vanilla $TEACHER_EPOCHS                                       # teacher, Eq. 12
-# the student starts from scratch; only its relation targets come from the teacher (Eq. 13)
-pretrain moe_tcd $TCD_EPOCHS --moe --experts $EXPERTS --lambda-b $LAMBDA_B --teacher "$TEACHER" \
-  --relation-tokens 512 &      # 512 = 4096 x 64/512
+pretrain moe_tcd $TCD_EPOCHS $STUDENT_FLAGS &
 STUDENT=$!
 wait $BASELINE
 pretrain vanilla $VANILLA_EPOCHS                                       # the same vanilla run, for Table 4
@@ -192,8 +199,28 @@ LANE1=$!
 ( ft_tables moe_tcd "$TCD" moe_epoch "$EPOCH"; shared_jobs ) &
 LANE2=$!
 wait $LANE1; wait $LANE2
+fi   # stages 1-7
 
-# ---------------------------------------------------------------- 8. tables and plots
+# ---------------------------------------------------------------- 8. Table 3: the relation sites one at a time
+# MoE + T (λI = 0) and MoE + T, I, A (λA = 1) with the TCD student's teacher, data, schedule, seed and epochs;
+# Table 3's other rows are Tables 1-2's perf-aligned MoE and TCD (T, I). Fine-tuned as the replicates are (full,
+# lr 5e-5, seed 1, five tasks). The teacher's curve goes beside them: tables.py pairs table3/ with the
+# pretraining whose teacher it is, so a retraced teacher that differed would show
+T3=$RES/table3
+mkdir -p "$T3/pretrain"
+cp "$RUNS/ckpt/vanilla.metrics.jsonl" "$T3/teacher.jsonl"
+table3_lane() {  # NAME FLAGS...: the variant's pretraining, then its fine-tuning
+  local name=$1; shift
+  pretrain $name $TCD_EPOCHS $STUDENT_FLAGS "$@"
+  mv "$RES/pretrain/$name.jsonl" "$T3/pretrain/$name.jsonl"             # beside its rows, not Tables 1-2's
+  finetune $name "$RUNS/ckpt/$name.epoch$TCD_EPOCHS.pt" "$T3" 1 FULL $TASKS
+}
+table3_lane moe_t --lambda-i 0 &
+T3_LANE=$!
+table3_lane moe_tia --lambda-a 1
+wait $T3_LANE
+
+# ---------------------------------------------------------------- 9. tables and plots
 SMOKE=$([ $QUICK = 1 ] && echo --smoke || true)
 python "$R/results/plot.py" --results "$RES" $SMOKE
 python "$R/results/tables.py" --results "$RES" $SMOKE > "$RES/tables.md"

@@ -376,6 +376,81 @@ def pretraining_table(results: Path) -> str:
         "", "Pre-Train Perf. (closer to 0 is better); the paper's setting: every difference above 0"])
 
 
+# Table 3 (the paper: H=128, at aligned Pre-Train Perf.): the relation constraints added one site at a time. run.sh's
+# stage 8 writes MoE + T and MoE + T, I, A to table3/; the MoE and T, I rows are Tables 1-2's perf-aligned MoE and TCD.
+TABLE3_ROWS = [("moe_perf", "MoE BERT (perf-aligned)"), ("moe_t", "+ T"), ("moe_tcd", "+ T, I (TCD)"),
+               ("moe_tia", "+ T, I, A")]
+TABLE3_STEPS = [("T", "moe_t", "moe_perf"), ("I", "moe_tcd", "moe_t"), ("A", "moe_tia", "moe_tcd")]
+TABLE3_PAPER_SIGN = {"T": 1, "I": 1, "A": -1}     # the paper at H=128: T and I help, A hurts (so λA = 0 there)
+
+
+def teacher_perf(curve: Path) -> float | None:
+    """A vanilla run's Pre-Train Perf. at the teacher's epoch, from its metrics file."""
+    losses = epoch_losses(curve) if curve.is_file() else {}
+    return -losses[TEACHER_EPOCH][0] if TEACHER_EPOCH in losses else None
+
+
+def table3_sets(results: Path) -> tuple[dict[str, Path], list[str]]:
+    """({pretraining: its table3/ directory}, notes). A table3/ (results/table3, replicates/seedN/table3) belongs
+    to the pretraining whose teacher has the Pre-Train Perf. of the teacher beside it (to 1e-6): its TCD row must
+    come from the same teacher as its variants. One that matches none is left out, with a note."""
+    teachers = {p.name: teacher_perf(p.curves / "vanilla.jsonl") for p in pretrainings(results)}
+    paired, notes = {}, []
+    for d in [results / "table3", *sorted((results / "replicates").glob("seed*/table3"))]:
+        perf = teacher_perf(d / "teacher.jsonl")
+        if perf is None:
+            continue
+        match = [n for n, v in teachers.items() if v is not None and abs(v - perf) < 1e-6]
+        if match:
+            paired[match[0]] = d
+        else:
+            notes.append(f"{d.relative_to(results)}: its teacher ({perf:.4f}) is no pretraining's teacher; left out")
+    return paired, notes
+
+
+def table3_rows(results: Path) -> dict[str, dict[str, tuple[float | None, float | None]]]:
+    """{pretraining: {row key: (GLUE average of REPLICATE_SETTING or None, Pre-Train Perf. or None)}}."""
+    sources = {p.name: p for p in pretrainings(results)}
+    out = {}
+    for name, d in table3_sets(results)[0].items():
+        out[name] = {}
+        for key, _ in TABLE3_ROWS:
+            f = (d if key in ("moe_t", "moe_tia") else sources[name].finetune) / f"{key}.json"
+            perf = (json.loads(f.read_text()).get("pretrained") or {}).get("pretrain_perf") if f.is_file() else None
+            out[name][key] = (replicate_average(f), perf)
+    return out
+
+
+def table3(results: Path) -> str:
+    """Table 3 per pretraining (GLUE average, Pre-Train Perf. in brackets), then each added site's difference
+    within a pretraining over the pretrainings that have both rows: mean ± s.e., 95% interval, k of n."""
+    rows, notes = table3_rows(results), table3_sets(results)[1]
+    if not rows:
+        return "\n".join(notes)
+    show = lambda v: "-" if v[0] is None else f"{v[0]:.2f}" + ("" if v[1] is None else f" ({v[1]:.3f})")
+    out = ["| pretraining | " + " | ".join(label for _, label in TABLE3_ROWS) + " |", "|" + "---|" * (len(TABLE3_ROWS) + 1)]
+    out += [f"| {name} | " + " | ".join(show(r[key]) for key, _ in TABLE3_ROWS) + " |" for name, r in rows.items()]
+    out += ["", "| site added | difference | pretrainings | per pretraining | mean ± s.e. | 95% interval | "
+            "the paper's way (H=128) | Pre-Train Perf. difference, mean |", "|" + "---|" * 8]
+    labels = dict(TABLE3_ROWS)
+    for site, row, other in TABLE3_STEPS:
+        both = [r for r in rows.values() if r[row][0] is not None and r[other][0] is not None]
+        diffs = [r[row][0] - r[other][0] for r in both]
+        if not diffs:
+            continue
+        perf = [r[row][1] - r[other][1] for r in both if r[row][1] is not None and r[other][1] is not None]
+        mean, se = mean_se(diffs) if len(diffs) > 1 else (diffs[0], None)
+        spread = "-" if se is None else "{:+.2f} to {:+.2f}".format(*t_interval(diffs))
+        way = sum(TABLE3_PAPER_SIGN[site] * d > 0 for d in diffs)
+        out.append(f"| {site} | {labels[row]} − {labels[other]} | {len(diffs)} | " + ", ".join(f"{d:+.2f}" for d in diffs)
+                   + f" | {mean:+.2f}" + ("" if se is None else f" ± {se:.2f}") + f" | {spread} | {way} of {len(diffs)} | "
+                   + ("-" if not perf else f"{np.mean(perf):+.3f}") + " |")
+    return "\n".join(out + [""] + notes + [
+        "GLUE: five-task average of full fine-tuning at lr 5e-5, seed 1 (the replicates' setting); (Pre-Train Perf.); "
+        "the paper's way: T and I above 0, A below 0; a Pre-Train Perf. difference above 0: the row pretrains better "
+        "than the one it is compared with, which favours it"])
+
+
 TRANSFER = [("SST-2", "acc"), ("STS-B", "pearson"), ("STS-B", "spearman")]
 BERT_VOCAB_SIZE = 30522
 
@@ -494,6 +569,7 @@ def main(argv=None) -> int:
                         ("Claims (b) and (c) over pretrainings", claims_table(results)),
                         ("Pretraining over pretrainings (the premises)", pretraining_table(results)),
                         ("Claim (d) over pretrainings (Table 4)", ood_claims_table(results)),
+                        ("Table 3: the relation sites one at a time", table3(results)),
                         ("Transfer probes", transfer_table(results)),
                         ("Transfer probes, all five tasks", transfer_table(results, COLUMNS)),
                         ("Frozen-feature probes", features_table(results)),

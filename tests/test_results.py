@@ -573,3 +573,59 @@ def test_feature_probe_scores_stsb_by_cosine_of_mean_vectors(tmp_path, capsys):
     assert tables.main(["--results", str(tmp_path)]) == 0
     section = capsys.readouterr().out.split("### Frozen-feature probes")[1]
     assert section.index(f"| {row['ckpt']} | 2 | 2 |") < section.index("| second.pt | 2 | 5 |")
+
+
+def write_table3_fixture(results: Path) -> None:
+    """Three pretrainings with Table 3's rows: again (teacher -5.1), seed2 (teacher -5.3) and seed3 (teacher
+    -5.2); a fourth table3/ whose teacher is nobody's. Seed 1 of full fine-tuning at 47 + shift."""
+    import finetune
+    base = {"CoLA": {"mcc": 10.0}, "MRPC": {"acc": 70.0, "f1": 80.0}, "SST-2": {"acc": 76.0},
+            "STS-B": {"pearson": 20.0, "spearman": 18.0}, "RTE": {"acc": 55.0}}    # average 47
+
+    def write(sub, name, shift, perf):
+        runs = [{"task": t, "mode": "full", "adapter": 0, "lr": 5e-5, "seed": seed,
+                 "best": {"epoch": 1, **{k: v + shift + 20 * (seed != 1) for k, v in base[t].items()}}}
+                for t in base for seed in (2, 1)]
+        (results / sub).mkdir(parents=True, exist_ok=True)
+        (results / sub / f"{name}.json").write_text(json.dumps({"runs": runs, "summary": finetune.summarize(runs),
+                                                                "pretrained": {"pretrain_perf": perf}}))
+
+    def teacher(path, perf):                          # a vanilla curve with epoch 3's end at `perf`
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("".join(json.dumps({"valid": True, "step": 3 * e, "epoch": float(e), "pretrain_perf": p}) + "\n"
+                                for e, p in ((1, -7.0), (3, perf), (4, perf + 0.2))))
+
+    teacher(results / "pretrain" / "vanilla.jsonl", -5.0)                     # "first": no Table 3
+    for curves, t3, perf, (moe, t, tcd, tia) in (
+            ("probes/retrain/pretrain", "table3", -5.1, (1.0, 3.0, 4.0, 2.5)),
+            ("replicates/seed2/pretrain", "replicates/seed2/table3", -5.3, (2.0, 1.0, 3.0, 2.0)),
+            ("replicates/seed3/pretrain", "replicates/seed3/table3", -5.2, (0.0, 2.0, 1.5, None))):
+        teacher(results / curves / "vanilla.jsonl", perf)
+        teacher(results / t3 / "teacher.jsonl", perf)
+        finetunes = results / curves.replace("pretrain", "finetune") if "replicates" in curves else results / "probes/retrain"
+        write(finetunes.relative_to(results), "moe_perf", moe, -4.80)
+        write(finetunes.relative_to(results), "moe_tcd", tcd, -4.86)
+        write(t3, "moe_t", t, -4.83)
+        if tia is not None:
+            write(t3, "moe_tia", tia, -4.90)
+    teacher(results / "replicates" / "seed4" / "table3" / "teacher.jsonl", -5.25)   # nobody's teacher
+
+
+def test_table3_pairs_each_variant_with_its_own_teachers_pretraining(tmp_path, capsys):
+    write_table3_fixture(tmp_path)
+    paired, notes = tables.table3_sets(tmp_path)
+    assert paired == {"again": tmp_path / "table3", "seed2": tmp_path / "replicates/seed2/table3",
+                      "seed3": tmp_path / "replicates/seed3/table3"}
+    assert len(notes) == 1 and "replicates/seed4/table3" in notes[0] and "-5.2500" in notes[0]
+    assert tables.main(["--results", str(tmp_path)]) == 0
+    out = capsys.readouterr().out.split("### Table 3: the relation sites one at a time")[1].split("###")[0]
+    assert "| again | 48.00 (-4.800) | 50.00 (-4.830) | 51.00 (-4.860) | 49.50 (-4.900) |" in out
+    assert "| seed3 | 47.00 (-4.800) | 49.00 (-4.830) | 48.50 (-4.860) | - |" in out
+    # + T − MoE: +2, -1, +2: mean +1, s.e. 1, interval ± 4.3027; two of three the paper's way (above 0)
+    assert "| T | + T − MoE BERT (perf-aligned) | 3 | +2.00, -1.00, +2.00 | +1.00 ± 1.00 | -3.30 to +5.30 | 2 of 3 | -0.030 |" in out
+    # T, I − T: +1, +2, -0.5: mean +0.83
+    assert "| I | + T, I (TCD) − + T | 3 | +1.00, +2.00, -0.50 | +0.83 ± 0.73 |" in out
+    # T, I, A − T, I: -1.5, -1.0 (seed 3 has no A row): mean -1.25, s.e. 0.25, t(0.975, df 1) = 12.706; both
+    # below 0, the paper's way for A
+    assert "| A | + T, I, A − + T, I (TCD) | 2 | -1.50, -1.00 | -1.25 ± 0.25 | -4.43 to +1.93 | 2 of 2 | -0.040 |" in out
+    assert "| first |" not in out
