@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import hashlib
 import json
 import math
 import os
@@ -48,9 +47,10 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from distill import Teacher, sample_groups, tcd_losses
-from checkpoint import CheckpointError, make_tokenizer, read_checkpoint, read_vocab, save_checkpoint
+from checkpoint import CheckpointError, read_checkpoint, read_vocab, save_checkpoint
 from common import HelpFormatter, finite_float, tune_allocator, unwritable
 from model import BertConfig, BertForMaskedLM, adamw_warmup_linear, mask_tokens, masked_log_likelihood
+from prepare import Windows, find_or_prepare, is_prepared, open_corpus, seeded
 from moe import clip_gradients, gather_experts, optimizer_state, shard_experts, sync_gradients
 
 HERE = Path(__file__).resolve().parent
@@ -68,115 +68,26 @@ class UsageError(Exception):
 
 # ----------------------------------------------------------------------------- data
 
-def read_text(path: Path) -> str:
-    data = path.read_bytes()
-    if b"\0" in data[:65536]:
-        raise UsageError(f"{path} looks binary (NUL bytes): pass UTF-8 text or .jsonl files")
-    try:
-        return data.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise UsageError(f"{path} is not UTF-8 (byte {e.start}): convert it, e.g. iconv -f latin1 -t utf-8") from None
-
-
-def read_documents(spec: str) -> list[str]:
-    """Documents from a text file (blank-line separated), a .jsonl file (a `text` field per
-    line), a directory of those, or hf:NAME[:CONFIG] (datasets.load_dataset, train split)."""
-    if spec.startswith("hf:"):
-        import datasets
-        name, _, config = spec[3:].partition(":")
-        return [t for t in datasets.load_dataset(name, config or None, split="train")["text"] if t.strip()]
-    path = Path(spec)
-    if path.is_dir():
-        files = sorted(p for p in path.rglob("*") if p.suffix in (".txt", ".jsonl"))
-        return [doc for f in files for doc in read_documents(str(f))]
-    if not path.is_file():
-        raise UsageError(f"corpus {spec} not found: pass text/.jsonl files, directories, or hf:NAME")
-    text = read_text(path)
-    if path.suffix == ".jsonl":
-        docs = []
-        for n, line in enumerate(text.splitlines(), 1):
-            if line.strip():
-                try:
-                    doc = json.loads(line)["text"]
-                except (ValueError, KeyError, TypeError):
-                    doc = None
-                if not isinstance(doc, str):
-                    raise UsageError(f"{spec} line {n}: not a JSON object with a 'text' string")
-                docs.append(doc)
-        return docs
-    return [d for d in text.split("\n\n") if d.strip()]
-
-
-def split_documents(docs: list[str], share: float, seed: int) -> tuple[list[str], list[str]]:
-    """(train, valid): a fixed random `share` of the documents (at least one) held out whole,
-    so no text is in both."""
-    if not docs:
-        raise UsageError("the corpus holds no text: give files with documents in them")
-    if len(docs) < 2:
-        raise UsageError("the corpus holds one document: pass held-out text with --valid")
-    n_valid = max(1, round(len(docs) * share))
-    held = set(torch.randperm(len(docs), generator=seeded(seed, len(docs)))[:n_valid].tolist())
-    return [d for i, d in enumerate(docs) if i not in held], [d for i, d in enumerate(docs) if i in held]
-
-
-def segments(docs: list[str], vocab: list[str], seq_len: int, cache_dir: Path, log) -> np.ndarray:
-    """The documents as continuous [CLS] ... [SEP] segments, (S, seq_len) uint16, cached on disk
-    by their content (with the vocab and seq_len), so a second run does not re-tokenize and a
-    changed corpus never reads a stale cache."""
-    digest = hashlib.sha1(json.dumps([seq_len, vocab]).encode())
-    for d in docs:
-        digest.update(d.encode("utf-8", "surrogatepass") + b"\0\1")
-    cache = cache_dir / f"tokens-{digest.hexdigest()[:16]}.npy"
-    if cache.is_file():
-        seg = np.load(cache, mmap_mode="r")
-        log(f"token cache {cache}: {seg.size:,} tokens in {len(seg):,} segments")
-        return seg
-    if not docs:
-        raise UsageError("the corpus holds no text: give files with documents in them")
-    tok, ids = make_tokenizer(vocab), []
-    for enc in tok.encode_batch(docs, add_special_tokens=False):
-        ids.extend(enc.ids)
-    body = seq_len - 2
-    n = len(ids) // body
-    if n == 0:
-        raise UsageError(f"the corpus has {len(ids)} tokens, fewer than one segment of {seq_len}: add text")
-    seg = np.empty((n, seq_len), dtype=np.uint16)
-    seg[:, 0], seg[:, -1] = vocab.index("[CLS]"), vocab.index("[SEP]")
-    seg[:, 1:-1] = np.asarray(ids[: n * body], dtype=np.uint16).reshape(n, body)
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    tmp = cache.with_suffix(f".{os.getpid()}.tmp.npy")
-    np.save(tmp, seg)
-    os.replace(tmp, cache)
-    log(f"tokenized {len(docs):,} documents: {n * seq_len:,} tokens in {n:,} segments -> {cache}")
-    return seg
-
-
 def load_corpus(args, vocab: list[str], cache_dir: Path, log, rank: int, world: int):
-    """(train segments, valid segments). Rank 0 tokenizes first; the others then read its cache."""
-    def build():
-        docs = [d for s in args.data for d in read_documents(s)]
+    """(train windows, held-out windows), memory-mapped from a prepared corpus (prepare.py): --data itself,
+    or the one prepared from --data's text into the cache on first use. Rank 0 prepares; the others wait."""
+    if is_prepared(args.data):
         if args.valid:
-            valid = [d for s in args.valid for d in read_documents(s)]
-        else:
-            docs, valid = split_documents(docs, VALID_SHARE, args.seed)
-        return (segments(docs, vocab, args.seq_len, cache_dir, log),
-                segments(valid, vocab, args.seq_len, cache_dir, log))
-    if rank == 0:
-        result = build()
-    if world > 1:
-        dist.barrier()
-        result = build() if rank else result
-    return result
+            raise UsageError(f"{args.data[0]} is a prepared corpus with its own held-out text: drop --valid")
+        corpus = Path(args.data[0])
+    else:
+        find = lambda: find_or_prepare(args.data, args.valid, vocab, cache_dir, VALID_SHARE, args.seed, log)
+        corpus = find() if rank == 0 else None
+        if world > 1:
+            dist.barrier()
+            corpus = corpus or find()                   # rank 0's corpus: found, not prepared again
+    return open_corpus(corpus, vocab, args.seq_len)
 
 
 def shown(path) -> str:
     """A path as short as it can be said from here."""
     rel = os.path.relpath(path)
     return rel if not rel.startswith("..") else str(path)
-
-
-def seeded(*parts: int) -> torch.Generator:
-    return torch.Generator().manual_seed(int(hashlib.sha1(repr(parts).encode()).hexdigest()[:15], 16))
 
 
 # ----------------------------------------------------------------------------- distributed
@@ -226,7 +137,7 @@ class Run:
     device: torch.device
     out: Path
     vocab: list
-    train_seg: np.ndarray
+    train_seg: Windows
     model: BertForMaskedLM
     optimizer: torch.optim.Optimizer
     scheduler: object
@@ -259,7 +170,7 @@ def global_batch(run: Run, step: int, special, mask_id: int):
     epoch, pos = divmod(step, run.steps_per_epoch)
     order = epoch_order(len(run.train_seg), run.args.seed, epoch)
     rows = order[pos * run.args.batch_size:(pos + 1) * run.args.batch_size].sort().values.numpy()
-    ids = torch.from_numpy(run.train_seg[rows].astype(np.int64))
+    ids = torch.from_numpy(run.train_seg[rows])
     inputs, labels = mask_tokens(ids, special, mask_id, len(run.vocab), seeded(run.args.seed, step), run.args.mask_prob)
     if step < run.args.short_seq_steps:          # curriculum: the same tokens cut into shorter sequences
         inputs, labels = inputs.reshape(-1, run.args.short_seq_len), labels.reshape(-1, run.args.short_seq_len)
@@ -443,7 +354,7 @@ def train(args) -> int:
     run, start, valid_seg = build(args, rank, world, device)
     special = torch.tensor([run.vocab.index(t) for t in ("[PAD]", "[CLS]", "[SEP]", "[MASK]", "[UNK]")])
     mask_id = run.vocab.index("[MASK]")
-    valid = mask_tokens(torch.from_numpy(valid_seg.astype(np.int64)), special, mask_id, len(run.vocab),
+    valid = mask_tokens(torch.from_numpy(valid_seg.all()), special, mask_id, len(run.vocab),
                         seeded(VALID_SEED))                        # fixed masks, always 15%
     stop_at = min(args.stop_at or sys.maxsize, (args.stop_epochs or sys.maxsize) * run.steps_per_epoch)
     if start >= min(stop_at, run.total_steps):
@@ -499,7 +410,8 @@ def train(args) -> int:
 def make_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="pretrain.py", description=__doc__.split("\n")[0], formatter_class=HelpFormatter)
     a = p.add_argument
-    a("--data", nargs="+", help="text/.jsonl files, directories, or hf:NAME[:CONFIG] (default: data/sample.txt)")
+    a("--data", nargs="+", help="a corpus prepared by prepare.py, or text/.jsonl files (.gz/.zst), directories, or "
+      "hf:NAME[:CONFIG], prepared into the cache on first use (default: data/sample.txt)")
     a("--valid", nargs="+", help="held-out text for Pre-Train Perf. (default: a fixed random 1%% of the documents)")
     a("--vocab", default=str(HERE / "data" / "bert-base-uncased-vocab.txt"), help="WordPiece vocab.txt")
     a("--seq-len", type=int, default=128, help="tokens per segment, [CLS] and [SEP] included (paper: 128)")

@@ -20,7 +20,6 @@ import sys
 from pathlib import Path
 from types import SimpleNamespace
 
-import numpy as np
 import torch
 import transformers
 
@@ -29,7 +28,8 @@ sys.path.insert(0, str(HERE.parent))
 from checkpoint import from_hf_bert, read_vocab  # noqa: E402
 from common import HelpFormatter, finite_float  # noqa: E402
 from model import adamw_warmup_linear, mask_tokens  # noqa: E402
-from pretrain import VALID_SEED, evaluate, global_batch, read_documents, seeded, segments, sinusoid_positions_  # noqa: E402
+from prepare import find_or_prepare, open_corpus, seeded  # noqa: E402
+from pretrain import VALID_SEED, VALID_SHARE, evaluate, global_batch, sinusoid_positions_  # noqa: E402
 
 
 def hf_twin(vocab_size: int, seed: int, directory: Path) -> transformers.BertForMaskedLM:
@@ -127,11 +127,12 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     vocab = read_vocab(args.vocab)
     cache, log = Path(args.cache_dir), lambda m: print(m, flush=True)
-    train = segments(read_documents(args.data), vocab, 128, cache, log)
-    valid_seg = segments(read_documents(args.valid), vocab, 128, cache, log)[:args.valid_segments]
+    corpus = find_or_prepare([args.data], [args.valid], vocab, cache, VALID_SHARE, 0, log)
+    train, valid_windows = open_corpus(corpus, vocab, 128)
+    valid_seg = valid_windows[:args.valid_segments]
     special = torch.tensor([vocab.index(t) for t in ("[PAD]", "[CLS]", "[SEP]", "[MASK]", "[UNK]")])
     mask_id = vocab.index("[MASK]")
-    valid = mask_tokens(torch.from_numpy(valid_seg.astype(np.int64)), special, mask_id, len(vocab), seeded(VALID_SEED))
+    valid = mask_tokens(torch.from_numpy(valid_seg), special, mask_id, len(vocab), seeded(VALID_SEED))
     run = SimpleNamespace(train_seg=train, steps_per_epoch=len(train) // args.batch_size, vocab=vocab, args=args)
     state = Path(args.state)
     pairs, start = build_pair(args, len(vocab), state)

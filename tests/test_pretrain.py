@@ -1,4 +1,4 @@
-"""pretrain.py: masking, the three training modes, resume, token cache, bad input."""
+"""pretrain.py: masking, the three training modes, resume, the prepared corpus it reads, bad input."""
 import json
 import math
 import subprocess
@@ -33,31 +33,6 @@ def run(tmp_path, corpus, *extra, steps=30):
     out = Path(extra[extra.index("--out") + 1])
     rows = [json.loads(line) for line in out.with_suffix(".metrics.jsonl").read_text().splitlines()]
     return [r for r in rows if "mlm" in r], out
-
-
-def test_segments_and_cache(tmp_path, corpus, monkeypatch):
-    docs = pretrain.read_documents(str(corpus / "train.txt"))
-    seg = pretrain.segments(docs, VOCAB, 32, tmp_path, print)
-    assert seg.dtype.name == "uint16" and seg.shape[1] == 32
-    assert (seg[:, 0] == 101).all() and (seg[:, -1] == 102).all()
-    tok = pretrain.make_tokenizer(VOCAB)
-    first = tok.encode((corpus / "train.txt").read_text().split("\n\n")[0], add_special_tokens=False).ids
-    assert list(seg[0, 1:-1]) == first[:30]                           # continuous text, in order
-    monkeypatch.setattr(pretrain, "make_tokenizer", lambda v: pytest.fail("re-tokenized"))
-    assert (pretrain.segments(docs, VOCAB, 32, tmp_path, print) == seg).all()
-    assert len(list(tmp_path.glob("tokens-*.npy"))) == 1
-    monkeypatch.undo()                                                # a changed corpus is tokenized anew
-    changed = pretrain.segments(docs[:-1] + [docs[-1] + " more words here"], VOCAB, 32, tmp_path, print)
-    assert len(list(tmp_path.glob("tokens-*.npy"))) == 2 and changed.shape[0] >= seg.shape[0]
-
-
-def test_jsonl_and_directory_corpora(tmp_path):
-    (tmp_path / "a.jsonl").write_text(json.dumps({"text": "one doc"}) + "\n" + json.dumps({"text": "two"}) + "\n")
-    (tmp_path / "b.txt").write_text("three\nstill three\n\nfour\n")
-    assert pretrain.read_documents(str(tmp_path)) == ["one doc", "two", "three\nstill three", "four\n"]
-    (tmp_path / "bad.jsonl").write_text('{"text": "x"}\nnot json\n')
-    with pytest.raises(pretrain.UsageError, match="line 2"):
-        pretrain.read_documents(str(tmp_path / "bad.jsonl"))
 
 
 @pytest.mark.parametrize("mode", ["vanilla", "moe", "tcd"])
@@ -234,14 +209,6 @@ def test_resume_with_no_path_takes_out_and_a_fresh_run_starts_a_fresh_log(tmp_pa
     assert [x["step"] for x in rows if "mlm" in x] == [1, 2, 3]          # nothing of the old run
 
 
-def test_held_out_documents_are_not_trained_on(tmp_path):
-    docs = [f"document number {i} " + "word " * (i % 7 + 20) for i in range(300)]
-    train, valid = pretrain.split_documents(docs, 0.01, seed=0)
-    assert len(valid) == 3 and not set(train) & set(valid) and len(train) + len(valid) == 300
-    assert pretrain.split_documents(docs, 0.01, seed=0) == (train, valid)        # fixed
-    assert valid != docs[-3:]                                                     # random, not the tail
-
-
 # ----------------------------------------------------------------------------- torchrun, 2 ranks (gloo)
 
 def torchrun(*args, cwd, nproc=2):
@@ -292,15 +259,6 @@ def test_experts_not_divisible_by_world_exit_cleanly(tmp_path, corpus):
                  "--max-steps", "1", "--moe", "--experts", "3", "--cache-dir", "cache", "--out", "x.pt", cwd=tmp_path)
     assert r.returncode != 0
     assert r.stderr.count("pretrain.py: error: 3 experts cannot be split evenly over 2 ranks") == 2, r.stderr
-
-
-def test_hub_corpus_through_a_local_dataset(monkeypatch):
-    datasets = pytest.importorskip("datasets")
-    local = datasets.Dataset.from_dict({"text": ["first doc", "  ", "second doc"]})
-    calls = []
-    monkeypatch.setattr(datasets, "load_dataset", lambda *a, **k: calls.append((a, k)) or local)
-    assert pretrain.read_documents("hf:wikitext:wikitext-2-raw-v1") == ["first doc", "second doc"]
-    assert calls == [(("wikitext", "wikitext-2-raw-v1"), {"split": "train"})]
 
 
 @pytest.mark.parametrize("signame", ["SIGINT", "SIGTERM"])
