@@ -162,8 +162,10 @@ def held_out(n_docs: int, share: float, seed: int) -> set[int]:
     """The indices of the documents held out when no --valid is given: a fixed random `share` (at least
     one), the same ones pretrain.py has always held out for this count and seed."""
     import torch
-    if n_docs < 2:
-        raise PrepareError("the corpus holds one document or none: add text, or pass held-out text with --valid")
+    if n_docs == 0:
+        raise PrepareError("the corpus holds no text: give files with documents in them")
+    if n_docs == 1:
+        raise PrepareError("the corpus holds one document: add text, or pass held-out text with --valid")
     n_valid = max(1, round(n_docs * share))
     return set(torch.randperm(n_docs, generator=seeded(seed, n_docs))[:n_valid].tolist())
 

@@ -194,8 +194,8 @@ def test_interrupted_prepare_leaves_nothing_that_looks_finished(tmp_path, monkey
 
 
 @pytest.mark.parametrize("files, problem", [
-    ({"empty.txt": "\n\n  \n"}, "one document or none"),
-    ({"one.txt": "just one document"}, "one document or none"),
+    ({"empty.txt": "\n\n  \n"}, "holds no text"),
+    ({"one.txt": "just one document"}, "holds one document"),
     ({"bin.txt": "abc\0def"}, "looks binary"),
     ({"latin.txt": b"caf\xe9 au lait\n\nsecond"}, "not UTF-8"),
     ({"short.txt": "a\n\nb"}, "fewer than one segment"),
