@@ -591,4 +591,10 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    code = main()
+    if int(os.environ.get("WORLD_SIZE", 1)) > 1:
+        # torch's own race: a gloo thread still freeing a collective's tensor needs the GIL, which aborts the
+        # process during interpreter finalization; everything is saved and torn down, so leave without it
+        sys.stdout.flush(), sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
