@@ -170,7 +170,7 @@ def global_batch(run: Run, step: int, special, mask_id: int):
     epoch, pos = divmod(step, run.steps_per_epoch)
     order = epoch_order(len(run.train_seg), run.args.seed, epoch)
     rows = order[pos * run.args.batch_size:(pos + 1) * run.args.batch_size].sort().values.numpy()
-    ids = torch.from_numpy(run.train_seg[rows])
+    ids = torch.from_numpy(run.train_seg[rows].astype(np.int64))
     inputs, labels = mask_tokens(ids, special, mask_id, len(run.vocab), seeded(run.args.seed, step), run.args.mask_prob)
     if step < run.args.short_seq_steps:          # curriculum: the same tokens cut into shorter sequences
         inputs, labels = inputs.reshape(-1, run.args.short_seq_len), labels.reshape(-1, run.args.short_seq_len)

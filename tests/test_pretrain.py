@@ -283,7 +283,8 @@ def test_ctrl_c_and_sigterm_save_and_say_how_to_resume(tmp_path, corpus, signame
 
 
 def test_ctrl_c_while_tokenizing_is_one_line(tmp_path, corpus, monkeypatch):
-    monkeypatch.setattr(pretrain, "make_tokenizer", lambda vocab: (_ for _ in ()).throw(KeyboardInterrupt))
+    import prepare
+    monkeypatch.setattr(prepare, "make_tokenizer", lambda vocab: (_ for _ in ()).throw(KeyboardInterrupt))
     code = pretrain.main(["--data", str(corpus / "train.txt"), "--preset", "tiny", "--seq-len", "32",
                           "--cache-dir", str(tmp_path / "cache"), "--out", str(tmp_path / "k.pt")])
     assert code == 130 and not (tmp_path / "k.pt").exists()
