@@ -12,9 +12,11 @@ Hugging Face BERT directory wherever a checkpoint is expected.
 """
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import shutil
+import sys
 import tempfile
 from dataclasses import asdict
 from pathlib import Path
@@ -242,8 +244,6 @@ def _to_hf_state(s: dict, cfg: BertConfig) -> dict:
 # ---------------------------------------------------------------- command line
 
 def main(argv=None) -> int:
-    import argparse
-    import sys
     p = argparse.ArgumentParser(prog="checkpoint.py", description="Checkpoint files from the command line.")
     sub = p.add_subparsers(dest="command", required=True)
     export = sub.add_parser("export", help="write a dense checkpoint as a Hugging Face BERT directory")

@@ -13,8 +13,6 @@ the mean log-likelihood of the original token at masked positions, per subset.
 from __future__ import annotations
 
 import argparse
-import gzip
-import io
 import json
 import signal
 import sys
@@ -26,6 +24,7 @@ from tqdm import tqdm
 
 from checkpoint import CheckpointError, check_checkpoint_path, load_checkpoint, make_tokenizer
 from common import HelpFormatter, InputFileError, portable_args, portable_path, tune_allocator, unwritable, write_json
+import prepare
 from model import mask_tokens, masked_log_likelihood
 
 PAPER_SUBSETS = ["ArXiv", "DM Mathematics", "Github", "StackExchange", "Ubuntu IRC"]
@@ -43,15 +42,7 @@ class UsageError(Exception):
 def open_text(path: Path):
     if not path.is_file():
         raise UsageError(f"{path} not found: pass a Pile-format .jsonl, .jsonl.gz or .jsonl.zst file")
-    if path.suffix == ".gz":
-        return gzip.open(path, "rt", encoding="utf-8")
-    if path.suffix == ".zst":
-        try:
-            import zstandard
-        except ImportError:
-            raise UsageError(f"reading {path.name} needs the zstandard package: pip install zstandard") from None
-        return io.TextIOWrapper(zstandard.ZstdDecompressor().stream_reader(path.open("rb")), encoding="utf-8")
-    return path.open(encoding="utf-8")
+    return prepare.open_text(path)            # UTF-8, .gz/.zst decompressed, binary refused
 
 
 def read_pile(path: Path, subsets: list[str], max_docs: int) -> dict[str, list[str]]:

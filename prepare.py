@@ -203,19 +203,22 @@ def write_tokens(specs: list[str], valid_specs: list[str] | None, vocab: list[st
     tok, dtype = make_tokenizer(vocab), token_dtype(vocab)
     held = set() if valid_specs else held_out(count_documents(specs), share, seed)
     counts = {"train_documents": 0, "valid_documents": 0, "train_tokens": 0, "valid_tokens": 0}
-    streams = [("train", specs, held)] + ([("valid", valid_specs, None)] if valid_specs else [])
+    streams = [(specs, held)] + ([(valid_specs, None)] if valid_specs else [])    # held_set None: all held out
     t0, index = time.time(), 0
     with open(tmp / "train.bin", "wb") as train, open(tmp / "valid.bin", "wb") as valid, \
             tqdm(total=total_bytes or None, unit="B", unit_scale=True, dynamic_ncols=True, desc="prepare") as bar:
-        for part, source, held_set in streams:
+        for source, held_set in streams:
             for batch in batches(documents(source)):
+                ids = {"train": [], "valid": []}
                 for enc in tok.encode_batch(batch, add_special_tokens=False):
-                    side = "valid" if held_set is None or index in held_set else "train"
-                    ids = np.asarray(enc.ids, dtype=dtype)
-                    ids.tofile(valid if side == "valid" else train)
-                    counts[f"{side}_documents"] += 1
-                    counts[f"{side}_tokens"] += ids.size
+                    ids["valid" if held_set is None or index in held_set else "train"].append(enc.ids)
                     index += held_set is not None
+                for side, f in (("train", train), ("valid", valid)):     # one write a side and batch
+                    if ids[side]:
+                        flat = np.concatenate([np.asarray(doc, dtype=dtype) for doc in ids[side]])
+                        flat.tofile(f)
+                        counts[f"{side}_documents"] += len(ids[side])
+                        counts[f"{side}_tokens"] += flat.size
                 bar.update(sum(len(d) for d in batch))        # characters: bytes for ASCII text
                 tokens = counts["train_tokens"] + counts["valid_tokens"]
                 bar.set_postfix(tokens=f"{tokens:,}", tok_per_s=f"{tokens / max(time.time() - t0, 1e-9):,.0f}")

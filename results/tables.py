@@ -408,11 +408,12 @@ def table3_sets(results: Path) -> tuple[dict[str, Path], list[str]]:
     return paired, notes
 
 
-def table3_rows(results: Path) -> dict[str, dict[str, tuple[float | None, float | None]]]:
-    """{pretraining: {row key: (GLUE average of REPLICATE_SETTING or None, Pre-Train Perf. or None)}}."""
+def table3_rows(results: Path, paired: dict[str, Path]) -> dict[str, dict[str, tuple[float | None, float | None]]]:
+    """{pretraining: {row key: (GLUE average of REPLICATE_SETTING or None, Pre-Train Perf. or None)}} for the
+    table3/ directories of table3_sets."""
     sources = {p.name: p for p in pretrainings(results)}
     out = {}
-    for name, d in table3_sets(results)[0].items():
+    for name, d in paired.items():
         out[name] = {}
         for key, _ in TABLE3_ROWS:
             f = (d if key in ("moe_t", "moe_tia") else sources[name].finetune) / f"{key}.json"
@@ -424,7 +425,8 @@ def table3_rows(results: Path) -> dict[str, dict[str, tuple[float | None, float 
 def table3(results: Path) -> str:
     """Table 3 per pretraining (GLUE average, Pre-Train Perf. in brackets), then each added site's difference
     within a pretraining over the pretrainings that have both rows: mean ± s.e., 95% interval, k of n."""
-    rows, notes = table3_rows(results), table3_sets(results)[1]
+    paired, notes = table3_sets(results)
+    rows = table3_rows(results, paired)
     if not rows:
         return "\n".join(notes)
     show = lambda v: "-" if v[0] is None else f"{v[0]:.2f}" + ("" if v[1] is None else f" ({v[1]:.3f})")

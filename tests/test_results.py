@@ -276,18 +276,27 @@ def test_replicates_table_averages_each_pretraining_of_a_row(tmp_path, capsys):
     assert "epoch-aligned" not in out
 
 
+FIVE_TASKS = {"CoLA": {"mcc": 10.0}, "MRPC": {"acc": 70.0, "f1": 80.0}, "SST-2": {"acc": 76.0},
+              "STS-B": {"pearson": 20.0, "spearman": 18.0}, "RTE": {"acc": 55.0}}    # average 47
+
+
+def write_full_runs(results: Path, sub: str, name: str, shift: float, perf: float | None = None) -> None:
+    """A finetune.py file of full fine-tuning (lr 5e-5): seed 1 at 47 + shift, seed 2 far off."""
+    import finetune
+    runs = [{"task": t, "mode": "full", "adapter": 0, "lr": 5e-5, "seed": seed,
+             "best": {"epoch": 1, **{k: v + shift + 20 * (seed != 1) for k, v in FIVE_TASKS[t].items()}}}
+            for t in FIVE_TASKS for seed in (2, 1)]
+    data = {"runs": runs, "summary": finetune.summarize(runs)}
+    if perf is not None:
+        data["pretrained"] = {"pretrain_perf": perf}
+    (results / sub).mkdir(parents=True, exist_ok=True)
+    (results / sub / f"{name}.json").write_text(json.dumps(data))
+
+
 def write_claims_fixture(results: Path) -> None:
     """Full fine-tuning (lr 5e-5) of four rows in four pretrainings, seed 1 at 47 + shift, another seed far off."""
-    import finetune
-    base = {"CoLA": {"mcc": 10.0}, "MRPC": {"acc": 70.0, "f1": 80.0}, "SST-2": {"acc": 76.0},
-            "STS-B": {"pearson": 20.0, "spearman": 18.0}, "RTE": {"acc": 55.0}}    # average 47
-
     def write(sub, name, shift):
-        runs = [{"task": t, "mode": "full", "adapter": 0, "lr": 5e-5, "seed": seed,
-                 "best": {"epoch": 1, **{k: v + shift + 20 * (seed != 1) for k, v in base[t].items()}}}
-                for t in base for seed in (2, 1)]
-        (results / sub).mkdir(parents=True, exist_ok=True)
-        (results / sub / f"{name}.json").write_text(json.dumps({"runs": runs, "summary": finetune.summarize(runs)}))
+        write_full_runs(results, sub, name, shift)
 
     for sub, teacher, tcd in (("finetune", 1.0, 3.0), ("probes/retrain", -2.0, 0.0), ("replicates/seed2/finetune", 4.0, 3.0)):
         write(sub, "teacher", teacher)
@@ -578,17 +587,8 @@ def test_feature_probe_scores_stsb_by_cosine_of_mean_vectors(tmp_path, capsys):
 def write_table3_fixture(results: Path) -> None:
     """Three pretrainings with Table 3's rows: again (teacher -5.1), seed2 (teacher -5.3) and seed3 (teacher
     -5.2); a fourth table3/ whose teacher is nobody's. Seed 1 of full fine-tuning at 47 + shift."""
-    import finetune
-    base = {"CoLA": {"mcc": 10.0}, "MRPC": {"acc": 70.0, "f1": 80.0}, "SST-2": {"acc": 76.0},
-            "STS-B": {"pearson": 20.0, "spearman": 18.0}, "RTE": {"acc": 55.0}}    # average 47
-
     def write(sub, name, shift, perf):
-        runs = [{"task": t, "mode": "full", "adapter": 0, "lr": 5e-5, "seed": seed,
-                 "best": {"epoch": 1, **{k: v + shift + 20 * (seed != 1) for k, v in base[t].items()}}}
-                for t in base for seed in (2, 1)]
-        (results / sub).mkdir(parents=True, exist_ok=True)
-        (results / sub / f"{name}.json").write_text(json.dumps({"runs": runs, "summary": finetune.summarize(runs),
-                                                                "pretrained": {"pretrain_perf": perf}}))
+        write_full_runs(results, str(sub), name, shift, perf)
 
     def teacher(path, perf):                          # a vanilla curve with epoch 3's end at `perf`
         path.parent.mkdir(parents=True, exist_ok=True)
