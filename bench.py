@@ -1,7 +1,7 @@
 """Speed, measured as ratios against a reference run side by side in the same process.
 
     python bench.py                       # everything (about 10 minutes on 2 CPU cores)
-    python bench.py --only moe hf         # some sections: moe, hf, step, throughput
+    python bench.py --only moe hf         # some sections: moe, hf, step, throughput, memory, data
     python bench.py --device cuda         # the same on a GPU
     python bench.py --default-malloc      # without model.tune_allocator(), as a plain script runs
 
@@ -14,6 +14,10 @@ throughput tokens/s and peak memory (CPU: RSS; GPU: allocated) of full training 
            each in a fresh process.
 memory     a tiny bf16 run at batch 64 with fresh masks and evaluations, as pretrain.py runs it:
            peak resident memory after 50 steps and at the end, with and without tune_allocator.
+data       prepare.py on a text file (--data-text, default the shared train.txt, else data/sample.txt)
+           / the tokenizers library's own encode_batch on the same documents already in memory: the
+           ratio of their tokens/s (1.0: prepare adds nothing to tokenizing), and prepare's peak RSS
+           in a fresh process with the bytes it wrote per token.
 Timings interleave the two sides (A B A B ...) and report the fastest run of each: on a shared
 machine, neighbours and page faults only ever add time (the same matmul here takes 88-155 ms from
 one second to the next), so the minimum is the steadiest estimate of what the code costs.
@@ -26,6 +30,7 @@ import resource
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import torch
 import torch.nn as nn
@@ -35,6 +40,8 @@ from distill import Teacher, sample_groups, tcd_losses
 from common import tune_allocator
 from model import BertConfig, BertForMaskedLM, adamw_warmup_linear
 from moe import SwitchFFN
+
+DEFAULT_VOCAB = Path(__file__).resolve().parent / "data" / "bert-base-uncased-vocab.txt"
 
 
 def race(fns: dict, repeats: int, device) -> dict[str, float]:
@@ -239,6 +246,52 @@ def bench_throughput(args, device) -> list[dict]:
     return rows
 
 
+def data_text(args) -> Path:
+    if args.data_text:
+        return Path(args.data_text)
+    shared = Path(__file__).resolve().parent.parent / "shared" / "data" / "pretrain" / "train.txt"
+    return shared if shared.is_file() else Path(__file__).resolve().parent / "data" / "sample.txt"
+
+
+def prepare_child(text: str) -> dict:
+    """One prepare of `text` in this fresh process: its peak RSS and what it wrote."""
+    import tempfile
+    from prepare import prepare
+    from checkpoint import read_vocab
+    with tempfile.TemporaryDirectory() as d:
+        t0 = time.perf_counter()
+        meta = prepare([text], None, read_vocab(DEFAULT_VOCAB), Path(d) / "corpus", log=lambda *_: None)
+        seconds = time.perf_counter() - t0
+        written = sum(f.stat().st_size for f in (Path(d) / "corpus").glob("*.bin"))
+    tokens = meta["train_tokens"] + meta["valid_tokens"]
+    return {"text_mb": Path(text).stat().st_size / 2**20, "tokens": tokens, "seconds": seconds,
+            "tokens_per_s": tokens / seconds, "bytes_per_token": written / tokens, "peak_mb": peak_rss_mb()}
+
+
+def bench_data(args, device) -> list[dict]:
+    """prepare() against the tokenizers library's encode_batch on the same documents, in this process;
+    prepare's memory in a child of its own (this process holds the documents for the reference)."""
+    import tempfile
+    from checkpoint import make_tokenizer, read_vocab
+    from prepare import BATCH_BYTES, batches, documents, prepare
+    text, vocab = data_text(args), read_vocab(DEFAULT_VOCAB)
+    tok, docs = make_tokenizer(vocab), list(documents([str(text)]))
+    chunks = list(batches(iter(docs), BATCH_BYTES))
+    tokens = sum(len(e.ids) for c in chunks for e in tok.encode_batch(c, add_special_tokens=False))
+    with tempfile.TemporaryDirectory() as d:
+        out = Path(d) / "corpus"
+        t = race({"encode_batch": lambda: [tok.encode_batch(c, add_special_tokens=False) for c in chunks],
+                  "prepare": lambda: prepare([str(text)], None, vocab, out, log=lambda *_: None)},
+                 args.data_repeats, device)
+    child = subprocess.run([sys.executable, __file__, "--child", "data", str(text), "0"],
+                           capture_output=True, text=True, check=True)
+    rss = json.loads(child.stdout.strip().splitlines()[-1])
+    return [{"text": text.name, "text_mb": rss["text_mb"], "tokens": tokens,
+             "encode_batch_tok_per_s": tokens / t["encode_batch"], "prepare_tok_per_s": tokens / t["prepare"],
+             "ratio": t["encode_batch"] / t["prepare"], "prepare_peak_mb": rss["peak_mb"],
+             "bytes_per_token": rss["bytes_per_token"], "threads": torch.get_num_threads()}]
+
+
 def table(rows: list[dict]) -> str:
     fmt = lambda v: f"{v:.3g}" if isinstance(v, float) else str(v)
     heads = list(rows[0])
@@ -248,8 +301,10 @@ def table(rows: list[dict]) -> str:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--only", nargs="+", default=["moe", "hf", "step", "throughput", "memory"],
-                   choices=["moe", "hf", "step", "throughput", "memory"])
+    p.add_argument("--only", nargs="+", default=["moe", "hf", "step", "throughput", "memory", "data"],
+                   choices=["moe", "hf", "step", "throughput", "memory", "data"])
+    p.add_argument("--data-text", help="the text file of the data section (default: shared train.txt)")
+    p.add_argument("--data-repeats", type=int, default=3, help="timed runs of each side in the data section")
     p.add_argument("--memory-steps", type=int, default=300, help="steps of the memory section's tiny run")
     p.add_argument("--repeats", type=int, default=10)
     p.add_argument("--batch", type=int, default=32, help="sequences of 128 tokens per step (hf, step)")
@@ -262,6 +317,9 @@ def main() -> None:
     if not args.default_malloc:
         tune_allocator()
     device = torch.device(args.device)
+    if args.child and args.child[0] == "data":
+        print(json.dumps(prepare_child(args.child[1])))
+        return
     if args.child and args.child[0] == "memory":
         print(json.dumps(memory_child(int(args.child[1]), device)))
         return
@@ -272,7 +330,7 @@ def main() -> None:
     results = {}
     for name in args.only:
         results[name] = {"moe": bench_moe, "hf": bench_hf, "step": bench_step, "throughput": bench_throughput,
-                         "memory": bench_memory}[name](args, device)
+                         "memory": bench_memory, "data": bench_data}[name](args, device)
         print(f"\n## {name}\n{table(results[name])}", flush=True)
     if args.json:
         with open(args.json, "w") as f:

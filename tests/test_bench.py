@@ -4,6 +4,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -36,3 +37,18 @@ def test_memory_section_runs_both_allocators(tmp_path):
     rows = json.loads(out.read_text())["memory"]
     assert [r["allocator"] for r in rows] == ["tuned", "default"]
     assert all(r["steps"] == 2 and r["tokens_per_s"] > 0 and r["peak_mb_at_end"] > 100 for r in rows)
+
+
+def test_data_section_counts_the_same_tokens_as_prepare(tmp_path):
+    docs = [f"document {i} " + "the quick brown fox jumps over the lazy dog. " * (i % 7 + 1) for i in range(300)]
+    text = tmp_path / "corpus.txt"
+    text.write_text("\n\n".join(docs))
+    out = tmp_path / "bench.json"
+    subprocess.run([sys.executable, str(ROOT / "bench.py"), "--only", "data", "--data-text", str(text),
+                    "--data-repeats", "1", "--json", str(out)], check=True, capture_output=True, text=True, cwd=tmp_path)
+    [row] = json.loads(out.read_text())["data"]
+    from checkpoint import make_tokenizer, read_vocab
+    tok = make_tokenizer(read_vocab(ROOT / "data" / "bert-base-uncased-vocab.txt"))
+    assert row["tokens"] == sum(len(tok.encode(d, add_special_tokens=False).ids) for d in docs)
+    assert row["ratio"] == pytest.approx(row["prepare_tok_per_s"] / row["encode_batch_tok_per_s"]) and row["ratio"] > 0
+    assert row["bytes_per_token"] == 2.0 and row["prepare_peak_mb"] > 0
