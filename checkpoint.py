@@ -1,14 +1,19 @@
-"""Checkpoint files: one `.pt` per run, Hugging Face BERT directories in and out, the vocabulary.
+"""Checkpoint files: one `.pt` per run or a directory of per-rank expert shards, Hugging Face BERT
+directories in and out, the vocabulary.
 
     save_checkpoint("ckpt/vanilla.pt", mlm, vocab=vocab, step=1000)   # atomic: temp file, then os.replace
-    mlm, ckpt = load_checkpoint("ckpt/vanilla.pt")                     # or a Hugging Face BERT directory
+    mlm, ckpt = load_checkpoint("ckpt/vanilla.pt")                     # a .pt, a sharded or a Hugging Face directory
     to_hf_bert(mlm, "hf/vanilla", ckpt["vocab"])                       # dense models: transformers loads it
     mlm = from_hf_bert("path/to/bert")                                 # config.json + weights
+    python checkpoint.py consolidate ckpt/moe.pt ckpt/moe-one.pt       # a sharded checkpoint as one file
+    python checkpoint.py export ckpt/vanilla.pt hf/vanilla             # a Hugging Face BERT directory
 
 Every load is `torch.load(..., weights_only=True)`: a checkpoint is untrusted input. A checkpoint is
 a dict: config (BertConfig as a dict), model (state dict, all experts), vocab, and what the writer
 adds (step, epoch, metrics, optimizer, scheduler, rng, data_state, args). `read_checkpoint` takes a
-Hugging Face BERT directory wherever a checkpoint is expected.
+sharded directory (an expert-parallel run's: each rank wrote its own experts) or a Hugging Face BERT
+directory wherever a checkpoint is expected, and gives the same dict; with shard=(rank, world) it reads
+only that rank's experts.
 """
 from __future__ import annotations
 
@@ -18,6 +23,7 @@ import os
 import shutil
 import sys
 import tempfile
+import time
 from dataclasses import asdict
 from pathlib import Path
 
@@ -25,7 +31,8 @@ import torch
 import torch.nn as nn
 
 from common import InputFileError
-from model import BertConfig, BertForMaskedLM
+from model import BertConfig, BertForMaskedLM, decay_split
+from moe import SwitchFFN
 
 
 class CheckpointError(InputFileError):
@@ -37,46 +44,225 @@ BERT_SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
 
 def save_checkpoint(path, module: nn.Module, **extra) -> None:
     """torch.save of {config, model: state dict, **extra} to a temp file, then os.replace, so a
-    crash never leaves a torn file. extra may replace `model` (e.g. experts gathered from ranks)."""
+    crash never leaves a torn file. extra may replace `model`."""
+    atomic_save({"config": asdict(module.config), "model": module.state_dict(), **extra}, path)
+
+
+def atomic_save(state: dict, path) -> None:
+    """torch.save to a temp file beside `path`, then os.replace onto it (a sharded directory there
+    is swapped out the same way, see replace_path)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    state = {"config": asdict(module.config), "model": module.state_dict(), **extra}
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     try:
         torch.save(state, tmp)
-        os.replace(tmp, path)
+        replace_path(Path(tmp), path)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
 
 
+def replace_path(new: Path, path: Path) -> None:
+    """os.replace(new, path), also where one is a file and the other a directory (a run resumed on
+    another world size changes the kind): the old one moves aside first and goes last, so a crash
+    in between leaves it whole at .<name>.old (named in the not-found error) and never a torn one."""
+    if not path.exists() or (path.is_dir() == new.is_dir() and not path.is_dir()):
+        os.replace(new, path)
+        return
+    old = path.with_name(f".{path.name}.old")
+    _remove(old)
+    os.replace(path, old)
+    os.replace(new, path)
+    _remove(old)
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir():
+        shutil.rmtree(path)
+    elif path.exists():
+        path.unlink()
+
+
 def check_checkpoint_path(path) -> None:
     """Cheap early check that `path` can be a checkpoint (a file, or a directory with config.json)."""
     p = Path(path)
+    if p.is_dir() and (p / "common.pt").is_file():
+        return
     if p.is_dir() and not (p / "config.json").is_file():
         raise CheckpointError(f"{p} is a directory but not a Hugging Face BERT directory: expected config.json, "
                               "model.safetensors or pytorch_model.bin, and vocab.txt")
     if not p.exists():
+        old = p.with_name(f".{p.name}.old")
+        hint = f" ({old} is the previous one, left by an interrupted save: rename it to {p.name})" if old.exists() else ""
         raise CheckpointError(f"checkpoint {p} not found: pass a .pt file written by pretrain.py "
-                              "or a Hugging Face BERT directory")
+                              f"or a Hugging Face BERT directory{hint}")
 
 
-def read_checkpoint(path) -> dict:
-    """The checkpoint dict of a .pt file (loaded with weights_only=True) or of a Hugging Face BERT
-    directory (read_hf_bert); CheckpointError naming what was expected if it is neither."""
+def read_checkpoint(path, shard: tuple[int, int] = (0, 1)) -> dict:
+    """The checkpoint dict of a .pt file (loaded with weights_only=True), of a sharded checkpoint
+    directory (read_sharded) or of a Hugging Face BERT directory (read_hf_bert); CheckpointError
+    naming what was expected if it is none of them. shard=(rank, world): a MoE's experts (weights and
+    Adam moments) cut to that rank's contiguous share, as SwitchFFN holds them; (0, 1): all of them."""
+    path = Path(path)
+    check_checkpoint_path(path)
+    if path.is_dir() and (path / "common.pt").is_file():
+        return read_sharded(path, shard)
+    if path.is_dir():
+        return read_hf_bert(path)
+    ckpt = _load(path, mmap=shard[1] > 1)         # mapped: a rank reads only its experts' pages
+    if not {"config", "model"} <= ckpt.keys():
+        raise CheckpointError(f"{path} is a torch file but not a checkpoint of this project "
+                              "(no 'config'/'model'); pass a Hugging Face BERT directory as a directory")
+    if shard[1] > 1:
+        keys = expert_keys(BertConfig.from_dict(ckpt["config"]))
+        lo, hi = expert_share(BertConfig.from_dict(ckpt["config"]).num_experts, *shard)
+        cut = {k: t[lo:hi].clone() for k, t in _expert_tensors(ckpt, keys).items()}
+        _set_expert_tensors(ckpt, keys, cut)
+    return ckpt
+
+
+def read_checkpoint_args(path) -> dict | None:
+    """The run settings a pretrain.py checkpoint carries, without reading its weights."""
     path = Path(path)
     check_checkpoint_path(path)
     if path.is_dir():
-        return read_hf_bert(path)
+        return _load(path / "common.pt").get("args") if (path / "common.pt").is_file() else None
+    return _load(path, mmap=True).get("args")
+
+
+def _load(path: Path, mmap: bool = False) -> dict:
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as e:
         raise CheckpointError(f"{path} is not a readable checkpoint ({type(e).__name__}): "
                               "pass a .pt file written by pretrain.py or a Hugging Face BERT directory") from None
-    if not isinstance(ckpt, dict) or not {"config", "model"} <= ckpt.keys():
-        raise CheckpointError(f"{path} is a torch file but not a checkpoint of this project "
-                              "(no 'config'/'model'); pass a Hugging Face BERT directory as a directory")
+    if not isinstance(ckpt, dict):
+        raise CheckpointError(f"{path} is a torch file but not a checkpoint of this project (not a dict)")
+    return ckpt
+
+
+# ----------------------------------------------------------------------------- sharded checkpoints
+# An expert-parallel run saves a directory where a one-process run saves its .pt file, and each rank
+# writes only the experts it owns: no process ever holds another rank's experts, at save or at load
+# (the base MoE's experts with their Adam moments are ~43 GB). Per-rank files as DeepSpeed-MoE and
+# Megatron write them; not torch.distributed.checkpoint, whose .metadata file is read by pickle.load
+# and so could run code from an untrusted checkpoint.
+#   moe.pt/common.pt                  rank 0: the checkpoint dict without the expert tensors
+#   moe.pt/experts-R-of-W.pt          rank R: its experts lo..hi of every MoE layer, weights and Adam moments
+# The directory is written under a temporary name and swapped in complete (replace_path).
+
+MOMENTS = ("exp_avg", "exp_avg_sq")
+
+
+def expert_keys(cfg: BertConfig) -> list[str]:
+    """State-dict names of the [E, ...] expert tensors (from a model on the meta device: no memory)."""
+    with torch.device("meta"):
+        model = BertForMaskedLM(cfg)
+    return [f"{n}.{p}" for n, m in model.named_modules() if isinstance(m, SwitchFFN) for p in ("w1", "b1", "w2", "b2")]
+
+
+def optimizer_index(cfg: BertConfig) -> dict[str, int]:
+    """Parameter name -> its index in the optimizer's state, as model.adamw_warmup_linear orders them."""
+    with torch.device("meta"):
+        decay, plain = decay_split(BertForMaskedLM(cfg))
+    return {n: i for i, n in enumerate(decay + plain)}
+
+
+def expert_share(num_experts: int, rank: int, world: int) -> tuple[int, int]:
+    """The contiguous experts lo..hi-1 that rank holds, as SwitchFFN splits them."""
+    if num_experts % world:
+        raise CheckpointError(f"{num_experts} experts cannot be split evenly over {world} ranks: "
+                              "choose a world size that divides the number of experts")
+    n = num_experts // world
+    return rank * n, (rank + 1) * n
+
+
+def _expert_tensors(ckpt: dict, keys: list[str]) -> dict[str, torch.Tensor]:
+    """The checkpoint's expert tensors by name: weights as `key`, Adam moments as `key:exp_avg`."""
+    out = {k: ckpt["model"][k] for k in keys}
+    state = (ckpt.get("optimizer") or {}).get("state", {})
+    for k, i in optimizer_index(BertConfig.from_dict(ckpt["config"])).items():
+        if k in out and i in state:
+            out.update({f"{k}:{m}": state[i][m] for m in MOMENTS if m in state[i]})
+    return out
+
+
+def _set_expert_tensors(ckpt: dict, keys: list[str], tensors: dict[str, torch.Tensor]) -> None:
+    """Put tensors (as _expert_tensors names them) into the checkpoint dict, in place."""
+    ckpt["model"].update({k: tensors[k] for k in keys})
+    state = (ckpt.get("optimizer") or {}).get("state", {})
+    for k, i in optimizer_index(BertConfig.from_dict(ckpt["config"])).items():
+        if k in keys and i in state:
+            state[i] = {**state[i], **{m: tensors[f"{k}:{m}"] for m in MOMENTS if f"{k}:{m}" in tensors}}
+
+
+def save_sharded(path, model: BertForMaskedLM, optimizer, rank: int, world: int, **extra) -> None:
+    """The checkpoint of an expert-parallel run as a directory of per-rank files (collective: every
+    rank calls it). Rank 0 writes common.pt, the dict save_checkpoint would write less the experts."""
+    import torch.distributed as dist
+    path = Path(path)
+    name = [f".{path.name}.tmp-{os.getpid()}-{time.time_ns()}" if rank == 0 else None]
+    dist.broadcast_object_list(name)                  # one directory for all ranks
+    tmp = path.parent / name[0]
+    if rank == 0:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp.mkdir()
+    dist.barrier()
+    try:
+        ckpt = {"config": asdict(model.config), "model": model.state_dict(), "optimizer": optimizer.state_dict()}
+        keys = expert_keys(model.config)
+        mine = _expert_tensors(ckpt, keys)
+        lo, hi = expert_share(model.config.num_experts, rank, world)
+        torch.save({"experts": [lo, hi], "tensors": mine}, tmp / f"experts-{rank:05d}-of-{world:05d}.pt")
+        if rank == 0:
+            ckpt["model"] = {k: v for k, v in ckpt["model"].items() if k not in keys}
+            state, index = dict(ckpt["optimizer"]["state"]), optimizer_index(model.config)
+            for i in (index[k] for k in keys if index[k] in state):   # the moments stay in the rank files
+                state[i] = {m: v for m, v in state[i].items() if m not in MOMENTS}
+            ckpt["optimizer"] = {**ckpt["optimizer"], "state": state}
+            torch.save({**ckpt, **extra, "shards": world}, tmp / "common.pt")
+        dist.barrier()                                 # every file written before the swap
+        if rank == 0:
+            replace_path(tmp, path)
+    finally:
+        if rank == 0 and tmp.exists():
+            shutil.rmtree(tmp)
+    dist.barrier()
+
+
+def read_sharded(path: Path, shard: tuple[int, int] = (0, 1)) -> dict:
+    """A sharded checkpoint directory as one checkpoint dict, holding the experts of `shard`
+    (rank, world) only: each rank file is memory-mapped and only the pages of those experts read."""
+    ckpt = _load(path / "common.pt")
+    world = ckpt.pop("shards", None)
+    files = sorted(path.glob("experts-*-of-*.pt"))
+    if not isinstance(world, int) or len(files) != world or not {"config", "model"} <= ckpt.keys():
+        raise CheckpointError(f"{path} is not a complete sharded checkpoint ({len(files)} rank files, common.pt "
+                              f"says {world}): was it copied in part? Copy the whole directory")
+    cfg = BertConfig.from_dict(ckpt["config"])
+    keys = expert_keys(cfg)
+    lo, hi = expert_share(cfg.num_experts, *shard)
+    tensors: dict[str, torch.Tensor] = {}
+    for f in files:                                  # one rank file at a time: peak = the share + one file
+        a, b = expert_share(cfg.num_experts, int(f.name.split("-")[1]), world)
+        if b <= lo or a >= hi:
+            continue
+        whole = (a, b) == (lo, hi)                   # the world it was saved on: the file is the share
+        part = _load(f, mmap=not whole)
+        if part.get("experts") != [a, b]:
+            raise CheckpointError(f"{f} does not hold experts {a}..{b - 1}: copy the whole directory again")
+        for k, t in part["tensors"].items():
+            if whole:
+                tensors[k] = t
+                continue
+            out = tensors.setdefault(k, torch.empty(hi - lo, *t.shape[1:], dtype=t.dtype))
+            out[max(lo, a) - lo:min(hi, b) - lo].copy_(t[max(lo, a) - a:min(hi, b) - a])
+        del part
+    if any(t.shape[0] != hi - lo for t in tensors.values()) or not set(keys) <= tensors.keys():
+        raise CheckpointError(f"{path}: the rank files do not hold experts {lo}..{hi - 1} of every layer: "
+                              "copy the whole directory again")
+    _set_expert_tensors(ckpt, keys, tensors)
     return ckpt
 
 
@@ -247,10 +433,19 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="checkpoint.py", description="Checkpoint files from the command line.")
     sub = p.add_subparsers(dest="command", required=True)
     export = sub.add_parser("export", help="write a dense checkpoint as a Hugging Face BERT directory")
-    export.add_argument("ckpt", help="a .pt written by pretrain.py (or a Hugging Face BERT directory)")
+    export.add_argument("ckpt", help="a .pt or sharded directory written by pretrain.py (or a Hugging Face BERT directory)")
     export.add_argument("out", help="a new directory: config.json, model.safetensors, vocab.txt")
+    consolidate = sub.add_parser("consolidate", help="write a sharded checkpoint directory as one .pt file")
+    consolidate.add_argument("ckpt", help="a sharded checkpoint directory written by pretrain.py under torchrun")
+    consolidate.add_argument("out", help="the one-file checkpoint to write (not the directory itself)")
     args = p.parse_args(argv)
     try:
+        if Path(args.out).resolve() == Path(args.ckpt).resolve():
+            raise CheckpointError(f"{args.out} is the checkpoint being read: pass another output path")
+        if args.command == "consolidate":
+            atomic_save(read_checkpoint(args.ckpt), args.out)
+            print(f"wrote {args.out}: one file, every expert (finetune.py and pretrain.py --resume take it)")
+            return 0
         mlm, ckpt = load_checkpoint(args.ckpt)
         to_hf_bert(mlm, args.out, ckpt.get("vocab"))
     except (InputFileError, FileNotFoundError) as e:

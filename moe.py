@@ -8,10 +8,11 @@ The forward follows Tutel's hello-world: softmax router -> top-1 -> sort tokens 
 With `group=None` everything is local. With a process group of size W, rank r holds experts
 r*E/W ... (r+1)*E/W - 1 and tokens travel to their expert's rank by `all_to_all_single`
 (NCCL on GPUs, gloo on CPUs; gradients flow back through both exchanges). Expert parameters
-carry `param.expert = True`; the helpers at the end (sync_gradients, clip_gradients,
-gather_experts / shard_experts, optimizer_state) use it to keep experts out of the
-data-parallel all-reduce and to write and reload consolidated checkpoints. No token is ever dropped, whatever the load: every expert runs on exactly the
-tokens routed to it, as one `addmm` per expert into preallocated buffers (`_ExpertFFN`).
+carry `param.expert = True`; the helpers at the end (sync_gradients, clip_gradients) use it
+to keep experts out of the data-parallel all-reduce and to clip over every rank's experts
+(checkpoint.py writes each rank's experts to its own file). No token is ever dropped, whatever
+the load: every expert runs on exactly the tokens routed to it, as one `addmm` per expert into
+preallocated buffers (`_ExpertFFN`).
 
 Shapes: N tokens in a batch (padding included), M real tokens (the paper's M, Eq. 4), H hidden
 size, F expert FFN size, E experts (the paper's N in Eq. 3), E_local = E / W experts per rank.
@@ -261,39 +262,13 @@ def _all_to_all(x: torch.Tensor, send: list[int], recv: list[int], group) -> tor
     return _AllToAll.apply(x, send, recv, group)
 
 
-# ----------------------------------------------------------------------------- checkpoints with sharded experts
+# ----------------------------------------------------------------------------- training with sharded experts
 
 def _sharded(model: nn.Module):
     for name, m in model.named_modules():
         if isinstance(m, SwitchFFN) and m.group is not None:
             yield name, m
 
-
-def gather_experts(model: nn.Module, state: dict | None = None) -> dict:
-    """model.state_dict() with every expert-parallel SwitchFFN's experts gathered from all
-    ranks into full [E, ...] tensors: an ordinary one-process state dict. Collective: call it
-    on every rank."""
-    state = dict(model.state_dict() if state is None else state)
-    for name, m in _sharded(model):
-        for p in ("w1", "b1", "w2", "b2"):
-            local = getattr(m, p).detach().contiguous()
-            parts = [torch.empty_like(local) for _ in range(m.world)]
-            dist.all_gather(parts, local, group=m.group)
-            state[f"{name}.{p}"] = torch.cat(parts)
-    return state
-
-
-def shard_experts(state: dict, model: nn.Module) -> dict:
-    """The inverse of gather_experts: slice a full state dict down to this rank's experts."""
-    state = dict(state)
-    for name, m in _sharded(model):
-        lo = m.rank * m.local_experts
-        for p in ("w1", "b1", "w2", "b2"):
-            state[f"{name}.{p}"] = state[f"{name}.{p}"][lo:lo + m.local_experts]
-    return state
-
-
-# ----------------------------------------------------------------------------- training with sharded experts
 
 def sync_gradients(model: nn.Module, world: int) -> None:
     """Average dense gradients over ranks; expert gradients are already complete on their
@@ -338,28 +313,3 @@ def clip_gradients(model: nn.Module, max_norm: float, sharded: bool) -> float:
         for g, _, _ in grads:
             g.mul_(max_norm / (norm + 1e-6))
     return norm
-
-
-def optimizer_state(optimizer, model, sharded: bool, full: dict | None = None) -> dict:
-    """With full=None: the optimizer state with expert moments gathered over each layer's expert
-    group (collective). With full: that consolidated state cut down to this rank's experts."""
-    state = optimizer.state_dict() if full is None else {**full, "state": dict(full["state"])}
-    if not sharded:
-        return state
-    owners = _expert_groups(model)
-    params = [p for g in optimizer.param_groups for p in g["params"]]
-    for i, p in enumerate(params):
-        m = owners.get(id(p))
-        if m is None or i not in state["state"]:
-            continue
-        s = dict(state["state"][i])
-        for k in ("exp_avg", "exp_avg_sq"):
-            if full is None:
-                parts = [torch.empty_like(s[k]) for _ in range(m.world)]
-                dist.all_gather(parts, s[k].contiguous(), group=m.group)
-                s[k] = torch.cat(parts)
-            else:
-                n = p.shape[0]
-                s[k] = s[k][m.rank * n:(m.rank + 1) * n].clone()
-        state["state"][i] = s
-    return state

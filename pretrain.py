@@ -47,11 +47,12 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from distill import Teacher, sample_groups, tcd_losses
-from checkpoint import CheckpointError, read_checkpoint, read_vocab, save_checkpoint
+from checkpoint import (CheckpointError, read_checkpoint, read_checkpoint_args, read_vocab, save_checkpoint,
+                        save_sharded)
 from common import HelpFormatter, finite_float, tune_allocator, unwritable
 from model import BertConfig, BertForMaskedLM, adamw_warmup_linear, mask_tokens, masked_log_likelihood
 from prepare import Windows, find_or_prepare, is_prepared, open_corpus, seeded
-from moe import clip_gradients, gather_experts, optimizer_state, shard_experts, sync_gradients
+from moe import clip_gradients, sync_gradients
 
 HERE = Path(__file__).resolve().parent
 VALID_SEED = 1234                      # fixed validation masks: every model is scored on the same ones
@@ -225,16 +226,17 @@ def evaluate(model, inputs, labels, batch_size, bf16, rank, world) -> float:
 
 
 def save(run: Run, step: int, path: Path | None = None) -> None:
-    """A consolidated checkpoint that carries everything needed to continue the run (collective)."""
-    state = gather_experts(run.model) if run.expert_parallel else run.model.state_dict()
-    opt = optimizer_state(run.optimizer, run.model, run.expert_parallel)
-    if run.rank == 0:
-        saved_args = {**vars(run.args), "micro_batches": run.world * run.args.grad_accum}
-        save_checkpoint(path or run.out, run.model, model=state, vocab=run.vocab, step=step,
-                        epoch=step / run.steps_per_epoch, metrics=run.metrics, optimizer=opt,
-                        scheduler=run.scheduler.state_dict(), rng=torch.get_rng_state(),
-                        data_state={"seed": run.args.seed, "step": step, "batch_size": run.args.batch_size,
-                                    "segments": len(run.train_seg)}, args=saved_args)
+    """A checkpoint that carries everything needed to continue the run (collective): one file, or
+    with experts sharded over the ranks a directory in which each rank writes its own experts."""
+    saved_args = {**vars(run.args), "micro_batches": run.world * run.args.grad_accum}
+    extra = dict(vocab=run.vocab, step=step, epoch=step / run.steps_per_epoch, metrics=run.metrics,
+                 scheduler=run.scheduler.state_dict(), rng=torch.get_rng_state(), args=saved_args,
+                 data_state={"seed": run.args.seed, "step": step, "batch_size": run.args.batch_size,
+                             "segments": len(run.train_seg)})
+    if run.expert_parallel:
+        save_sharded(path or run.out, run.model, run.optimizer, run.rank, run.world, **extra)
+    elif run.rank == 0:
+        save_checkpoint(path or run.out, run.model, optimizer=run.optimizer.state_dict(), **extra)
     if run.world > 1:
         dist.barrier()
 
@@ -261,7 +263,7 @@ def start_metrics(out: Path, start: int) -> None:
 def build(args, rank: int, world: int, device) -> tuple[Run, int, np.ndarray]:
     """The run (model, teacher, optimizer, data), restored from --resume if given: (run, start, valid)."""
     out = Path(args.out)
-    resume = read_checkpoint(args.resume) if args.resume else None
+    resume = read_checkpoint(args.resume, shard=(rank, world)) if args.resume else None   # this rank's experts
     vocab = resume["vocab"] if resume else read_vocab(args.vocab)
     cache_dir = Path(args.cache_dir) if args.cache_dir else out.resolve().parent.parent / "cache"
     train_seg, valid_seg = load_corpus(args, vocab, cache_dir, lambda m: tqdm.write(m) if rank == 0 else None,
@@ -294,8 +296,8 @@ def build(args, rank: int, world: int, device) -> tuple[Run, int, np.ndarray]:
                          "tokens of a micro-batch: lower it or raise --batch-size")
     start = 0
     if resume:
-        model.load_state_dict(shard_experts(resume["model"], model))
-        optimizer.load_state_dict(optimizer_state(optimizer, model, group is not None, resume["optimizer"]))
+        model.load_state_dict(resume["model"])
+        optimizer.load_state_dict(resume["optimizer"])
         scheduler.load_state_dict(resume["scheduler"])
         start, run.metrics = resume["step"], resume.get("metrics") or {}
     run.log(f"{args.preset} {'MoE x' + str(cfg.num_experts) if cfg.moe else 'vanilla'} BERT, "
@@ -531,7 +533,7 @@ def settle_resume(args, explicit: set, world: int) -> None:
     """With --resume: the run's own settings from its checkpoint; a flag given again must agree
     with them, unless it is one that does not change the run (FREE_ON_RESUME)."""
     path = Path(args.resume or args.out)
-    saved = read_checkpoint(path).get("args")
+    saved = read_checkpoint_args(path)
     if not saved or "micro_batches" not in saved:
         raise UsageError(f"{path} does not carry its run's settings (written by an older pretrain.py): "
                          "start a new run")
@@ -563,6 +565,8 @@ def check_out(args, explicit: set) -> None:
     if not args.resume and out.exists() and not args.overwrite:
         raise UsageError(f"{out} exists: continue it with --resume {out}, start afresh with --overwrite, "
                          "or pass another --out")
+    if out.is_dir() and not (out / "common.pt").is_file():
+        raise UsageError(f"{out} is a directory but not a checkpoint: pass a file path such as {out / 'moe.pt'}")
     reason = unwritable(out.parent)
     if reason:
         raise UsageError(f"cannot write checkpoints to {out.parent} ({reason}): pass another --out")

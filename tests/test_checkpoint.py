@@ -1,5 +1,6 @@
-"""checkpoint.py: one-file checkpoints (atomic, weights_only), Hugging Face BERT directories in and out
-against transformers on the same weights, the vocabulary, and the export command."""
+"""checkpoint.py: one-file checkpoints (atomic, weights_only), sharded checkpoints (each rank its own
+experts, read back on any world size), Hugging Face BERT directories in and out against transformers on
+the same weights, the vocabulary, and the export and consolidate commands."""
 import importlib.util
 from pathlib import Path
 
@@ -156,3 +157,106 @@ def test_export_command_writes_a_directory_transformers_loads(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 2 and "not an empty directory" in err[0] and "not found" in err[1]
     assert not (tmp_path / "hf2").exists()
+
+
+# ----------------------------------------------------------------------------- sharded checkpoints
+
+E = 4
+
+
+def _trained(cfg, group=None):
+    """A MoE after one AdamW step on gradients that are a fixed function of each weight, so every
+    rank's shard of weights and moments is exactly the slice of the one-process model's."""
+    from model import adamw_warmup_linear
+    torch.manual_seed(0)
+    model = BertForMaskedLM(cfg, expert_group=group)
+    opt, sched = adamw_warmup_linear(model, 1e-2, 0.01, 1, 10)
+    for p in model.parameters():
+        p.grad = torch.sin(3 * p.detach()) + 0.1
+    opt.step()
+    return model, opt
+
+
+def _save_worker(rank: int, world: int, store: str, out: str):
+    import torch.distributed as dist
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+    try:
+        model, opt = _trained(BertConfig.preset("tiny", num_experts=E), dist.group.WORLD)
+        checkpoint.save_sharded(out, model, opt, rank, world, vocab=["[PAD]"], step=7)
+    finally:
+        dist.destroy_process_group()
+
+
+def _close(a, b):
+    assert a.keys() == b.keys()
+    for k in a:
+        if isinstance(a[k], dict):
+            _close(a[k], b[k])
+        else:
+            assert torch.equal(a[k], b[k]), k
+
+
+def test_each_rank_writes_its_experts_and_any_world_reads_them_back(tmp_path):
+    import torch.multiprocessing as mp
+    out = tmp_path / "moe.pt"
+    mp.spawn(_save_worker, args=(2, str(tmp_path / "store"), str(out)), nprocs=2, join=True)
+    assert sorted(p.name for p in out.iterdir()) == ["common.pt", "experts-00000-of-00002.pt",
+                                                      "experts-00001-of-00002.pt"]
+    cfg = BertConfig.preset("tiny", num_experts=E)
+    keys = checkpoint.expert_keys(cfg)
+    for r in range(2):                                   # a rank's file holds its experts only
+        part = torch.load(out / f"experts-0000{r}-of-00002.pt", weights_only=True)
+        assert part["experts"] == [2 * r, 2 * r + 2] and part["tensors"][keys[0]].shape[0] == 2
+    common = torch.load(out / "common.pt", weights_only=True)
+    assert not set(keys) & common["model"].keys() and common["shards"] == 2 and common["step"] == 7
+    model, opt = _trained(cfg)                           # the same model in one process
+    full = read_checkpoint(out)
+    _close(full["model"], model.state_dict())
+    _close(full["optimizer"]["state"], opt.state_dict()["state"])
+    one = tmp_path / "one.pt"
+    save_checkpoint(one, model, optimizer=opt.state_dict())
+    for world in (1, 2, 4):                              # any world that divides the experts, from either kind
+        for rank in range(world):
+            lo, hi = rank * E // world, (rank + 1) * E // world
+            for ckpt in (read_checkpoint(out, shard=(rank, world)), read_checkpoint(one, shard=(rank, world))):
+                i = checkpoint.optimizer_index(cfg)[keys[0]]
+                assert torch.equal(ckpt["model"][keys[0]], model.state_dict()[keys[0]][lo:hi])
+                assert torch.equal(ckpt["optimizer"]["state"][i]["exp_avg_sq"],
+                                   opt.state_dict()["state"][i]["exp_avg_sq"][lo:hi])
+                assert torch.equal(ckpt["model"]["bert.layers.0.qkv.weight"], model.bert.layers[0].qkv.weight)
+    with pytest.raises(CheckpointError, match="cannot be split evenly over 3"):
+        read_checkpoint(out, shard=(0, 3))
+    assert checkpoint.main(["consolidate", str(out), str(tmp_path / "c.pt")]) == 0
+    _close(torch.load(tmp_path / "c.pt", weights_only=True)["model"], model.state_dict())
+    mlm, _ = load_checkpoint(out)                        # finetune.py, ood_eval.py, --teacher: one process
+    _close(mlm.state_dict(), model.state_dict())
+    (out / "experts-00001-of-00002.pt").unlink()         # a directory copied in part
+    with pytest.raises(CheckpointError, match="not a complete sharded checkpoint"):
+        read_checkpoint(out)
+
+
+def test_a_save_swaps_file_and_directory_whole_and_a_crash_keeps_the_old_one(tmp_path, monkeypatch):
+    path, new_dir = tmp_path / "run.pt", tmp_path / "new"
+    save_checkpoint(path, BertForMaskedLM(BertConfig.preset("tiny")), step=1)
+    new_dir.mkdir()
+    (new_dir / "common.pt").write_text("x")
+    checkpoint.replace_path(new_dir, path)               # a file replaced by a directory
+    assert (path / "common.pt").read_text() == "x" and not new_dir.exists()
+    save_checkpoint(path, BertForMaskedLM(BertConfig.preset("tiny")), step=2)   # and back
+    assert path.is_file() and torch.load(path, weights_only=True)["step"] == 2
+    real, calls = checkpoint.os.replace, []
+
+    def crash_second(a, b):                              # killed between moving the old one and the new one in
+        calls.append(b)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        real(a, b)
+    new_dir.mkdir()
+    (new_dir / "common.pt").write_text("y")
+    monkeypatch.setattr(checkpoint.os, "replace", crash_second)
+    with pytest.raises(KeyboardInterrupt):
+        checkpoint.replace_path(new_dir, path)
+    monkeypatch.undo()
+    with pytest.raises(CheckpointError, match=r"\.run\.pt\.old is the previous one"):
+        read_checkpoint(path)
+    assert torch.load(tmp_path / ".run.pt.old", weights_only=True)["step"] == 2      # whole

@@ -243,10 +243,10 @@ def test_experts_not_divisible_by_world_fail_fast(tmp_path):
 
 
 def _subgroup_worker(rank: int, world: int, store: str, results):
-    """4 ranks, two expert groups {0, 1} and {2, 3} holding different experts: the clip norm and the
-    gathered optimizer state must come from a rank's own group, not from all four ranks."""
+    """4 ranks, two expert groups {0, 1} and {2, 3} holding different experts: the clip norm must come
+    from a rank's own group, not from all four ranks."""
     import torch.distributed as dist
-    from moe import clip_gradients, optimizer_state
+    from moe import clip_gradients
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
     try:
         groups = [dist.new_group([0, 1]), dist.new_group([2, 3])]
@@ -265,23 +265,18 @@ def _subgroup_worker(rank: int, world: int, store: str, results):
                 p.grad /= 2
                 sq[n] = p.grad.pow(2).sum()
         norm = clip_gradients(layer, 0.0, sharded=True)
-        opt = torch.optim.AdamW(layer.parameters(), lr=1e-3)
-        opt.step()
-        state = optimizer_state(opt, layer, sharded=True)
-        w1 = next(i for i, p in enumerate(layer.parameters()) if p is layer.w1)
-        results[rank] = {"norm": norm, "expected": float(sum(sq.values()).sqrt()),
-                         "gathered_rows": state["state"][w1]["exp_avg"].shape[0]}
+        results[rank] = {"norm": norm, "expected": float(sum(sq.values()).sqrt())}
     finally:
         dist.destroy_process_group()
 
 
-def test_clip_and_optimizer_state_use_the_layers_expert_group(tmp_path):
+def test_clip_uses_the_layers_expert_group(tmp_path):
     import torch.multiprocessing as mp
     results = mp.Manager().dict()
     mp.spawn(_subgroup_worker, args=(4, str(tmp_path / "store"), results), nprocs=4, join=True)
     for rank in range(4):
         r = results[rank]
-        assert r["norm"] == pytest.approx(r["expected"], rel=1e-5) and r["gathered_rows"] == 4, (rank, r)
+        assert r["norm"] == pytest.approx(r["expected"], rel=1e-5), (rank, r)
     assert results[0]["norm"] != pytest.approx(results[2]["norm"])   # the groups really differ
 
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import pretrain
-from checkpoint import load_checkpoint, read_vocab, save_checkpoint
+from checkpoint import load_checkpoint, read_checkpoint, read_vocab, save_checkpoint
 from model import BertConfig, BertForMaskedLM
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -225,7 +225,7 @@ CROSS_WORLD_ATOL = 5e-5
 
 
 def same_weights(a, b, atol=1e-5):
-    sa, sb = torch.load(a, weights_only=True)["model"], torch.load(b, weights_only=True)["model"]
+    sa, sb = read_checkpoint(a)["model"], read_checkpoint(b)["model"]       # a .pt or a sharded directory
     assert sa.keys() == sb.keys()
     worst = max((sa[k].float() - sb[k].float()).abs().max().item() for k in sa)
     assert worst <= atol, worst
@@ -238,19 +238,25 @@ def test_two_ranks_equal_one_process_and_resume_on_any_world(tmp_path, corpus, m
     common = ["--data", str(corpus / "train.txt"), "--preset", "tiny", "--seq-len", "32", "--batch-size", "16",
               "--max-steps", "6", "--lr", "1e-3", "--moe", "--experts", "4", "--cache-dir", "cache",
               "--teacher", "teacher.pt", "--relation-tokens", "128", "--relation-group", "32"]
-    r = torchrun(*common, "--out", "two.pt", cwd=tmp_path)
+    r = torchrun(*common, "--grad-accum", "2", "--out", "two.pt", cwd=tmp_path)   # 4 micro-batches a step
     assert r.returncode == 0, r.stderr[-3000:]
-    assert pretrain.main([*common, "--grad-accum", "2", "--out", str(tmp_path / "one.pt")]) == 0
+    assert sorted(p.name for p in (tmp_path / "two.pt").iterdir()) == [      # each rank wrote its experts
+        "common.pt", "experts-00000-of-00002.pt", "experts-00001-of-00002.pt"]
+    assert pretrain.main([*common, "--grad-accum", "4", "--out", str(tmp_path / "one.pt")]) == 0
     same_weights(tmp_path / "one.pt", tmp_path / "two.pt", CROSS_WORLD_ATOL)
-    one, _ = load_checkpoint(tmp_path / "two.pt")                    # consolidated: loads in one process
+    one, _ = load_checkpoint(tmp_path / "two.pt")                    # loads whole in one process
     assert one.bert.layers[0].ffn.w1.shape[0] == 4
-    r = torchrun(*common, "--out", "part.pt", "--stop-at", "3", cwd=tmp_path)
+    r = torchrun(*common, "--grad-accum", "2", "--out", "part.pt", "--stop-at", "3", cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
     r = torchrun(*common, "--out", "resumed2.pt", "--resume", "part.pt", cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
     same_weights(tmp_path / "resumed2.pt", tmp_path / "two.pt")
-    assert pretrain.main([*common, "--grad-accum", "2", "--out", str(tmp_path / "resumed1.pt"),
-                          "--resume", str(tmp_path / "part.pt")]) == 0
+    r = torchrun("--resume", "part.pt", "--out", "resumed4.pt", cwd=tmp_path, nproc=4)     # 1 micro-batch each
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert len(list((tmp_path / "resumed4.pt").glob("experts-*-of-00004.pt"))) == 4
+    same_weights(tmp_path / "resumed4.pt", tmp_path / "two.pt", CROSS_WORLD_ATOL)
+    assert pretrain.main(["--resume", str(tmp_path / "part.pt"), "--out", str(tmp_path / "resumed1.pt")]) == 0
+    assert (tmp_path / "resumed1.pt").is_file()                       # one process: one file again
     same_weights(tmp_path / "resumed1.pt", tmp_path / "two.pt", CROSS_WORLD_ATOL)
 
 
