@@ -292,6 +292,17 @@ def load_checkpoint(path) -> tuple[BertForMaskedLM, dict]:
     return model, ckpt
 
 
+def load_classifier(path):
+    """(BertForSequenceClassification, its checkpoint dict) from a model.pt that finetune.py --save kept."""
+    from model import BertForSequenceClassification
+    ckpt = _load(Path(path)) if Path(path).is_file() else read_checkpoint(path)
+    if "num_labels" not in ckpt or "config" not in ckpt:
+        raise CheckpointError(f"{path} is not a fine-tuned model kept by finetune.py --save")
+    model = BertForSequenceClassification(BertConfig.from_dict(ckpt["config"]), ckpt["num_labels"], ckpt["adapter_size"])
+    model.load_state_dict(ckpt["model"])
+    return model.eval(), ckpt
+
+
 def read_vocab(path) -> list[str]:
     """A WordPiece vocab.txt as a list (line number = token id)."""
     path = Path(path)
@@ -362,25 +373,59 @@ def to_hf_bert(mlm: BertForMaskedLM, directory, vocab: list[str] | None = None) 
     """Write a dense model as a Hugging Face BERT directory (config.json, model.safetensors, and
     vocab.txt when given) that transformers.BertForMaskedLM.from_pretrained loads with the same
     logits. Written into a temp directory and renamed, so a crash leaves no half directory."""
-    cfg, d = mlm.config, Path(directory)
+    _check_dense(mlm.config, directory)
+    _write_hf_dir(directory, _hf_config(mlm.config, "BertForMaskedLM"), _to_hf_state(mlm.state_dict(), mlm.config), vocab)
+
+
+def to_hf_classifier(model: nn.Module, directory, vocab: list[str] | None = None,
+                     labels: list[str] | None = None) -> None:
+    """Write a fully fine-tuned dense BertForSequenceClassification (model.py) as a Hugging Face
+    directory that transformers.BertForSequenceClassification.from_pretrained loads with the same
+    logits; num_labels 1 is regression, as in transformers."""
+    cfg = model.config
+    _check_dense(cfg, directory)
+    if model.adapter_size:
+        raise CheckpointError("a model fine-tuned with adapters cannot be written as a Hugging Face BERT (that "
+                              "format has no adapters): keep its .pt, or fine-tune with --adapter 0")
+    n = model.num_labels
+    names = labels if labels and len(labels) == n else [f"LABEL_{i}" for i in range(n)]
+    extra = {"num_labels": n, "id2label": dict(enumerate(names)), "label2id": {v: i for i, v in enumerate(names)},
+             "problem_type": "regression" if n == 1 else "single_label_classification"}
+    s = model.state_dict()
+    state = _to_hf_state(s, cfg, head=False)
+    state.update({"bert.pooler.dense.weight": s["pooler.weight"], "bert.pooler.dense.bias": s["pooler.bias"],
+                  "classifier.weight": s["classifier.weight"], "classifier.bias": s["classifier.bias"]})
+    _write_hf_dir(directory, _hf_config(cfg, "BertForSequenceClassification", **extra),
+                  {k: v.detach().clone().contiguous() for k, v in state.items()}, vocab)
+
+
+def _check_dense(cfg: BertConfig, directory) -> None:
+    d = Path(directory)
     if cfg.moe:
         raise CheckpointError(f"a MoE model ({cfg.num_experts} experts) cannot be written as a Hugging Face BERT: "
                               "that format has one dense FFN per layer, no router and no experts")
     if d.exists() and (not d.is_dir() or any(d.iterdir())):
         raise CheckpointError(f"{d} exists and is not an empty directory: pass a new directory")
+
+
+def _hf_config(cfg: BertConfig, architecture: str, **extra) -> dict:
+    return {"architectures": [architecture], "model_type": "bert", "vocab_size": cfg.vocab_size,
+            "hidden_size": cfg.hidden_size, "num_hidden_layers": cfg.num_layers, "num_attention_heads": cfg.num_heads,
+            "intermediate_size": cfg.intermediate_size, "hidden_act": "gelu", "max_position_embeddings": cfg.max_position,
+            "type_vocab_size": cfg.type_vocab_size, "hidden_dropout_prob": cfg.dropout,
+            "attention_probs_dropout_prob": cfg.attention_dropout, "layer_norm_eps": cfg.layer_norm_eps,
+            "pad_token_id": cfg.pad_token_id, "initializer_range": 0.02, "position_embedding_type": "absolute",
+            "tie_word_embeddings": True, **extra}
+
+
+def _write_hf_dir(directory, config: dict, state: dict, vocab: list[str] | None) -> None:
     from safetensors.torch import save_file
-    hf = {"architectures": ["BertForMaskedLM"], "model_type": "bert", "vocab_size": cfg.vocab_size,
-          "hidden_size": cfg.hidden_size, "num_hidden_layers": cfg.num_layers, "num_attention_heads": cfg.num_heads,
-          "intermediate_size": cfg.intermediate_size, "hidden_act": "gelu", "max_position_embeddings": cfg.max_position,
-          "type_vocab_size": cfg.type_vocab_size, "hidden_dropout_prob": cfg.dropout,
-          "attention_probs_dropout_prob": cfg.attention_dropout, "layer_norm_eps": cfg.layer_norm_eps,
-          "pad_token_id": cfg.pad_token_id, "initializer_range": 0.02, "position_embedding_type": "absolute",
-          "tie_word_embeddings": True}
+    d = Path(directory)
     d.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=d.parent, prefix=d.name + ".", suffix=".tmp"))
     try:
-        (tmp / "config.json").write_text(json.dumps(hf, indent=2) + "\n")
-        save_file(_to_hf_state(mlm.state_dict(), cfg), str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         if vocab is not None:
             (tmp / "vocab.txt").write_text("".join(t + "\n" for t in vocab), encoding="utf-8")
         if d.exists():
@@ -390,8 +435,8 @@ def to_hf_bert(mlm: BertForMaskedLM, directory, vocab: list[str] | None = None) 
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _hf_names(cfg: BertConfig) -> list[tuple[str, str]]:
-    """(our name, HF's name without the "bert." prefix) of every weight but the fused qkv."""
+def _hf_names(cfg: BertConfig, head: bool = True) -> list[tuple[str, str]]:
+    """(our name, HF's name without the "bert." prefix) of every weight but the fused qkv; head: the MLM head's too."""
     pairs = [("bert.word.weight", "embeddings.word_embeddings.weight"),
              ("bert.position.weight", "embeddings.position_embeddings.weight"),
              ("bert.token_type.weight", "embeddings.token_type_embeddings.weight")]
@@ -399,9 +444,10 @@ def _hf_names(cfg: BertConfig) -> list[tuple[str, str]]:
         (f"bert.layers.{i}.{ours}", f"encoder.layer.{i}.{hf}") for i in range(cfg.num_layers)
         for ours, hf in (("attn_out", "attention.output.dense"), ("ln1", "attention.output.LayerNorm"),
                          ("ffn.fc1", "intermediate.dense"), ("ffn.fc2", "output.dense"), ("ln2", "output.LayerNorm"))]
-    sublayers += [("transform", "cls.predictions.transform.dense"), ("transform_ln", "cls.predictions.transform.LayerNorm")]
+    if head:
+        sublayers += [("transform", "cls.predictions.transform.dense"), ("transform_ln", "cls.predictions.transform.LayerNorm")]
     pairs += [(f"{ours}.{t}", f"{hf}.{t}") for ours, hf in sublayers for t in ("weight", "bias")]
-    return pairs + [("decoder_bias", "cls.predictions.bias")]
+    return pairs + [("decoder_bias", "cls.predictions.bias")] * head
 
 
 def _convert_hf_state(s: dict, cfg: BertConfig) -> dict:
@@ -414,15 +460,16 @@ def _convert_hf_state(s: dict, cfg: BertConfig) -> dict:
     return out
 
 
-def _to_hf_state(s: dict, cfg: BertConfig) -> dict:
+def _to_hf_state(s: dict, cfg: BertConfig, head: bool = True) -> dict:
     """The inverse of _convert_hf_state, with HF BertForMaskedLM's names (contiguous copies, as
-    safetensors needs; the decoder weight is the word embedding, as HF ties it)."""
-    out = {(hf if hf.startswith("cls.") else "bert." + hf): s[ours] for ours, hf in _hf_names(cfg)}
+    safetensors needs; the decoder weight is the word embedding, as HF ties it); head=False: the encoder only."""
+    out = {(hf if hf.startswith("cls.") else "bert." + hf): s[ours] for ours, hf in _hf_names(cfg, head)}
     for i in range(cfg.num_layers):
         for t in ("weight", "bias"):
             for name, part in zip(("query", "key", "value"), s[f"bert.layers.{i}.qkv.{t}"].chunk(3)):
                 out[f"bert.encoder.layer.{i}.attention.self.{name}.{t}"] = part
-    out["cls.predictions.decoder.weight"] = s["bert.word.weight"]
+    if head:
+        out["cls.predictions.decoder.weight"] = s["bert.word.weight"]
     return {k: v.detach().clone().contiguous() for k, v in out.items()}
 
 

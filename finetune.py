@@ -4,6 +4,7 @@
     python finetune.py --task mrpc --ckpt ckpt/vanilla.pt --lr 1e-5 2e-5 5e-5 --seeds 1 2 3
     python finetune.py --tasks all --ckpt ckpt/moe.pt           # the paper's whole protocol and its row
     python finetune.py --tasks all --ckpt ckpt/moe.pt --adapter 0 64 --seeds 1   # a cheaper first sweep
+    python finetune.py --task sst2 --ckpt ckpt/vanilla.pt --adapter 0 --save models/   # keep the best model
 
 Data, in order: --data-dir (a task's own train.tsv/dev.tsv, or a glue_data/ directory holding
 <Task>/ folders), $GLUE_DIR/<Task>, else Hugging Face `nyu-mll/glue` for users with a network.
@@ -27,6 +28,7 @@ import dataclasses
 import json
 import math
 import os
+import shutil
 import signal
 import sys
 import time
@@ -38,7 +40,8 @@ import torch
 from scipy import stats
 from tqdm import tqdm
 
-from checkpoint import check_checkpoint_path, load_checkpoint, make_tokenizer, read_vocab
+from checkpoint import (check_checkpoint_path, load_checkpoint, make_tokenizer, read_vocab, replace_path,
+                        save_checkpoint, to_hf_classifier)
 from common import HelpFormatter, InputFileError, finite_float, portable_args, portable_path, tune_allocator, unwritable, write_json
 from model import BertForSequenceClassification, adamw_warmup_linear
 
@@ -251,7 +254,7 @@ def run_one(args, key, data, mlm, ckpt_config, adapter: int, lr: float, seed: in
     optimizer, scheduler = adamw_warmup_linear(model, lr, args.weight_decay, max(1, int(args.warmup * total)), total)
     params = [p for p in model.parameters() if p.requires_grad]
     generator = torch.Generator().manual_seed(seed)
-    history = []
+    history, best_state = [], None
     name = f"{task.name} {'adapter ' + str(adapter) if adapter else 'full'} lr={lr:g} seed={seed}"
     bar = tqdm(total=total, desc=name, leave=False, dynamic_ncols=True)   # where a run is: step, time left
     for epoch in range(1, epochs + 1):
@@ -269,6 +272,8 @@ def run_one(args, key, data, mlm, ckpt_config, adapter: int, lr: float, seed: in
             bar.update()
         dev = evaluate(task, model, data, args.batch_size, device, args.bf16)
         history.append({"epoch": epoch, "train_loss": float(np.mean(epoch_loss)), "seconds": time.time() - t0, **dev})
+        if args.save and max(history, key=lambda h: main_score(h, task)) is history[-1]:   # --save: the best epoch's
+            best_state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
         shown = " ".join(f"{k}={v:.2f}" for k, v in dev.items())
         bar.set_postfix_str(f"epoch {epoch}/{epochs} dev {shown}")
         tqdm.write(f"  {name}: epoch {epoch}/{epochs}, train loss {history[-1]['train_loss']:.4f}, dev {shown} "
@@ -276,7 +281,35 @@ def run_one(args, key, data, mlm, ckpt_config, adapter: int, lr: float, seed: in
     bar.close()
     best = max(history, key=lambda h: main_score(h, task))
     return {"task": task.name, "ckpt": portable_path(args.ckpt), "mode": "adapter" if adapter else "full", "adapter": adapter,
-            "lr": lr, "seed": seed, "epochs": history, "best": best}
+            "lr": lr, "seed": seed, "epochs": history, "best": best, **({"state": best_state} if args.save else {})}
+
+
+def keep_best(args, r: dict, state: dict, config, vocab: list[str]) -> bool:
+    """--save: make this run's best epoch the task's kept model if it beats the one kept so far (from
+    this or an earlier invocation): SAVE/<task>/model.pt (load_classifier reads it) and, for full
+    fine-tuning of a dense model, SAVE/<task>/hf/ (transformers.BertForSequenceClassification)."""
+    task, root = TASKS[task_key(r["task"])], Path(args.save)
+    kept = root / task.name / "best.json"
+    score = main_score(r["best"], task)
+    if kept.is_file() and json.loads(kept.read_text()).get("score", -math.inf) >= score:
+        return False
+    model = BertForSequenceClassification(config, num_labels=len(task.labels or [0]), adapter_size=r["adapter"])
+    model.load_state_dict(state)
+    tmp = root / f".{task.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        tmp.mkdir(parents=True)
+        save_checkpoint(tmp / "model.pt", model, task=task.name, labels=task.labels, num_labels=model.num_labels,
+                        adapter_size=r["adapter"], vocab=vocab, dev=r["best"], lr=r["lr"], seed=r["seed"],
+                        pretrained=portable_path(args.ckpt))
+        if not config.moe and not r["adapter"]:
+            to_hf_classifier(model, tmp / "hf", vocab, task.labels)
+        run = {k: r[k] for k in ("task", "mode", "adapter", "lr", "seed")}
+        write_json(tmp / "best.json", {"score": score, **run, "epoch": r["best"]["epoch"], "dev": r["best"]})
+        replace_path(tmp, root / task.name)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return True
 
 
 def main_score(metrics: dict, task: Task) -> float:
@@ -340,6 +373,8 @@ def make_parser() -> argparse.ArgumentParser:
     a("--vocab", help="vocab.txt when the checkpoint carries none")
     a("--out", help="results JSON, written after every run; a re-run skips the runs it holds "
       "(default: runs/finetune-<ckpt>-<tasks>.json)")
+    a("--save", help="keep each task's best model (best run, best epoch, by the dev score) in SAVE/<task>/: "
+      "model.pt, and hf/ for transformers.BertForSequenceClassification after full fine-tuning of a dense model")
     a("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu, cuda, cuda:1 ...")
     return p
 
@@ -379,6 +414,11 @@ def check_args(args) -> None:
         raise UsageError(f"--dropout {args.dropout} must be a probability in [0, 1)")
     if not 0 <= args.warmup < 1:
         raise UsageError(f"--warmup {args.warmup} must be a share of the steps in [0, 1)")
+    if args.save and (unwritable(Path(args.save)) or Path(args.save).is_file()):
+        raise UsageError(f"cannot keep models in {args.save} ({unwritable(Path(args.save)) or 'a file'}): pass a directory")
+    for name in ("task", "adapter", "lr", "seeds"):   # a value given twice is one run, not two reported as two
+        if getattr(args, name):
+            setattr(args, name, list(dict.fromkeys(getattr(args, name))))
 
 
 def grid(args, key: str, cfg) -> list[tuple[int, float, int]]:
@@ -484,6 +524,10 @@ def run(args) -> int:
         data = {split: (encode(tokenizer, a, b, args.max_len), y) for split, (a, b, y) in raw.items()}
         for adapter, lr, seed in tqdm(todo[key], desc=TASKS[key].name, dynamic_ncols=True):
             r = run_one(args, key, data, mlm, mlm.config, adapter, lr, seed, device)
+            state = r.pop("state", None)
+            if state is not None and keep_best(args, r, state, dataclasses.replace(
+                    mlm.config, dropout=args.dropout, attention_dropout=args.dropout), vocab):
+                tqdm.write(f"kept as the best {r['task']} model so far: {Path(args.save) / r['task']}")
             r["pretrain_perf"] = pretrained["pretrain_perf"]  # per run: a retrained checkpoint's runs stay visible
             runs.append(r)
             write_results(out, args, runs, pretrained)

@@ -444,3 +444,39 @@ def test_a_hugging_face_directory_fine_tunes_like_its_checkpoint_with_progress_a
     assert "RTE full lr=0.001 seed=1: epoch 2/2, train loss" in printed.out + printed.err
     assert not results[1]["ckpt"].startswith("/") and not results[1]["args"]["data_dir"].startswith("/")
     assert results[1]["args"]["dropout"] == 0.25
+
+
+def test_save_keeps_the_best_run_and_transformers_loads_it_with_the_same_logits(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    from checkpoint import load_classifier
+    dense = tmp_path / "dense.pt"
+    torch.manual_seed(1)
+    save_checkpoint(dense, BertForMaskedLM(BertConfig.preset("tiny", num_layers=2)),
+                    vocab=read_vocab(ROOT / "data" / "bert-base-uncased-vocab.txt"))
+    write_task(tmp_path, "mrpc", n_train=32, n_dev=16)
+    args = ["--task", "mrpc", "mrpc", "--ckpt", str(dense), "--data-dir", str(tmp_path), "--adapter", "0", "--lr",
+            "1e-5", "3e-3", "--seeds", "1", "1", "--epochs", "2", "--batch-size", "8", "--out", str(tmp_path / "r.json"),
+            "--save", str(tmp_path / "models")]
+    assert finetune.main(args) == 0
+    runs = json.loads((tmp_path / "r.json").read_text())["runs"]
+    assert len(runs) == 2                                              # the repeated task and seed ran once
+    best = max(runs, key=lambda r: finetune.main_score(r["best"], finetune.TASKS["mrpc"]))
+    kept = json.loads((tmp_path / "models" / "MRPC" / "best.json").read_text())
+    assert (kept["lr"], kept["epoch"]) == (best["lr"], best["best"]["epoch"])
+    model, saved = load_classifier(tmp_path / "models" / "MRPC" / "model.pt")
+    tok = finetune.make_tokenizer(read_vocab(ROOT / "data" / "bert-base-uncased-vocab.txt"))
+    raw = finetune.load_task("mrpc", str(tmp_path))
+    dev = {"dev": (finetune.encode(tok, *raw["dev"][:2], 128), raw["dev"][2])}
+    again = finetune.evaluate(finetune.TASKS["mrpc"], model, dev, 8, torch.device("cpu"), False)
+    model.eval()                                                       # evaluate leaves it in train mode
+    assert again == pytest.approx({k: best["best"][k] for k in again})   # the kept model scores what was recorded
+    hf = transformers.BertForSequenceClassification.from_pretrained(tmp_path / "models" / "MRPC" / "hf").eval()
+    ids = torch.tensor([[101, 2023, 2003, 1037, 3231, 102, 0], [101, 2307, 3185, 102, 4937, 102, 0]])
+    mask, types = (ids != 0).long(), torch.tensor([[0] * 7, [0, 0, 0, 0, 1, 1, 0]])
+    with torch.no_grad():
+        ours = model(ids, mask, types).logits
+        ref = hf(input_ids=ids, attention_mask=mask, token_type_ids=types).logits
+    assert torch.allclose(ours, ref, atol=1e-5), (ours - ref).abs().max()
+    assert hf.config.id2label == {0: "0", 1: "1"} and saved["task"] == "MRPC"
+    assert finetune.main([*args[:9], "--lr", "1e-9", *args[12:]]) == 0      # a worse run keeps the model kept
+    assert json.loads((tmp_path / "models" / "MRPC" / "best.json").read_text()) == kept
