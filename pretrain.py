@@ -44,13 +44,14 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
+import torch.nn as nn
 from tqdm import tqdm
 
 from distill import Teacher, sample_groups, tcd_losses
 from checkpoint import (CheckpointError, read_checkpoint, read_checkpoint_args, read_vocab, save_checkpoint,
                         save_sharded)
 from common import HelpFormatter, finite_float, tune_allocator, unwritable
-from model import BertConfig, BertForMaskedLM, adamw_warmup_linear, mask_tokens, masked_log_likelihood
+from model import PRESETS, BertConfig, BertForMaskedLM, adamw_warmup_linear, mask_tokens, masked_log_likelihood
 from prepare import Windows, find_or_prepare, is_prepared, open_corpus, seeded
 from moe import clip_gradients, sync_gradients
 
@@ -241,6 +242,15 @@ def save(run: Run, step: int, path: Path | None = None) -> None:
         dist.barrier()
 
 
+def launcher(world: int) -> str:
+    """The command that started this process, so a resume hint keeps its ranks."""
+    if world == 1:
+        return "python pretrain.py"
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+    nodes = f" --nnodes={world // local}" if world > local else ""
+    return f"torchrun{nodes} --nproc_per_node={local} pretrain.py"
+
+
 def record(run: Run, row: dict) -> None:
     if run.rank == 0:
         with run.out.with_suffix(".metrics.jsonl").open("a") as f:
@@ -301,11 +311,16 @@ def build(args, rank: int, world: int, device) -> tuple[Run, int, np.ndarray]:
         scheduler.load_state_dict(resume["scheduler"])
         start, run.metrics = resume["step"], resume.get("metrics") or {}
     run.log(f"{args.preset} {'MoE x' + str(cfg.num_experts) if cfg.moe else 'vanilla'} BERT, "
-            f"~{sum(p.numel() for p in model.parameters()) * (world if group is not None else 1) / 1e6:.1f}M "
+            f"~{parameter_count(model, world if group is not None else 1) / 1e6:.1f}M "
             f"parameters, {'TCD from ' + args.teacher if teacher else 'no teacher'}; {len(train_seg):,} train / "
             f"{len(valid_seg):,} valid segments, {total_steps} steps, warm-up {warmup}"
             + (f"; resumed {args.resume} at step {start}" if resume else ""))
     return run, start, valid_seg
+
+
+def parameter_count(model: nn.Module, expert_ranks: int) -> int:
+    """The whole model's parameters, wherever they live: dense ones once, every rank's experts."""
+    return sum(p.numel() * (expert_ranks if getattr(p, "expert", False) else 1) for p in model.parameters())
 
 
 @torch.no_grad()
@@ -398,7 +413,7 @@ def train(args) -> int:
         if run.stop["signal"] or done == stop_at:
             save(run, done)
             run.log(f"stopped at step {done}; saved {shown(run.out)}: continue with "
-                    f"python pretrain.py --resume {shown(run.out)}")
+                    f"{launcher(world)} --resume {shown(run.out)}")
             bar.close()
             return 128 + run.stop["signal"] if run.stop["signal"] else 0
     bar.close()
@@ -417,8 +432,9 @@ def make_parser() -> argparse.ArgumentParser:
     a("--valid", nargs="+", help="held-out text for Pre-Train Perf. (default: a fixed random 1%% of the documents)")
     a("--vocab", default=str(HERE / "data" / "bert-base-uncased-vocab.txt"), help="WordPiece vocab.txt")
     a("--seq-len", type=int, default=128, help="tokens per segment, [CLS] and [SEP] included (paper: 128)")
-    a("--preset", default="small", choices=["tiny", "small", "base"],
-      help="model size: small H=128 x 12 layers (paper), base H=768 x 12, tiny H=128 x 4 (CPU demo)")
+    a("--preset", choices=["tiny", "small", "base"],
+      help="model size: small H=128 x 12 layers (paper), base H=768 x 12, tiny H=128 x 4 (CPU demo) "
+      "(default: the teacher's with --teacher, as in the paper; else small)")
     a("--moe", action="store_true", help="replace every FFN by a top-1 Switch MoE layer")
     a("--experts", type=int, default=64, help="experts per MoE layer (paper: 64)")
     a("--teacher", help="vanilla BERT checkpoint to distill transfer capability from (TCD, Eq. 13)")
@@ -485,12 +501,28 @@ def fill_defaults(args) -> None:
     args.vocab = str(Path(args.vocab).resolve())
     args.cache_dir = str(Path(args.cache_dir).resolve()) if args.cache_dir else None
     args.teacher = str(Path(args.teacher).resolve()) if args.teacher else None
+    if args.preset is None:                          # the paper's student has its teacher's shape
+        args.preset = teacher_preset(args.teacher) if args.teacher and args.resume is None else "small"
     if args.batch_size is None:
         args.batch_size = 1024 if args.preset == "base" else 512
     if args.lambda_a is None:
         args.lambda_a = 1.0 if args.preset == "base" else 0.0
     default_out = f"ckpt/{'moe_tcd' if args.teacher else 'moe' if args.moe else 'vanilla'}.pt"
     args.out = str(Path(args.out or default_out).resolve())
+
+
+def teacher_preset(path: str) -> str:
+    """The preset a teacher checkpoint was trained with, or whose shape it has."""
+    saved = read_checkpoint_args(path) or {}
+    if saved.get("preset") in PRESETS:
+        return saved["preset"]
+    cfg = read_checkpoint(path)["config"]
+    shape = ("hidden_size", "num_layers", "num_heads", "intermediate_size")
+    for name, preset in PRESETS.items():
+        if all(cfg.get(k) == preset[k] for k in shape):
+            return name
+    raise UsageError(f"the teacher {path} has no preset's shape (H={cfg.get('hidden_size')}, "
+                     f"{cfg.get('num_layers')} layers): pass --preset")
 
 
 def check_args(args) -> None:

@@ -248,6 +248,9 @@ def test_two_ranks_equal_one_process_and_resume_on_any_world(tmp_path, corpus, m
     assert one.bert.layers[0].ffn.w1.shape[0] == 4
     r = torchrun(*common, "--grad-accum", "2", "--out", "part.pt", "--stop-at", "3", cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
+    assert "continue with torchrun --nproc_per_node=2 pretrain.py --resume" in r.stdout + r.stderr   # same ranks
+    count = [l for l in r.stdout.splitlines() if "parameters," in l][0].split("~")[1].split()[0]
+    assert count == f"{pretrain.parameter_count(BertForMaskedLM(BertConfig.preset('tiny', num_experts=4)), 1) / 1e6:.1f}M"
     r = torchrun(*common, "--out", "resumed2.pt", "--resume", "part.pt", cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
     same_weights(tmp_path / "resumed2.pt", tmp_path / "two.pt")
@@ -417,3 +420,28 @@ def test_a_hugging_face_directory_teaches_as_its_checkpoint(tmp_path, corpus):
     for part in pretrain.PARTS:
         assert [r[part] for r in a] == pytest.approx([r[part] for r in b], abs=1e-6), part
     assert all(r["trunk"] > 0 for r in b)
+
+
+def test_student_takes_its_teachers_preset_and_hints_keep_the_launcher(tmp_path, monkeypatch):
+    teacher = tmp_path / "t.pt"
+    save_checkpoint(teacher, BertForMaskedLM(BertConfig.preset("tiny")), vocab=VOCAB)   # no saved args: by shape
+    assert pretrain.teacher_preset(str(teacher)) == "tiny"
+    save_checkpoint(teacher, BertForMaskedLM(BertConfig.preset("tiny")), vocab=VOCAB, args={"preset": "base"})
+    assert pretrain.teacher_preset(str(teacher)) == "base"                            # what it was trained with
+    save_checkpoint(teacher, BertForMaskedLM(BertConfig.preset("tiny", num_layers=3)), vocab=VOCAB)
+    with pytest.raises(pretrain.UsageError, match="no preset's shape .* pass --preset"):
+        pretrain.teacher_preset(str(teacher))
+    args, _ = pretrain.parse_args(["--moe"])
+    pretrain.fill_defaults(args)
+    assert args.preset == "small"
+    assert pretrain.launcher(1) == "python pretrain.py"
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    assert pretrain.launcher(2) == "torchrun --nproc_per_node=2 pretrain.py"
+    assert pretrain.launcher(8) == "torchrun --nnodes=4 --nproc_per_node=2 pretrain.py"
+
+
+def test_parameter_count_counts_dense_parameters_once_and_every_ranks_experts():
+    model = BertForMaskedLM(BertConfig.preset("tiny", num_experts=4))
+    experts = sum(p.numel() for p in model.parameters() if getattr(p, "expert", False))
+    assert pretrain.parameter_count(model, 1) == sum(p.numel() for p in model.parameters())
+    assert pretrain.parameter_count(model, 2) == pretrain.parameter_count(model, 1) + experts > 0
