@@ -6,7 +6,7 @@
 - pretrain.png: the same for the reproduction's models (results/pretrain/*.jsonl)
 - figure1.png: GLUE average against Pre-Train Perf., one point per fine-tuned checkpoint (Fig. 1)
 - figure5.png: MRPC accuracy against pretraining epoch for each model's kept checkpoints (Fig. 5)
-- claims.png: claims (b) and (c) as differences of GLUE averages within each pretraining, mean ± s.e.
+- claims.png: claims (b) and (c) as differences of GLUE averages within each pretraining, mean and 95% interval
 - hf_curve.png: ours and HF's BertForMaskedLM trained side by side (results/hf_curve.jsonl)
 Needs matplotlib (requirements-dev.txt); the scripts themselves never import it.
 """
@@ -18,7 +18,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from tables import MODELS, PAPER_SIGN, claim_differences, figure5_points, mean_se  # noqa: E402
+from tables import MODELS, PAPER_SIGN, claim_differences, figure5_points, mean_se, t_interval  # noqa: E402
 
 
 def curve(path: Path) -> tuple[list[float], list[float]]:
@@ -54,14 +54,15 @@ SMOKE = False          # set by --smoke: every figure says it is a smoke test
 
 def finish(fig, ax, out: Path, xlabel: str, ylabel: str) -> None:
     import matplotlib.pyplot as plt
-    if SMOKE:
-        ax.text(0.5, 0.5, "SMOKE TEST\n(run.sh --quick: numbers mean nothing)", transform=ax.transAxes, ha="center",
-                va="center", fontsize=18, color="red", alpha=0.35, rotation=20)
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
+    if SMOKE:                                         # a banner below the axes, clear of the legend
+        fig.subplots_adjust(bottom=fig.subplotpars.bottom + 0.08)
+        fig.text(0.5, 0.01, "SMOKE TEST (run.sh --quick): these numbers mean nothing", ha="center", va="bottom",
+                 fontsize=10, color="red")
     fig.savefig(out, dpi=120)
     plt.close(fig)
     print(f"wrote {out}")
@@ -79,19 +80,28 @@ def finetune_points(directory: Path) -> list[dict]:
     return points
 
 
-def plot_points(points: list[dict], x: str, y: str, out: Path, xlabel: str, ylabel: str,
+STYLES = [("o", "-"), ("s", "--"), ("^", ":"), ("D", "-."), ("v", "-"), ("P", "--"), ("X", ":")]
+
+
+def plot_points(points: list[dict], x: str, y: str, out: Path, xlabel: str, ylabel: str, title: str,
                 floor: float | None = None) -> None:
     import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(6, 4.5))
+    from matplotlib.ticker import MaxNLocator
+    fig, ax = plt.subplots(figsize=(6.5, 4.8))
     if floor is not None:
         ax.axhline(floor, linestyle="--", color="grey", label="no pretraining")
     groups: dict = {}
     for p in points:
         if p[x] is not None and p[y] is not None:
             groups.setdefault(p["name"].split(".")[0], []).append(p)
-    for name, ps in groups.items():
+    for i, (name, ps) in enumerate(groups.items()):  # marker, line and size differ, so equal series stay visible
         ps.sort(key=lambda p: p[x])
-        ax.plot([p[x] for p in ps], [p[y] for p in ps], marker="o", label=name)
+        marker, line = STYLES[i % len(STYLES)]
+        ax.plot([p[x] for p in ps], [p[y] for p in ps], marker=marker, linestyle=line, markersize=9 - i,
+                markerfacecolor="none" if i % 2 else None, label=name)
+    if x == "epoch":
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_title(title, fontsize=10)
     finish(fig, ax, out, xlabel, ylabel)
 
 
@@ -109,15 +119,16 @@ def plot_claims(results: Path, out: Path) -> bool:
         for name, d in zip(names, diffs):
             first = name not in colors                                  # one legend entry per pretraining
             ax.plot(d, y, "o", color=colors.setdefault(name, f"C{len(colors)}"), alpha=0.7, label=name if first else None)
-        mean, se = mean_se(diffs)
-        ax.errorbar(mean, y, xerr=se, fmt="D", color="black", capsize=4)
+        mean, _ = mean_se(diffs)
+        lo, hi = t_interval(diffs)
+        ax.errorbar(mean, y, xerr=[[mean - lo], [hi - mean]], fmt="D", color="black", capsize=4)
         paper = "→" if PAPER_SIGN[claim] > 0 else "←"
         ax.annotate(f"paper {paper}", (0, y), textcoords="offset points", xytext=(6 if paper == "→" else -50, 6),
                     fontsize=7, color="grey")
     ax.axvline(0, color="grey", linewidth=1)
     ax.set_yticks(range(len(claims)))
     ax.set_yticklabels([f"{c[0]} {labels[c[1]]} − {labels[c[2]]}" for c in reversed(claims)], fontsize=8)
-    ax.set_title("black: mean ± s.e. over pretrainings", fontsize=9)
+    ax.set_title("Claims (b) and (c) within each pretraining; black: mean and 95% t-interval", fontsize=9)
     finish(fig, ax, out, "difference of GLUE averages (points) within a pretraining", "")
     return True
 
@@ -145,12 +156,12 @@ def draw(results: Path) -> int:
     glue = [p for p in glue if p["name"] not in ("scratch", "minilm")]
     if glue:
         plot_points(glue, "pretrain_perf", "avg", results / "figure1.png", "Pre-Train Perf.", "GLUE average (dev)",
-                    floor.get("avg"))
+                    "Fig. 1 at the miniature: GLUE average against Pre-Train Perf., a point per checkpoint", floor.get("avg"))
     fig5 = [{"name": model, "epoch": epoch, "mrpc": acc} for model, by_epoch in figure5_points(results).items()
             for epoch, (acc, _, _) in by_epoch.items()]
     if fig5:
         plot_points(fig5, "epoch", "mrpc", results / "figure5.png", "pretraining epoch", "MRPC accuracy (dev, full fine-tuning)",
-                    floor.get("mrpc"))
+                    "Fig. 5 at the miniature: MRPC from each kept epoch (mean of 3 seeds)", floor.get("mrpc"))
     plot_claims(results, results / "claims.png")
     return 0
 

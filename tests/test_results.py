@@ -424,8 +424,9 @@ def test_figure5_plot_marks_the_no_pretraining_floor(tmp_path, monkeypatch):
     drawn = {}
     monkeypatch.setattr(plot, "plot_points", lambda points, x, y, out, *a: drawn.update({out.name: (points, a)}))
     plot.draw(tmp_path)
-    assert drawn["figure5.png"] == ([{"name": "vanilla", "epoch": 2, "mrpc": 69.5}], ("pretraining epoch",
-                                    "MRPC accuracy (dev, full fine-tuning)", None))     # no floor run: no line
+    points, (xlabel, ylabel, title, floor) = drawn["figure5.png"]
+    assert points == [{"name": "vanilla", "epoch": 2, "mrpc": 69.5}] and floor is None   # no floor run: no line
+    assert (xlabel, ylabel) == ("pretraining epoch", "MRPC accuracy (dev, full fine-tuning)") and "Fig. 5" in title
     (tmp_path / "finetune").mkdir()
     (tmp_path / "finetune" / "scratch.json").write_text(json.dumps({"runs": [], "summary": {}, "paper_row": {"MRPC acc": "68.46"}}))
     plot.draw(tmp_path)
