@@ -336,37 +336,74 @@ def from_hf_bert(directory) -> BertForMaskedLM:
 def _hf_bert(d: Path) -> tuple[BertForMaskedLM, bool]:
     if not (d / "config.json").is_file():
         raise CheckpointError(f"{d} has no config.json: pass a Hugging Face BERT model directory")
-    hf = json.loads((d / "config.json").read_text())
+    cfg = _hf_config_of(d)
+    hf_state = _hf_weights(d)
+    hf_state = {k.removeprefix("bert."): v for k, v in hf_state.items()}
+    model = BertForMaskedLM(cfg)
+    try:
+        missing, _ = model.load_state_dict(_convert_hf_state(hf_state, cfg), strict=False)
+    except (KeyError, RuntimeError) as e:
+        raise CheckpointError(f"{d}: weights do not match a BERT of its config.json "
+                              f"({str(e).splitlines()[0][:200]})") from None
+    if any(k.startswith("bert.") for k in missing):
+        raise CheckpointError(f"{d}: encoder weights missing from the file: {missing[:3]}")
+    return model, "decoder_bias" not in missing
+
+
+def _hf_config_of(d: Path) -> BertConfig:
+    """config.json as a BertConfig; CheckpointError naming what is wrong with it."""
+    try:
+        hf = json.loads((d / "config.json").read_text(encoding="utf-8-sig"))
+    except (ValueError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{d / 'config.json'} is not valid JSON ({str(e).splitlines()[0]}): "
+                              "was it cut off mid-write? Copy it again") from None
+    if not isinstance(hf, dict):
+        raise CheckpointError(f"{d / 'config.json'} is not a JSON object: pass a Hugging Face BERT config")
     if hf.get("model_type", "bert") != "bert":
         raise CheckpointError(f"{d}: model_type {hf['model_type']!r} is not supported (only 'bert')")
     if hf.get("hidden_act", "gelu") != "gelu":
         raise CheckpointError(f"{d}: hidden_act {hf['hidden_act']!r} is not supported (only 'gelu')")
-    cfg = BertConfig(vocab_size=hf["vocab_size"], hidden_size=hf["hidden_size"],
-                     num_layers=hf["num_hidden_layers"], num_heads=hf["num_attention_heads"],
-                     intermediate_size=hf["intermediate_size"], max_position=hf["max_position_embeddings"],
-                     type_vocab_size=hf.get("type_vocab_size", 2), dropout=hf.get("hidden_dropout_prob", 0.1),
-                     attention_dropout=hf.get("attention_probs_dropout_prob", 0.1),
-                     layer_norm_eps=hf.get("layer_norm_eps", 1e-12), pad_token_id=hf.get("pad_token_id", 0) or 0)
+    need = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
+            "max_position_embeddings")
+    missing = [k for k in need if not isinstance(hf.get(k), int) or isinstance(hf.get(k), bool) or hf[k] <= 0]
+    if missing:
+        raise CheckpointError(f"{d / 'config.json'}: {', '.join(missing)} missing or not a positive whole number")
+    if hf["hidden_size"] % hf["num_attention_heads"]:
+        raise CheckpointError(f"{d / 'config.json'}: hidden_size {hf['hidden_size']} is not a multiple of "
+                              f"num_attention_heads {hf['num_attention_heads']}")
+    try:
+        return BertConfig(vocab_size=hf["vocab_size"], hidden_size=hf["hidden_size"],
+                          num_layers=hf["num_hidden_layers"], num_heads=hf["num_attention_heads"],
+                          intermediate_size=hf["intermediate_size"], max_position=hf["max_position_embeddings"],
+                          type_vocab_size=int(hf.get("type_vocab_size", 2)),
+                          dropout=float(hf.get("hidden_dropout_prob", 0.1)),
+                          attention_dropout=float(hf.get("attention_probs_dropout_prob", 0.1)),
+                          layer_norm_eps=float(hf.get("layer_norm_eps", 1e-12)), pad_token_id=int(hf.get("pad_token_id", 0) or 0))
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{d / 'config.json'}: a field has the wrong type ({e})") from None
+
+
+def _hf_weights(d: Path) -> dict:
+    """The weights file's tensors; CheckpointError when it is truncated or not a weights file."""
     if (d / "model.safetensors").is_file():
         try:
             from safetensors.torch import load_file
         except ImportError:
             raise CheckpointError("reading model.safetensors needs the safetensors package: "
                                   "pip install safetensors") from None
-        hf_state = load_file(str(d / "model.safetensors"))
+        path, load = d / "model.safetensors", lambda p: load_file(str(p))
     elif (d / "pytorch_model.bin").is_file():
-        hf_state = torch.load(d / "pytorch_model.bin", map_location="cpu", weights_only=True)
+        path, load = d / "pytorch_model.bin", lambda p: torch.load(p, map_location="cpu", weights_only=True)
     else:
         raise CheckpointError(f"{d} has neither model.safetensors nor pytorch_model.bin")
-    hf_state = {k.removeprefix("bert."): v for k, v in hf_state.items()}
-    model = BertForMaskedLM(cfg)
     try:
-        missing, _ = model.load_state_dict(_convert_hf_state(hf_state, cfg), strict=False)
-    except (KeyError, RuntimeError) as e:
-        raise CheckpointError(f"{d}: weights do not match a BERT of its config.json ({e})") from None
-    if any(k.startswith("bert.") for k in missing):
-        raise CheckpointError(f"{d}: encoder weights missing from the file: {missing[:3]}")
-    return model, "decoder_bias" not in missing
+        state = load(path)
+    except Exception as e:
+        raise CheckpointError(f"{path} is not a readable weights file ({type(e).__name__}): is it truncated? "
+                              "Download or copy it again") from None
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise CheckpointError(f"{path} holds no state dict of tensors: pass the model's weights file")
+    return state
 
 
 def to_hf_bert(mlm: BertForMaskedLM, directory, vocab: list[str] | None = None) -> None:

@@ -99,8 +99,11 @@ def read_tsv(path: Path, task: Task) -> tuple[list, list, list]:
     (QQP and MNLI: rows that do not are skipped and counted, as GLUE's processors do)."""
     if not path.is_file():
         raise UsageError(f"{path} not found: pass --data-dir holding the GLUE {task.name} TSV files")
-    with path.open(encoding="utf-8", newline="") as f:
-        rows = list(csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE))
+    try:                                              # utf-8-sig: spreadsheets and editors write a BOM
+        with path.open(encoding="utf-8-sig", newline="") as f:
+            rows = [[c.rstrip("\r") for c in r] for r in csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE)]
+    except UnicodeDecodeError:
+        raise UsageError(f"{path} is not UTF-8 text: convert it, e.g. iconv -f latin1 -t utf-8") from None
     header = None if isinstance(task.columns[0], int) else rows.pop(0) if rows else []
     width = len(header) if header is not None else max(task.columns[0], task.columns[2]) + 1
     try:
@@ -127,10 +130,13 @@ def read_tsv(path: Path, task: Task) -> tuple[list, list, list]:
 def parse_label(value, task: Task, where: str):
     if task.labels is None:
         try:
-            return float(value)
+            score = float(value)
         except ValueError:
             raise UsageError(f"{where}: score {value!r} is not a number") from None
-    value = str(value)
+        if not math.isfinite(score):
+            raise UsageError(f"{where}: score {value!r} is not a finite number")
+        return score
+    value = str(value).strip()
     if value not in task.labels:
         raise UsageError(f"{where}: label {value!r} is not one of {', '.join(task.labels)} ({task.name})")
     return task.labels.index(value)
@@ -152,8 +158,15 @@ def load_task(key: str, data_dir: str | None) -> dict:
         for name, dev in zip(("dev", "dev_mm"), task.dev):
             splits[name] = read_tsv(root / f"{dev}.tsv", task)
         return splits
-    import datasets                                   # network path, for users with one
-    hub = datasets.load_dataset("nyu-mll/glue", task.hf)
+    try:
+        import datasets                               # network path, for users with one
+        hub = datasets.load_dataset("nyu-mll/glue", task.hf)
+    except ImportError:
+        raise UsageError(f"no local {task.name} data: pass --data-dir or set GLUE_DIR (or pip install datasets "
+                         "to fetch GLUE from the Hugging Face hub)") from None
+    except Exception as e:                            # no network, a hub outage, a proxy: all one answer
+        raise UsageError(f"could not fetch {task.name} from the Hugging Face hub ({type(e).__name__}): pass "
+                         "--data-dir with the GLUE TSVs, or set GLUE_DIR") from None
     names = {"train": "train", "dev": "validation" if key != "mnli" else "validation_matched",
              "dev_mm": "validation_mismatched"}
     splits = {}
@@ -410,6 +423,9 @@ def check_args(args) -> None:
         raise UsageError(f"--adapter {' '.join(map(str, args.adapter))}: sizes must be 0 (full) or positive")
     if any(not lr > 0 for lr in args.lr or []):
         raise UsageError(f"--lr {' '.join(map(str, args.lr))}: learning rates must be positive")
+    if args.max_len < 5:
+        raise UsageError(f"--max-len {args.max_len} leaves no room for a sentence pair ([CLS] a [SEP] b [SEP]): "
+                         "pass 5 or more (paper: 128)")
     if not 0 <= args.dropout < 1:
         raise UsageError(f"--dropout {args.dropout} must be a probability in [0, 1)")
     if not 0 <= args.warmup < 1:
@@ -442,8 +458,12 @@ def earlier_runs(out: Path, args) -> tuple[list[dict], dict]:
     try:
         old = json.loads(out.read_text())
         runs, old_args = old["runs"], old["args"]
-    except (ValueError, KeyError, TypeError):
-        raise UsageError(f"{out} exists and is not a finetune.py result: pass another --out") from None
+        well_formed = isinstance(old_args, dict) and isinstance(runs, list) and all(
+            isinstance(r, dict) and {"task", "adapter", "lr", "seed", "best", "mode"} <= r.keys() for r in runs)
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError):
+        well_formed = False
+    if not well_formed:
+        raise UsageError(f"{out} exists and is not a finetune.py result: pass another --out")
     differ = [k for k in SAME_RESULTS if old_args.get(k) != recorded_args(args).get(k)]
     if differ:
         raise UsageError(f"{out} holds runs with other settings ({', '.join('--' + k.replace('_', '-') for k in differ)}): "
@@ -500,6 +520,8 @@ def run(args) -> int:
     if not keys:
         raise UsageError("no task: pass --task NAME or --tasks all")
     out = Path(args.out or f"runs/finetune-{Path(args.ckpt).stem}-{'-'.join(keys)}.json")
+    if out.is_dir():
+        raise UsageError(f"--out {out} is a directory: pass a file path such as {out / 'results.json'}")
     reason = unwritable(out.parent)
     if reason:
         raise UsageError(f"cannot write results to {out.parent} ({reason}): pass another --out")
@@ -509,6 +531,10 @@ def run(args) -> int:
     if args.max_len > mlm.config.max_position:
         raise UsageError(f"--max-len {args.max_len} is more than the model's {mlm.config.max_position} positions")
     vocab = ckpt.get("vocab") or read_vocab(args.vocab or HERE / "data" / "bert-base-uncased-vocab.txt")
+    if len(vocab) != mlm.config.vocab_size:
+        raise UsageError(f"{args.ckpt} has a vocabulary of {mlm.config.vocab_size:,} tokens but "
+                         f"{'--vocab' if args.vocab else 'the default vocab.txt'} has {len(vocab):,}: put the model's "
+                         "vocab.txt beside its config.json, or pass --vocab")
     tokenizer, device = make_tokenizer(vocab), torch.device(args.device)
     pretrained = where_it_stood(mlm, ckpt, vocab)
     todo = {key: [g for g in grid(args, key, mlm.config) if g not in done_settings(runs, key)] for key in keys}

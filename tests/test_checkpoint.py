@@ -260,3 +260,39 @@ def test_a_save_swaps_file_and_directory_whole_and_a_crash_keeps_the_old_one(tmp
     with pytest.raises(CheckpointError, match=r"\.run\.pt\.old is the previous one"):
         read_checkpoint(path)
     assert torch.load(tmp_path / ".run.pt.old", weights_only=True)["step"] == 2      # whole
+
+
+def _bad_hf_dirs(root: Path) -> list[tuple[Path, str]]:
+    good = root / "good"
+    to_hf_bert(BertForMaskedLM(BertConfig.preset("tiny", num_layers=1)), good, None)
+    config = (good / "config.json").read_text()
+    cases = []
+
+    def variant(name, config_text=None, weights=None):
+        d = root / name
+        d.mkdir()
+        (d / "config.json").write_text(config if config_text is None else config_text)
+        (d / "model.safetensors").write_bytes((good / "model.safetensors").read_bytes() if weights is None else weights)
+        return d
+    import json as _json
+    cfg = _json.loads(config)
+    cases.append((variant("cut", config[: len(config) // 2]), "is not valid JSON"))
+    cases.append((variant("nofield", _json.dumps({k: v for k, v in cfg.items() if k != "hidden_size"})),
+                  "hidden_size missing or not a positive whole number"))
+    cases.append((variant("heads", _json.dumps({**cfg, "num_attention_heads": 3})), "not a multiple of num_attention_heads"))
+    cases.append((variant("list", "[1, 2]"), "is not a JSON object"))
+    weights = (good / "model.safetensors").read_bytes()
+    cases.append((variant("truncated", weights=weights[: len(weights) // 2]), "is not a readable weights file"))
+    cases.append((variant("text", weights=b"this is not a weights file"), "is not a readable weights file"))
+    cases.append((variant("shape", _json.dumps({**cfg, "intermediate_size": 256})), "weights do not match"))
+    return cases
+
+
+def test_hugging_face_directories_that_are_not_quite_bert_are_one_line(tmp_path):
+    for d, words in _bad_hf_dirs(tmp_path):
+        with pytest.raises(CheckpointError, match=words):
+            read_checkpoint(d)
+    r = checkpoint.main(["export", str(tmp_path / "cut"), str(tmp_path / "out")])
+    assert r == 2 and not (tmp_path / "out").exists()
+    again, _ = load_checkpoint(tmp_path / "good")                      # what to_hf_bert writes reads back
+    assert again.config.num_layers == 1

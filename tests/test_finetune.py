@@ -11,6 +11,7 @@ import pytest
 import torch
 from scipy import stats
 
+import checkpoint
 import finetune
 from checkpoint import read_vocab, save_checkpoint
 from model import BertConfig, BertForMaskedLM
@@ -264,8 +265,10 @@ def test_summary_means_over_seeds_then_best_lr_and_paper_row():
 
 
 def cli(*args, cwd):
+    import os
+    env = {k: v for k, v in os.environ.items() if k != "GLUE_DIR"} | {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
     return subprocess.run([sys.executable, str(ROOT / "finetune.py"), *args], cwd=cwd, capture_output=True,
-                          text=True, timeout=300)
+                          text=True, timeout=300, env=env)                  # never the network in tests
 
 
 def test_bad_input_is_one_clear_line(tmp_path, ckpt):
@@ -279,6 +282,12 @@ def test_bad_input_is_one_clear_line(tmp_path, ckpt):
     (tmp_path / "junk.pt").write_text("junk")
     (tmp_path / "notbert").mkdir()
     (tmp_path / "vocab.txt").write_text("a\nb\n")
+    small_vocab = tmp_path / "small-vocab"                # an HF directory with no vocab.txt beside it
+    checkpoint.to_hf_bert(BertForMaskedLM(BertConfig.preset("tiny", num_layers=1, vocab_size=1000)), small_vocab)
+    nan = write_task(tmp_path / "nan", "stsb")
+    (nan / "train.tsv").write_text((nan / "train.tsv").read_text().replace("4.500\n", "nan\n", 1))
+    (tmp_path / "latin1" / "RTE").mkdir(parents=True)
+    (tmp_path / "latin1" / "RTE" / "train.tsv").write_bytes("index\tsentence1\tsentence2\tlabel\n0\tcaf\xe9\tb\tentailment\n".encode("latin1"))
     noVocab = tmp_path / "novocab.pt"
     save_checkpoint(noVocab, BertForMaskedLM(BertConfig.preset("tiny", num_layers=1)))
     base = ["--ckpt", str(ckpt), "--seeds", "1", "--epochs", "1"]
@@ -292,12 +301,22 @@ def test_bad_input_is_one_clear_line(tmp_path, ckpt):
              (["--task", "rte", "--data-dir", str(tmp_path / "ok"), "--ckpt", str(tmp_path / "notbert")],
               "is a directory but not a Hugging Face BERT directory: expected config.json"),
              (["--task", "rte", "--data-dir", str(tmp_path / "ok"), "--ckpt", str(noVocab), "--vocab",
-               str(tmp_path / "vocab.txt")], "is not a BERT WordPiece vocabulary: it has no [PAD]")]
+               str(tmp_path / "vocab.txt")], "is not a BERT WordPiece vocabulary: it has no [PAD]"),
+             (["--task", "rte", "--data-dir", str(tmp_path / "ok"), "--ckpt", str(small_vocab)],
+              "has a vocabulary of 1,000 tokens but the default vocab.txt has 30,522"),
+             (["--task", "stsb", "--data-dir", str(tmp_path / "nan")], "score 'nan' is not a finite number"),
+             (["--task", "rte", "--data-dir", str(tmp_path / "latin1")], "is not UTF-8 text"),
+             (["--task", "rte"], "pass --data-dir")]
     ok = ["--task", "rte", "--data-dir", str(tmp_path / "ok")]
     (tmp_path / "other.json").write_text('{"runs": [], "args": {"epochs": 7}}')
+    (tmp_path / "shape.json").write_text('{"runs": [1, 2], "args": {}}')
     cases += [(ok + flags, words) for flags, words in [
         (["--adapter", "-5"], "--adapter -5: sizes must be 0 (full) or positive"),
         (["--max-len", "0"], "--max-len 0 must be positive"),
+        (["--max-len", "3"], "--max-len 3 leaves no room for a sentence pair"),
+        (["--out", str(tmp_path)], "is a directory: pass a file path"),
+        (["--out", str(tmp_path / "shape.json")], "is not a finetune.py result"),
+        (["--save", str(tmp_path / "junk.pt")], "cannot keep models in"),
         (["--max-len", "100000"], "more than the model's 512 positions"),
         (["--batch-size", "0"], "--batch-size 0 must be positive"),
         (["--epochs", "0"], "--epochs 0 must be positive"),
