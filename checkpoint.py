@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from common import InputFileError
+from common import InputFileError, remove_stale_temps, temp_prefix
 from model import BertConfig, BertForMaskedLM, decay_split
 from moe import SwitchFFN
 
@@ -53,7 +53,8 @@ def atomic_save(state: dict, path) -> None:
     is swapped out the same way, see replace_path)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    remove_stale_temps(path)                          # a killed save's leftovers
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=temp_prefix(path), suffix=".tmp")
     os.close(fd)
     try:
         torch.save(state, tmp)
@@ -202,11 +203,12 @@ def save_sharded(path, model: BertForMaskedLM, optimizer, rank: int, world: int,
     rank calls it). Rank 0 writes common.pt, the dict save_checkpoint would write less the experts."""
     import torch.distributed as dist
     path = Path(path)
-    name = [f".{path.name}.tmp-{os.getpid()}-{time.time_ns()}" if rank == 0 else None]
+    name = [f"{temp_prefix(path)}{time.time_ns()}.tmp" if rank == 0 else None]
     dist.broadcast_object_list(name)                  # one directory for all ranks
     tmp = path.parent / name[0]
     if rank == 0:
         path.parent.mkdir(parents=True, exist_ok=True)
+        remove_stale_temps(path)
         tmp.mkdir()
     dist.barrier()
     try:

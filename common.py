@@ -8,9 +8,11 @@ Nothing here knows about models or the paper; it imports only the standard libra
 from __future__ import annotations
 
 import argparse
+import glob
 import json
 import math
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -44,10 +46,42 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 def write_json(path, data) -> None:
     """JSON to a temp file, then os.replace: a reader never sees half a file."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(data, f, indent=1)
-    os.replace(tmp, path)
+    remove_stale_temps(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=temp_prefix(path), suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(data, f, indent=1)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def temp_prefix(path: Path) -> str:
+    """.<name>.<pid>. : a temp file beside `path` that says which process writes it."""
+    return f".{path.name}.{os.getpid()}."
+
+
+def remove_stale_temps(path: Path) -> None:
+    """Delete the temp files and directories a killed writer of `path` left (its process is gone)."""
+    for stale in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
+        pid = stale.name[len(path.name) + 2:].split(".")[0]
+        if not pid.isdigit() or _alive(int(pid)):
+            continue
+        if stale.is_dir():
+            shutil.rmtree(stale, ignore_errors=True)
+        else:
+            stale.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 REPO = Path(__file__).resolve().parent

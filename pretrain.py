@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import hashlib
 import json
 import math
 import os
@@ -150,6 +151,7 @@ class Run:
     relation_tokens: int
     metrics: dict = field(default_factory=dict)
     stop: dict = field(default_factory=lambda: {"signal": 0})
+    teacher_sha1: str | None = None   # a resume checks it: the same file name may now hold another model
 
     @property
     def micro(self) -> int:
@@ -230,7 +232,7 @@ def save(run: Run, step: int, path: Path | None = None) -> None:
     """A checkpoint that carries everything needed to continue the run (collective): one file, or
     with experts sharded over the ranks a directory in which each rank writes its own experts."""
     saved_args = {**vars(run.args), "micro_batches": run.world * run.args.grad_accum}
-    extra = dict(vocab=run.vocab, step=step, epoch=step / run.steps_per_epoch, metrics=run.metrics,
+    extra = dict(vocab=run.vocab, step=step, teacher_sha1=run.teacher_sha1, epoch=step / run.steps_per_epoch, metrics=run.metrics,
                  scheduler=run.scheduler.state_dict(), rng=torch.get_rng_state(), args=saved_args,
                  data_state={"seed": run.args.seed, "step": step, "batch_size": run.args.batch_size,
                              "segments": len(run.train_seg)})
@@ -304,6 +306,11 @@ def build(args, rank: int, world: int, device) -> tuple[Run, int, np.ndarray]:
     if teacher is not None and args.relation_group > run.micro * args.seq_len:
         raise UsageError(f"--relation-group {args.relation_group} is more than the {run.micro * args.seq_len} "
                          "tokens of a micro-batch: lower it or raise --batch-size")
+    if teacher is not None:
+        run.teacher_sha1 = weights_sha1(teacher)
+        if resume and resume.get("teacher_sha1") not in (None, run.teacher_sha1):
+            raise UsageError(f"the teacher {args.teacher} now holds other weights than the run in {args.resume} "
+                             "started with: put its teacher back, or start a new run")
     start = 0
     if resume:
         model.load_state_dict(resume["model"])
@@ -316,6 +323,15 @@ def build(args, rank: int, world: int, device) -> tuple[Run, int, np.ndarray]:
             f"{len(valid_seg):,} valid segments, {total_steps} steps, warm-up {warmup}"
             + (f"; resumed {args.resume} at step {start}" if resume else ""))
     return run, start, valid_seg
+
+
+def weights_sha1(module: nn.Module) -> str:
+    """A fingerprint of a module's weights (names, shapes and values)."""
+    h = hashlib.sha1()
+    for name, t in module.state_dict().items():
+        h.update(f"{name}{tuple(t.shape)}".encode())
+        h.update(t.detach().float().cpu().numpy().tobytes())
+    return h.hexdigest()
 
 
 def parameter_count(model: nn.Module, expert_ranks: int) -> int:
@@ -594,11 +610,18 @@ def settle_resume(args, explicit: set, world: int) -> None:
 def check_out(args, explicit: set) -> None:
     """Fail before any work when --out cannot be written or would overwrite another run."""
     out = Path(args.out)
+    if out.is_dir() and not (out / "common.pt").is_file():
+        raise UsageError(f"{out} is a directory but not a checkpoint: pass a file path such as {out / 'moe.pt'}")
     if not args.resume and out.exists() and not args.overwrite:
         raise UsageError(f"{out} exists: continue it with --resume {out}, start afresh with --overwrite, "
                          "or pass another --out")
-    if out.is_dir() and not (out / "common.pt").is_file():
-        raise UsageError(f"{out} is a directory but not a checkpoint: pass a file path such as {out / 'moe.pt'}")
+    if args.resume and out.exists() and out.resolve() != Path(args.resume).resolve() and not args.overwrite:
+        raise UsageError(f"--out {out} exists and is not the run being resumed ({args.resume}): pass a new --out, "
+                         "or --overwrite to replace it")
+    cache = Path(args.cache_dir) if args.cache_dir else out.resolve().parent.parent / "cache"
+    reason = unwritable(cache) if not is_prepared(args.data) else None
+    if reason:
+        raise UsageError(f"cannot write the token cache to {cache} ({reason}): pass another --cache-dir")
     reason = unwritable(out.parent)
     if reason:
         raise UsageError(f"cannot write checkpoints to {out.parent} ({reason}): pass another --out")

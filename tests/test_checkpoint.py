@@ -296,3 +296,19 @@ def test_hugging_face_directories_that_are_not_quite_bert_are_one_line(tmp_path)
     assert r == 2 and not (tmp_path / "out").exists()
     again, _ = load_checkpoint(tmp_path / "good")                      # what to_hf_bert writes reads back
     assert again.config.num_layers == 1
+
+
+def test_a_save_removes_what_killed_saves_left_and_nothing_a_live_one_writes(tmp_path):
+    import os
+    from common import write_json
+    dead, live = tmp_path / ".run.pt.999999999.x1.tmp", tmp_path / f".run.pt.{os.getpid()}.x2.tmp"
+    dead_dir, other = tmp_path / ".run.pt.999999998.123.tmp", tmp_path / ".other.pt.999999999.x3.tmp"
+    for p in (dead, live, other):
+        p.write_text("half a file")
+    dead_dir.mkdir()
+    save_checkpoint(tmp_path / "run.pt", BertForMaskedLM(BertConfig.preset("tiny", num_layers=1)), step=3)
+    assert not dead.exists() and not dead_dir.exists() and live.exists() and other.exists()
+    json_dead = tmp_path / ".r.json.999999999.y.tmp"
+    json_dead.write_text("{")
+    write_json(tmp_path / "r.json", {"a": 1})
+    assert not json_dead.exists() and read_checkpoint(tmp_path / "run.pt")["step"] == 3

@@ -143,6 +143,8 @@ def bad_input_cases(tmp_path, corpus):
         (["--short-seq-steps", "8"], "needs both --short-seq-len and --short-seq-steps"),
         (["--teacher", str(tmp_path / "notbert")], "not a Hugging Face BERT directory: expected config.json"),
         (["--epochs", "two"], "invalid int value"),
+        (["--cache-dir", str(tmp_path / "exists.pt" / "cache")], "cannot write the token cache"),
+        (["--out", str(tmp_path / "notbert")], "is a directory but not a checkpoint"),
     ]
 
 
@@ -445,3 +447,22 @@ def test_parameter_count_counts_dense_parameters_once_and_every_ranks_experts():
     experts = sum(p.numel() for p in model.parameters() if getattr(p, "expert", False))
     assert pretrain.parameter_count(model, 1) == sum(p.numel() for p in model.parameters())
     assert pretrain.parameter_count(model, 2) == pretrain.parameter_count(model, 1) + experts > 0
+
+
+def test_a_resume_refuses_another_teacher_and_an_out_that_is_another_run(tmp_path, corpus, capsys):
+    teacher = tmp_path / "teacher.pt"
+    torch.manual_seed(0)
+    save_checkpoint(teacher, BertForMaskedLM(BertConfig.preset("tiny")), vocab=VOCAB)
+    run = ["--preset", "tiny", "--seq-len", "32", "--batch-size", "8", "--max-steps", "4", "--relation-group", "32",
+           "--relation-tokens", "64", "--data", str(corpus / "train.txt"), "--moe", "--experts", "4",
+           "--teacher", str(teacher), "--cache-dir", str(tmp_path / "cache"), "--out", str(tmp_path / "s.pt")]
+    assert pretrain.main([*run, "--stop-at", "1"]) == 0
+    (tmp_path / "other.pt").write_bytes(b"another run")
+    assert pretrain.main(["--resume", str(tmp_path / "s.pt"), "--out", str(tmp_path / "other.pt")]) == 2
+    assert "is not the run being resumed" in capsys.readouterr().err
+    assert (tmp_path / "other.pt").read_bytes() == b"another run"
+    torch.manual_seed(1)                                     # same file name and shape, other weights
+    save_checkpoint(teacher, BertForMaskedLM(BertConfig.preset("tiny")), vocab=VOCAB)
+    assert pretrain.main(["--resume", str(tmp_path / "s.pt")]) == 2
+    assert "now holds other weights" in capsys.readouterr().err.splitlines()[-1]
+    assert read_checkpoint(tmp_path / "s.pt")["step"] == 1                 # the run is as it was
