@@ -261,7 +261,7 @@ def run_one(args, key, data, mlm, ckpt_config, adapter: int, lr: float, seed: in
     missing, unexpected = model.bert.load_state_dict(mlm.bert.state_dict(), strict=False)
     assert not unexpected and all("adapter" in k for k in missing), (missing, unexpected)
     model.to(device).train()
-    epochs = args.epochs or (20 if adapter and key in ("mnli", "qnli", "qqp") and ckpt_config.hidden_size <= 128 else 10)
+    epochs = run_epochs(args, key, adapter, ckpt_config)
     train_x, train_y = data["train"]
     total = epochs * math.ceil(len(train_x) / args.batch_size)
     optimizer, scheduler = adamw_warmup_linear(model, lr, args.weight_decay, max(1, int(args.warmup * total)), total)
@@ -447,6 +447,11 @@ def grid(args, key: str, cfg) -> list[tuple[int, float, int]]:
             for lr in (args.lr or ([1e-4, 2e-4, 3e-4] if adapter else [1e-5, 2e-5, 5e-5])) for seed in args.seeds]
 
 
+def run_epochs(args, key: str, adapter: int, cfg) -> int:
+    """--epochs, else the paper's: 10, and 20 for adapters on MNLI, QNLI and QQP at H=128 (App. B)."""
+    return args.epochs or (20 if adapter and key in ("mnli", "qnli", "qqp") and cfg.hidden_size <= 128 else 10)
+
+
 SAME_RESULTS = ("ckpt", "epochs", "dropout", "batch_size", "max_len", "max_train", "warmup", "weight_decay", "lambda_b", "bf16")
 
 
@@ -510,6 +515,27 @@ def where_it_stood(mlm, ckpt: dict, vocab: list[str]) -> dict:
             "pretrain_perf": (ckpt.get("metrics") or {}).get("pretrain_perf")}
 
 
+def fine_tune_task(args, key: str, settings: list, mlm, vocab, tokenizer, device, out: Path, runs: list,
+                   pretrained: dict) -> None:
+    """Every (adapter, lr, seed) of one task; the results file is written after each run."""
+    raw = load_task(key, args.data_dir)
+    if args.max_train:
+        raw["train"] = tuple(col[:args.max_train] for col in raw["train"])
+    data = {split: (encode(tokenizer, a, b, args.max_len), y) for split, (a, b, y) in raw.items()}
+    for adapter, lr, seed in tqdm(settings, desc=TASKS[key].name, dynamic_ncols=True):
+        r = run_one(args, key, data, mlm, mlm.config, adapter, lr, seed, device)
+        state = r.pop("state", None)
+        if state is not None and keep_best(args, r, state, dataclasses.replace(
+                mlm.config, dropout=args.dropout, attention_dropout=args.dropout), vocab):
+            tqdm.write(f"kept as the best {r['task']} model so far: {Path(args.save) / r['task']}")
+        r["pretrain_perf"] = pretrained["pretrain_perf"]  # per run: a retrained checkpoint's runs stay visible
+        runs.append(r)
+        write_results(out, args, runs, pretrained)
+        tqdm.write(f"{r['task']:6s} {r['mode']:7s} adapter={adapter:<4d} lr={lr:.0e} seed={seed}: best epoch "
+                   f"{r['best']['epoch']} " + " ".join(f"{k}={v:.2f}" for k, v in r["best"].items()
+                                                        if k not in ("epoch", "train_loss", "seconds")))
+
+
 def run(args) -> int:
     check_args(args)
     if args.tasks == "all":
@@ -542,24 +568,8 @@ def run(args) -> int:
     if runs and adding:
         check_same_checkpoint(out, earlier, pretrained)
     for key in keys:
-        if not todo[key]:
-            continue
-        raw = load_task(key, args.data_dir)
-        if args.max_train:
-            raw["train"] = tuple(col[:args.max_train] for col in raw["train"])
-        data = {split: (encode(tokenizer, a, b, args.max_len), y) for split, (a, b, y) in raw.items()}
-        for adapter, lr, seed in tqdm(todo[key], desc=TASKS[key].name, dynamic_ncols=True):
-            r = run_one(args, key, data, mlm, mlm.config, adapter, lr, seed, device)
-            state = r.pop("state", None)
-            if state is not None and keep_best(args, r, state, dataclasses.replace(
-                    mlm.config, dropout=args.dropout, attention_dropout=args.dropout), vocab):
-                tqdm.write(f"kept as the best {r['task']} model so far: {Path(args.save) / r['task']}")
-            r["pretrain_perf"] = pretrained["pretrain_perf"]  # per run: a retrained checkpoint's runs stay visible
-            runs.append(r)
-            write_results(out, args, runs, pretrained)
-            tqdm.write(f"{r['task']:6s} {r['mode']:7s} adapter={adapter:<4d} lr={lr:.0e} seed={seed}: best epoch "
-                       f"{r['best']['epoch']} " + " ".join(f"{k}={v:.2f}" for k, v in r["best"].items()
-                                                            if k not in ("epoch", "train_loss", "seconds")))
+        if todo[key]:
+            fine_tune_task(args, key, todo[key], mlm, vocab, tokenizer, device, out, runs, pretrained)
     # nothing left to run: the file stays as written, with the checkpoint its runs came from
     summary = write_results(out, args, runs, pretrained) if adding else summarize(runs) if runs else {}
     for name, result in summary.items():

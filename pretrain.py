@@ -58,11 +58,15 @@ from moe import clip_gradients, sync_gradients
 
 HERE = Path(__file__).resolve().parent
 VALID_SEED = 1234                      # fixed validation masks: every model is scored on the same ones
+DROPOUT_STREAM, RELATION_STREAM = 1, 2  # seeded(seed, step, micro-batch, stream): one random stream per use
 VALID_SHARE = 0.01                     # documents held out when no --valid is given
 PARTS = ("loss", "mlm", "balance", "trunk", "inner", "attention")
-# flags that may differ when a run is resumed: where output goes, how often, on what hardware
-FREE_ON_RESUME = {"resume", "out", "overwrite", "stop_at", "stop_epochs", "eval_every", "log_every", "keep_epochs",
-                  "keep_every", "cache_dir", "device", "backend", "grad_accum"}
+# The resume rules, stated once. A resume restores every setting from its checkpoint except THIS_COMMAND's,
+# which belong to the command that resumes (what to stop at, where to write, on what hardware; the world size
+# with --grad-accum). A flag given again must equal the run's, unless it is FREE_ON_RESUME: these, and
+# cadences and the cache, do not change what is trained.
+THIS_COMMAND = {"resume", "out", "overwrite", "stop_at", "stop_epochs", "device", "backend", "grad_accum"}
+FREE_ON_RESUME = THIS_COMMAND | {"eval_every", "log_every", "keep_epochs", "keep_every", "cache_dir"}
 
 
 class UsageError(Exception):
@@ -109,11 +113,15 @@ def setup_distributed(args):
 
 # ----------------------------------------------------------------------------- the objective
 
-def objective(mlm: torch.Tensor, balance: torch.Tensor, tcd: dict, args) -> torch.Tensor:
+def objective(mlm: torch.Tensor, balance: torch.Tensor, tcd: dict, *, lambda_b: float, lambda_t: float,
+              lambda_i: float, lambda_a: float) -> torch.Tensor:
     """Eq. 13. A dense model has balance = 0; without a teacher tcd's parts are 0, which leaves Eq. 12
     for a dense model and L_MLM + λB·L_B (not numbered in the paper) for the MoE baseline."""
-    return (mlm + args.lambda_b * balance + args.lambda_t * tcd["trunk"] + args.lambda_i * tcd["inner"]
-            + args.lambda_a * tcd["attention"])
+    return mlm + lambda_b * balance + lambda_t * tcd["trunk"] + lambda_i * tcd["inner"] + lambda_a * tcd["attention"]
+
+
+def lambdas(args) -> dict[str, float]:
+    return {k: getattr(args, k) for k in ("lambda_b", "lambda_t", "lambda_i", "lambda_a")}
 
 
 def micro_batch_losses(run: Run, x: torch.Tensor, y: torch.Tensor, step: int, m: int) -> dict:
@@ -123,10 +131,10 @@ def micro_batch_losses(run: Run, x: torch.Tensor, y: torch.Tensor, step: int, m:
     tcd = {"trunk": zero, "inner": zero, "attention": zero}
     if run.teacher is not None:
         index = sample_groups(torch.ones_like(x, dtype=torch.bool), run.relation_tokens, run.args.relation_group,
-                              seeded(run.args.seed, step, m, 2))        # the same tokens for teacher and student
+                              seeded(run.args.seed, step, m, RELATION_STREAM))   # the same tokens for both models
         tcd = tcd_losses(res.taps, run.teacher(x), index, None, attention=run.args.lambda_a > 0)
     parts = {"mlm": res.loss, "balance": res.balance_loss, **tcd}       # mlm: L_MLM, Eq. 12
-    return {"loss": objective(res.loss, res.balance_loss, tcd, run.args), **parts}
+    return {"loss": objective(res.loss, res.balance_loss, tcd, **lambdas(run.args)), **parts}
 
 
 # ----------------------------------------------------------------------------- one run
@@ -187,7 +195,7 @@ def train_step(run: Run, inputs, labels, step: int) -> dict:
     parts = torch.zeros(len(PARTS))
     autocast = torch.autocast(run.device.type, dtype=torch.bfloat16, enabled=args.bf16)
     for m in range(run.rank * args.grad_accum, (run.rank + 1) * args.grad_accum):
-        torch.manual_seed(int(seeded(args.seed, step, m, 1).initial_seed()))   # dropout
+        torch.manual_seed(int(seeded(args.seed, step, m, DROPOUT_STREAM).initial_seed()))
         x = inputs[m * micro:(m + 1) * micro].to(run.device)
         y = labels[m * micro:(m + 1) * micro].to(run.device)
         with autocast:
@@ -501,12 +509,10 @@ def make_parser() -> argparse.ArgumentParser:
 
 def parse_args(argv=None) -> tuple[argparse.Namespace, set]:
     """(args with defaults, the names of the flags given on the command line)."""
-    p = make_parser()
-    args = p.parse_args(argv)
-    for action in p._actions:
-        action.default = argparse.SUPPRESS
-    explicit = set(vars(p.parse_args(argv)))
-    return args, explicit
+    args = make_parser().parse_args(argv)
+    unset = object()                 # argparse fills in a default only where the namespace has no value
+    given = make_parser().parse_args(argv, namespace=argparse.Namespace(**{k: unset for k in vars(args)}))
+    return args, {k for k, v in vars(given).items() if v is not unset}
 
 
 def fill_defaults(args) -> None:
@@ -590,9 +596,8 @@ def settle_resume(args, explicit: set, world: int) -> None:
         if getattr(args, name) != saved.get(name, defaults.get(name)):
             raise UsageError(f"--{name.replace('_', '-')} {getattr(args, name)} differs from the run in {path} "
                              f"({saved.get(name)}): resume without it, or start a new run with another --out")
-    per_invocation = {"resume", "out", "overwrite", "stop_at", "stop_epochs", "device", "backend", "grad_accum"}
     for name, value in saved.items():                # cadences and paths too, unless given again
-        if name in defaults and name not in per_invocation and name not in explicit:
+        if name in defaults and name not in THIS_COMMAND and name not in explicit:
             setattr(args, name, value)
     if "grad_accum" not in explicit:
         if saved["micro_batches"] % world:

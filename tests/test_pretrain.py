@@ -356,9 +356,8 @@ def test_objective_gradient_wrt_each_part_is_its_own_lambda():
     every λ, so a dropped, swapped or duplicated weight changes some gradient."""
     values = {"mlm": 1.3, "balance": 0.07, "trunk": 0.11, "inner": 0.19, "attention": 0.23}
     parts = {k: torch.tensor(v, requires_grad=True) for k, v in values.items()}
-    args = type("Args", (), LAMBDAS)()
     tcd = {k: parts[k] for k in ("trunk", "inner", "attention")}
-    total = pretrain.objective(parts["mlm"], parts["balance"], tcd, args)
+    total = pretrain.objective(parts["mlm"], parts["balance"], tcd, **LAMBDAS)
     total.backward()
     expected = values["mlm"] + sum(LAMBDAS[lam] * values[part] for lam, part in PART_OF.items())
     assert total.item() == pytest.approx(expected, rel=1e-6)
