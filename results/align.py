@@ -29,7 +29,8 @@ class AlignError(Exception):
 def summary(path: str) -> dict:
     """{path, step, epoch, pretrain_perf} of a pretrain.py checkpoint, without reading its weights."""
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        p = Path(path)                                # a sharded checkpoint's settings live in common.pt
+        ckpt = torch.load(p / "common.pt" if p.is_dir() else p, map_location="cpu", weights_only=True, mmap=True)
         metrics = ckpt.get("metrics") or {}
         return {"path": portable_path(path), "step": ckpt["step"], "epoch": ckpt["epoch"], "pretrain_perf": metrics.get("pretrain_perf")}
     except Exception as e:            # noqa: BLE001 - any unreadable file is the same user error
