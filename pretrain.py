@@ -18,6 +18,8 @@ Resume. A checkpoint carries every setting of its run. `--resume [CKPT]` (defaul
 checkpoint) continues that run with those settings; only flags that do not change the run may be
 given again (--stop-at, --stop-epochs, --eval-every, --log-every, --keep-*, --out, --cache-dir,
 --device, --backend, and the world size with --grad-accum). Ctrl-C and SIGTERM save and exit.
+A checkpoint is one .pt file, or, with experts sharded over torchrun's ranks, a directory in which
+each rank writes its own experts (checkpoint.py); a resume reads either onto any world size.
 
 Batches and randomness. --batch-size is the global batch of one optimizer step. It is cut into
 world_size x grad_accum micro-batches; rank r runs micro-batches r*A ... r*A+A-1. The MLM
@@ -27,6 +29,9 @@ update as one process with W*A accumulation steps, and a resumed run replays an 
 one exactly. Each micro-batch's loss is the mean over its own masked tokens; the step's loss
 is the mean over micro-batches. The balance loss (Eq. 4-5) is per micro-batch, over that
 micro-batch's tokens on its rank, then averaged like the rest.
+
+The file reads top to bottom: config (the command line and its checks), data, distributed set-up,
+the objective (Eq. 12-13), one run's step, evaluation and checkpoint, building a run, the loop.
 """
 from __future__ import annotations
 
@@ -71,6 +76,192 @@ FREE_ON_RESUME = THIS_COMMAND | {"eval_every", "log_every", "keep_epochs", "keep
 
 class UsageError(Exception):
     """Bad input: reported as one line, exit code 2."""
+
+
+# ----------------------------------------------------------------------------- config: the command line
+
+def make_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="pretrain.py", description=__doc__.split("\n")[0], formatter_class=HelpFormatter)
+    a = p.add_argument
+    a("--data", nargs="+", help="a corpus prepared by prepare.py, or text/.jsonl files (.gz/.zst), directories, or "
+      "hf:NAME[:CONFIG], prepared into the cache on first use (default: data/sample.txt)")
+    a("--valid", nargs="+", help="held-out text for Pre-Train Perf. (default: a fixed random 1%% of the documents)")
+    a("--vocab", default=str(HERE / "data" / "bert-base-uncased-vocab.txt"), help="WordPiece vocab.txt")
+    a("--seq-len", type=int, default=128, help="tokens per segment, [CLS] and [SEP] included (paper: 128)")
+    a("--preset", choices=["tiny", "small", "base"],
+      help="model size: small H=128 x 12 layers (paper), base H=768 x 12, tiny H=128 x 4 (CPU demo) "
+      "(default: the teacher's with --teacher, as in the paper; else small)")
+    a("--moe", action="store_true", help="replace every FFN by a top-1 Switch MoE layer")
+    a("--experts", type=int, default=64, help="experts per MoE layer (paper: 64)")
+    a("--teacher", help="vanilla BERT checkpoint to distill transfer capability from (TCD, Eq. 13)")
+    a("--lambda-b", type=finite_float, default=1000.0, help="balance loss weight λB (paper: 1000) on L_B summed "
+      "over the L MoE layers; the paper does not say sum or mean, and 1000 on the mean is --lambda-b 1000/L")
+    a("--lambda-t", type=finite_float, default=1.0, help="trunk relation weight λT (paper: 1)")
+    a("--lambda-i", type=finite_float, default=1.0, help="residual-inner relation weight λI (paper: 1)")
+    a("--lambda-a", type=finite_float, help="attention relation weight λA (default: the paper's, 0 tiny/small, 1 base)")
+    a("--relation-tokens", type=int, default=4096, help="tokens sampled per batch for L_T, L_I (paper: 4096)")
+    a("--relation-group", type=int, default=128, help="tokens per relation group (paper: 128)")
+    a("--batch-size", type=int, help="global batch in sequences per optimizer step (default: the paper's, "
+      "512; 1024 for base)")
+    a("--grad-accum", type=int, default=1, help="micro-batches per rank per step (same update, less memory)")
+    a("--epochs", type=int, default=40, help="epochs the learning-rate schedule is sized for (paper: 40)")
+    a("--max-steps", type=int, default=0, help="cap on the schedule's optimizer steps (0: --epochs decide)")
+    a("--stop-at", type=int, default=0, help="save and stop after this step, schedule unchanged (0: never)")
+    a("--stop-epochs", type=int, default=0, help="save and stop after this many epochs, schedule unchanged")
+    a("--lr", type=finite_float, default=1e-4, help="peak learning rate (paper: 1e-4)")
+    a("--weight-decay", type=finite_float, default=0.01, help="AdamW's decoupled weight decay (the paper: an L2 weight of 0.01 with Adam; AdamW is our choice)")
+    a("--beta2", type=finite_float, default=0.999, help="Adam β2 (paper: 0.999)")
+    a("--warmup-steps", type=int, default=10_000, help="linear warm-up steps, capped at 10%% of the schedule "
+      "(paper: 10,000)")
+    a("--clip", type=finite_float, default=1.0, help="gradient norm clip (0: off)")
+    a("--dropout", type=finite_float, default=0.1, help="hidden and attention dropout (BERT's default; the paper does not state it)")
+    a("--mask-prob", type=finite_float, default=0.15, help="share of tokens masked in training; validation "
+      "always uses 0.15 (paper: 0.15)")
+    a("--short-seq-len", type=int, default=0, help="curriculum: cut each segment into pieces of this length "
+      "for the first --short-seq-steps steps (0: off; the paper trains at 128 throughout)")
+    a("--short-seq-steps", type=int, default=0, help="steps of the short-sequence curriculum")
+    a("--position-init", choices=["normal", "sinusoid"], default="normal",
+      help="initial position embeddings: BERT's N(0, 0.02), or sinusoids of the same scale")
+    a("--bf16", action="store_true", help="bfloat16 autocast (CPU and CUDA)")
+    a("--seed", type=int, default=0, help="seed of the weights, batches, masks and dropout")
+    a("--out", help="checkpoint path (default: ckpt/vanilla.pt, ckpt/moe.pt or ckpt/moe_tcd.pt; "
+      "with --resume, the checkpoint resumed)")
+    a("--overwrite", action="store_true", help="start afresh over an existing --out checkpoint")
+    a("--cache-dir", help="token cache (default: cache/ beside the checkpoint directory)")
+    a("--keep-epochs", action="store_true", help="also keep NAME.epochN.pt at each epoch end")
+    a("--keep-every", type=int, default=0, help="also keep NAME.stepN.pt every N steps (0: off)")
+    a("--resume", nargs="?", const="", help="continue the run saved in this checkpoint (default: --out) "
+      "with its own settings")
+    a("--log-every", type=int, default=10, help="steps between lines of NAME.metrics.jsonl")
+    a("--eval-every", type=int, default=1000, help="steps between Pre-Train Perf. evaluations (also at epoch ends)")
+    a("--device", help="cpu, cuda, cuda:1 ... (default: cuda:LOCAL_RANK if available)")
+    a("--backend", help="torch.distributed backend (default: nccl on CUDA, gloo on CPU)")
+    return p
+
+
+def parse_args(argv=None) -> tuple[argparse.Namespace, set]:
+    """(args with defaults, the names of the flags given on the command line)."""
+    args = make_parser().parse_args(argv)
+    unset = object()                 # argparse fills in a default only where the namespace has no value
+    given = make_parser().parse_args(argv, namespace=argparse.Namespace(**{k: unset for k in vars(args)}))
+    return args, {k for k, v in vars(given).items() if v is not unset}
+
+
+def fill_defaults(args) -> None:
+    """Settings that depend on others, made explicit so a checkpoint records what ran."""
+    args.data = [s if s.startswith("hf:") else str(Path(s).resolve()) for s in
+                 (args.data or [str(HERE / "data" / "sample.txt")])]
+    args.valid = [s if s.startswith("hf:") else str(Path(s).resolve()) for s in args.valid] if args.valid else None
+    args.vocab = str(Path(args.vocab).resolve())
+    args.cache_dir = str(Path(args.cache_dir).resolve()) if args.cache_dir else None
+    args.teacher = str(Path(args.teacher).resolve()) if args.teacher else None
+    if args.preset is None:                          # the paper's student has its teacher's shape
+        args.preset = teacher_preset(args.teacher) if args.teacher and args.resume is None else "small"
+    if args.batch_size is None:
+        args.batch_size = 1024 if args.preset == "base" else 512
+    if args.lambda_a is None:
+        args.lambda_a = 1.0 if args.preset == "base" else 0.0
+    default_out = f"ckpt/{'moe_tcd' if args.teacher else 'moe' if args.moe else 'vanilla'}.pt"
+    args.out = str(Path(args.out or default_out).resolve())
+
+
+def teacher_preset(path: str) -> str:
+    """The preset a teacher checkpoint was trained with, or whose shape it has."""
+    saved = read_checkpoint_args(path) or {}
+    if saved.get("preset") in PRESETS:
+        return saved["preset"]
+    cfg = read_checkpoint(path)["config"]
+    shape = ("hidden_size", "num_layers", "num_heads", "intermediate_size")
+    for name, preset in PRESETS.items():
+        if all(cfg.get(k) == preset[k] for k in shape):
+            return name
+    raise UsageError(f"the teacher {path} has no preset's shape (H={cfg.get('hidden_size')}, "
+                     f"{cfg.get('num_layers')} layers): pass --preset")
+
+
+def check_args(args) -> None:
+    """One line per bad value, before any work."""
+    positive = ["batch_size", "grad_accum", "epochs", "seq_len", "relation_tokens", "relation_group", "log_every",
+                "eval_every", "lr"]
+    non_negative = ["max_steps", "stop_at", "stop_epochs", "short_seq_steps", "warmup_steps", "weight_decay", "clip", "keep_every",
+                    "lambda_b", "lambda_t", "lambda_i", "lambda_a"]
+    for name in positive:
+        if not getattr(args, name) > 0:
+            raise UsageError(f"--{name.replace('_', '-')} {getattr(args, name)} must be positive")
+    for name in non_negative:
+        if not getattr(args, name) >= 0:
+            raise UsageError(f"--{name.replace('_', '-')} {getattr(args, name)} must be 0 or more")
+    for name, lo, hi in (("dropout", 0.0, 1.0), ("beta2", 0.0, 1.0)):
+        if not lo <= getattr(args, name) < hi:
+            raise UsageError(f"--{name} {getattr(args, name)} must be in [{lo:g}, {hi:g})")
+    if not 0 < args.mask_prob < 1:
+        raise UsageError(f"--mask-prob {args.mask_prob} must be between 0 and 1")
+    max_position = BertConfig.preset(args.preset).max_position
+    if not 3 <= args.seq_len <= max_position:
+        raise UsageError(f"--seq-len {args.seq_len} must be from 3 to {max_position}, the model's positions")
+    if bool(args.short_seq_steps) != bool(args.short_seq_len):
+        raise UsageError("the curriculum needs both --short-seq-len and --short-seq-steps (or neither)")
+    if args.short_seq_steps and not (args.short_seq_len > 0 and args.seq_len % args.short_seq_len == 0):
+        raise UsageError(f"--short-seq-len {args.short_seq_len} must divide --seq-len {args.seq_len}")
+    if args.short_seq_steps and args.short_seq_len < 3:
+        raise UsageError(f"--short-seq-len {args.short_seq_len} leaves no room for a token between [CLS] and [SEP]: "
+                         "use 3 or more")
+    if args.moe and args.experts < 2:
+        raise UsageError(f"--moe needs --experts 2 or more (got {args.experts}); drop --moe for a vanilla model")
+    if args.relation_group > args.relation_tokens:
+        raise UsageError(f"--relation-group {args.relation_group} is more than --relation-tokens "
+                         f"{args.relation_tokens}")
+    if args.batch_size % args.grad_accum:
+        raise UsageError(f"--batch-size {args.batch_size} is not a multiple of --grad-accum {args.grad_accum}")
+
+
+def settle_resume(args, explicit: set, world: int) -> None:
+    """With --resume: the run's own settings from its checkpoint; a flag given again must agree
+    with them, unless it is one that does not change the run (FREE_ON_RESUME)."""
+    path = Path(args.resume or args.out)
+    saved = read_checkpoint_args(path)
+    if not saved or "micro_batches" not in saved:
+        raise UsageError(f"{path} does not carry its run's settings (written by an older pretrain.py): "
+                         "start a new run")
+    defaults = vars(make_parser().parse_args([]))
+    for name in explicit - FREE_ON_RESUME:
+        if getattr(args, name) != saved.get(name, defaults.get(name)):
+            raise UsageError(f"--{name.replace('_', '-')} {getattr(args, name)} differs from the run in {path} "
+                             f"({saved.get(name)}): resume without it, or start a new run with another --out")
+    for name, value in saved.items():                # cadences and paths too, unless given again
+        if name in defaults and name not in THIS_COMMAND and name not in explicit:
+            setattr(args, name, value)
+    if "grad_accum" not in explicit:
+        if saved["micro_batches"] % world:
+            raise UsageError(f"the run in {path} has {saved['micro_batches']} micro-batches per step, not "
+                             f"divisible over {world} ranks: pass --grad-accum")
+        args.grad_accum = saved["micro_batches"] // world
+    elif world * args.grad_accum != saved["micro_batches"]:
+        raise UsageError(f"{world} ranks x --grad-accum {args.grad_accum} must make the run's "
+                         f"{saved['micro_batches']} micro-batches per step")
+    args.resume = str(path)
+    if "out" not in explicit:
+        args.out = str(path.resolve())
+
+
+def check_out(args, explicit: set) -> None:
+    """Fail before any work when --out cannot be written or would overwrite another run."""
+    out = Path(args.out)
+    if out.is_dir() and not (out / "common.pt").is_file():
+        raise UsageError(f"{out} is a directory but not a checkpoint: pass a file path such as {out / 'moe.pt'}")
+    if not args.resume and out.exists() and not args.overwrite:
+        raise UsageError(f"{out} exists: continue it with --resume {out}, start afresh with --overwrite, "
+                         "or pass another --out")
+    if args.resume and out.exists() and out.resolve() != Path(args.resume).resolve() and not args.overwrite:
+        raise UsageError(f"--out {out} exists and is not the run being resumed ({args.resume}): pass a new --out, "
+                         "or --overwrite to replace it")
+    cache = Path(args.cache_dir) if args.cache_dir else out.resolve().parent.parent / "cache"
+    reason = unwritable(cache) if not is_prepared(args.data) else None
+    if reason:
+        raise UsageError(f"cannot write the token cache to {cache} ({reason}): pass another --cache-dir")
+    reason = unwritable(out.parent)
+    if reason:
+        raise UsageError(f"cannot write checkpoints to {out.parent} ({reason}): pass another --out")
 
 
 # ----------------------------------------------------------------------------- data
@@ -444,192 +635,6 @@ def train(args) -> int:
     save(run, run.total_steps)
     run.log(f"done: {run.total_steps} steps, saved {shown(run.out)}")
     return 0
-
-
-# ----------------------------------------------------------------------------- command line
-
-def make_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="pretrain.py", description=__doc__.split("\n")[0], formatter_class=HelpFormatter)
-    a = p.add_argument
-    a("--data", nargs="+", help="a corpus prepared by prepare.py, or text/.jsonl files (.gz/.zst), directories, or "
-      "hf:NAME[:CONFIG], prepared into the cache on first use (default: data/sample.txt)")
-    a("--valid", nargs="+", help="held-out text for Pre-Train Perf. (default: a fixed random 1%% of the documents)")
-    a("--vocab", default=str(HERE / "data" / "bert-base-uncased-vocab.txt"), help="WordPiece vocab.txt")
-    a("--seq-len", type=int, default=128, help="tokens per segment, [CLS] and [SEP] included (paper: 128)")
-    a("--preset", choices=["tiny", "small", "base"],
-      help="model size: small H=128 x 12 layers (paper), base H=768 x 12, tiny H=128 x 4 (CPU demo) "
-      "(default: the teacher's with --teacher, as in the paper; else small)")
-    a("--moe", action="store_true", help="replace every FFN by a top-1 Switch MoE layer")
-    a("--experts", type=int, default=64, help="experts per MoE layer (paper: 64)")
-    a("--teacher", help="vanilla BERT checkpoint to distill transfer capability from (TCD, Eq. 13)")
-    a("--lambda-b", type=finite_float, default=1000.0, help="balance loss weight λB (paper: 1000) on L_B summed "
-      "over the L MoE layers; the paper does not say sum or mean, and 1000 on the mean is --lambda-b 1000/L")
-    a("--lambda-t", type=finite_float, default=1.0, help="trunk relation weight λT (paper: 1)")
-    a("--lambda-i", type=finite_float, default=1.0, help="residual-inner relation weight λI (paper: 1)")
-    a("--lambda-a", type=finite_float, help="attention relation weight λA (default: the paper's, 0 tiny/small, 1 base)")
-    a("--relation-tokens", type=int, default=4096, help="tokens sampled per batch for L_T, L_I (paper: 4096)")
-    a("--relation-group", type=int, default=128, help="tokens per relation group (paper: 128)")
-    a("--batch-size", type=int, help="global batch in sequences per optimizer step (default: the paper's, "
-      "512; 1024 for base)")
-    a("--grad-accum", type=int, default=1, help="micro-batches per rank per step (same update, less memory)")
-    a("--epochs", type=int, default=40, help="epochs the learning-rate schedule is sized for (paper: 40)")
-    a("--max-steps", type=int, default=0, help="cap on the schedule's optimizer steps (0: --epochs decide)")
-    a("--stop-at", type=int, default=0, help="save and stop after this step, schedule unchanged (0: never)")
-    a("--stop-epochs", type=int, default=0, help="save and stop after this many epochs, schedule unchanged")
-    a("--lr", type=finite_float, default=1e-4, help="peak learning rate (paper: 1e-4)")
-    a("--weight-decay", type=finite_float, default=0.01, help="AdamW's decoupled weight decay (the paper: an L2 weight of 0.01 with Adam; AdamW is our choice)")
-    a("--beta2", type=finite_float, default=0.999, help="Adam β2 (paper: 0.999)")
-    a("--warmup-steps", type=int, default=10_000, help="linear warm-up steps, capped at 10%% of the schedule "
-      "(paper: 10,000)")
-    a("--clip", type=finite_float, default=1.0, help="gradient norm clip (0: off)")
-    a("--dropout", type=finite_float, default=0.1, help="hidden and attention dropout (BERT's default; the paper does not state it)")
-    a("--mask-prob", type=finite_float, default=0.15, help="share of tokens masked in training; validation "
-      "always uses 0.15 (paper: 0.15)")
-    a("--short-seq-len", type=int, default=0, help="curriculum: cut each segment into pieces of this length "
-      "for the first --short-seq-steps steps (0: off; the paper trains at 128 throughout)")
-    a("--short-seq-steps", type=int, default=0, help="steps of the short-sequence curriculum")
-    a("--position-init", choices=["normal", "sinusoid"], default="normal",
-      help="initial position embeddings: BERT's N(0, 0.02), or sinusoids of the same scale")
-    a("--bf16", action="store_true", help="bfloat16 autocast (CPU and CUDA)")
-    a("--seed", type=int, default=0, help="seed of the weights, batches, masks and dropout")
-    a("--out", help="checkpoint path (default: ckpt/vanilla.pt, ckpt/moe.pt or ckpt/moe_tcd.pt; "
-      "with --resume, the checkpoint resumed)")
-    a("--overwrite", action="store_true", help="start afresh over an existing --out checkpoint")
-    a("--cache-dir", help="token cache (default: cache/ beside the checkpoint directory)")
-    a("--keep-epochs", action="store_true", help="also keep NAME.epochN.pt at each epoch end")
-    a("--keep-every", type=int, default=0, help="also keep NAME.stepN.pt every N steps (0: off)")
-    a("--resume", nargs="?", const="", help="continue the run saved in this checkpoint (default: --out) "
-      "with its own settings")
-    a("--log-every", type=int, default=10, help="steps between lines of NAME.metrics.jsonl")
-    a("--eval-every", type=int, default=1000, help="steps between Pre-Train Perf. evaluations (also at epoch ends)")
-    a("--device", help="cpu, cuda, cuda:1 ... (default: cuda:LOCAL_RANK if available)")
-    a("--backend", help="torch.distributed backend (default: nccl on CUDA, gloo on CPU)")
-    return p
-
-
-def parse_args(argv=None) -> tuple[argparse.Namespace, set]:
-    """(args with defaults, the names of the flags given on the command line)."""
-    args = make_parser().parse_args(argv)
-    unset = object()                 # argparse fills in a default only where the namespace has no value
-    given = make_parser().parse_args(argv, namespace=argparse.Namespace(**{k: unset for k in vars(args)}))
-    return args, {k for k, v in vars(given).items() if v is not unset}
-
-
-def fill_defaults(args) -> None:
-    """Settings that depend on others, made explicit so a checkpoint records what ran."""
-    args.data = [s if s.startswith("hf:") else str(Path(s).resolve()) for s in
-                 (args.data or [str(HERE / "data" / "sample.txt")])]
-    args.valid = [s if s.startswith("hf:") else str(Path(s).resolve()) for s in args.valid] if args.valid else None
-    args.vocab = str(Path(args.vocab).resolve())
-    args.cache_dir = str(Path(args.cache_dir).resolve()) if args.cache_dir else None
-    args.teacher = str(Path(args.teacher).resolve()) if args.teacher else None
-    if args.preset is None:                          # the paper's student has its teacher's shape
-        args.preset = teacher_preset(args.teacher) if args.teacher and args.resume is None else "small"
-    if args.batch_size is None:
-        args.batch_size = 1024 if args.preset == "base" else 512
-    if args.lambda_a is None:
-        args.lambda_a = 1.0 if args.preset == "base" else 0.0
-    default_out = f"ckpt/{'moe_tcd' if args.teacher else 'moe' if args.moe else 'vanilla'}.pt"
-    args.out = str(Path(args.out or default_out).resolve())
-
-
-def teacher_preset(path: str) -> str:
-    """The preset a teacher checkpoint was trained with, or whose shape it has."""
-    saved = read_checkpoint_args(path) or {}
-    if saved.get("preset") in PRESETS:
-        return saved["preset"]
-    cfg = read_checkpoint(path)["config"]
-    shape = ("hidden_size", "num_layers", "num_heads", "intermediate_size")
-    for name, preset in PRESETS.items():
-        if all(cfg.get(k) == preset[k] for k in shape):
-            return name
-    raise UsageError(f"the teacher {path} has no preset's shape (H={cfg.get('hidden_size')}, "
-                     f"{cfg.get('num_layers')} layers): pass --preset")
-
-
-def check_args(args) -> None:
-    """One line per bad value, before any work."""
-    positive = ["batch_size", "grad_accum", "epochs", "seq_len", "relation_tokens", "relation_group", "log_every",
-                "eval_every", "lr"]
-    non_negative = ["max_steps", "stop_at", "stop_epochs", "short_seq_steps", "warmup_steps", "weight_decay", "clip", "keep_every",
-                    "lambda_b", "lambda_t", "lambda_i", "lambda_a"]
-    for name in positive:
-        if not getattr(args, name) > 0:
-            raise UsageError(f"--{name.replace('_', '-')} {getattr(args, name)} must be positive")
-    for name in non_negative:
-        if not getattr(args, name) >= 0:
-            raise UsageError(f"--{name.replace('_', '-')} {getattr(args, name)} must be 0 or more")
-    for name, lo, hi in (("dropout", 0.0, 1.0), ("beta2", 0.0, 1.0)):
-        if not lo <= getattr(args, name) < hi:
-            raise UsageError(f"--{name} {getattr(args, name)} must be in [{lo:g}, {hi:g})")
-    if not 0 < args.mask_prob < 1:
-        raise UsageError(f"--mask-prob {args.mask_prob} must be between 0 and 1")
-    max_position = BertConfig.preset(args.preset).max_position
-    if not 3 <= args.seq_len <= max_position:
-        raise UsageError(f"--seq-len {args.seq_len} must be from 3 to {max_position}, the model's positions")
-    if bool(args.short_seq_steps) != bool(args.short_seq_len):
-        raise UsageError("the curriculum needs both --short-seq-len and --short-seq-steps (or neither)")
-    if args.short_seq_steps and not (args.short_seq_len > 0 and args.seq_len % args.short_seq_len == 0):
-        raise UsageError(f"--short-seq-len {args.short_seq_len} must divide --seq-len {args.seq_len}")
-    if args.short_seq_steps and args.short_seq_len < 3:
-        raise UsageError(f"--short-seq-len {args.short_seq_len} leaves no room for a token between [CLS] and [SEP]: "
-                         "use 3 or more")
-    if args.moe and args.experts < 2:
-        raise UsageError(f"--moe needs --experts 2 or more (got {args.experts}); drop --moe for a vanilla model")
-    if args.relation_group > args.relation_tokens:
-        raise UsageError(f"--relation-group {args.relation_group} is more than --relation-tokens "
-                         f"{args.relation_tokens}")
-    if args.batch_size % args.grad_accum:
-        raise UsageError(f"--batch-size {args.batch_size} is not a multiple of --grad-accum {args.grad_accum}")
-
-
-def settle_resume(args, explicit: set, world: int) -> None:
-    """With --resume: the run's own settings from its checkpoint; a flag given again must agree
-    with them, unless it is one that does not change the run (FREE_ON_RESUME)."""
-    path = Path(args.resume or args.out)
-    saved = read_checkpoint_args(path)
-    if not saved or "micro_batches" not in saved:
-        raise UsageError(f"{path} does not carry its run's settings (written by an older pretrain.py): "
-                         "start a new run")
-    defaults = vars(make_parser().parse_args([]))
-    for name in explicit - FREE_ON_RESUME:
-        if getattr(args, name) != saved.get(name, defaults.get(name)):
-            raise UsageError(f"--{name.replace('_', '-')} {getattr(args, name)} differs from the run in {path} "
-                             f"({saved.get(name)}): resume without it, or start a new run with another --out")
-    for name, value in saved.items():                # cadences and paths too, unless given again
-        if name in defaults and name not in THIS_COMMAND and name not in explicit:
-            setattr(args, name, value)
-    if "grad_accum" not in explicit:
-        if saved["micro_batches"] % world:
-            raise UsageError(f"the run in {path} has {saved['micro_batches']} micro-batches per step, not "
-                             f"divisible over {world} ranks: pass --grad-accum")
-        args.grad_accum = saved["micro_batches"] // world
-    elif world * args.grad_accum != saved["micro_batches"]:
-        raise UsageError(f"{world} ranks x --grad-accum {args.grad_accum} must make the run's "
-                         f"{saved['micro_batches']} micro-batches per step")
-    args.resume = str(path)
-    if "out" not in explicit:
-        args.out = str(path.resolve())
-
-
-def check_out(args, explicit: set) -> None:
-    """Fail before any work when --out cannot be written or would overwrite another run."""
-    out = Path(args.out)
-    if out.is_dir() and not (out / "common.pt").is_file():
-        raise UsageError(f"{out} is a directory but not a checkpoint: pass a file path such as {out / 'moe.pt'}")
-    if not args.resume and out.exists() and not args.overwrite:
-        raise UsageError(f"{out} exists: continue it with --resume {out}, start afresh with --overwrite, "
-                         "or pass another --out")
-    if args.resume and out.exists() and out.resolve() != Path(args.resume).resolve() and not args.overwrite:
-        raise UsageError(f"--out {out} exists and is not the run being resumed ({args.resume}): pass a new --out, "
-                         "or --overwrite to replace it")
-    cache = Path(args.cache_dir) if args.cache_dir else out.resolve().parent.parent / "cache"
-    reason = unwritable(cache) if not is_prepared(args.data) else None
-    if reason:
-        raise UsageError(f"cannot write the token cache to {cache} ({reason}): pass another --cache-dir")
-    reason = unwritable(out.parent)
-    if reason:
-        raise UsageError(f"cannot write checkpoints to {out.parent} ({reason}): pass another --out")
 
 
 def main(argv=None) -> int:
