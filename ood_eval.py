@@ -179,7 +179,9 @@ def earlier_results(out: Path, args) -> dict:
     try:
         old = json.loads(out.read_text())
         results, old_args = old["results"], old["args"]
-    except (ValueError, KeyError, TypeError):
+        if not isinstance(results, dict) or not isinstance(old_args, dict):
+            raise TypeError
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError):
         raise UsageError(f"{out} exists and is not an ood_eval.py result: pass another --out") from None
     differ = [k for k in SAME_RESULTS if old_args.get(k) != recorded_args(args).get(k)]
     if differ:
@@ -227,6 +229,8 @@ def run(args) -> int:
     for path in args.ckpt:                          # fail before the slow part
         check_checkpoint_path(path)
     out = Path(args.out)
+    if out.is_dir():
+        raise UsageError(f"--out {out} is a directory: pass a file path such as {out / 'ood.json'}")
     reason = unwritable(out.parent)
     if reason:
         raise UsageError(f"cannot write results to {out.parent} ({reason}): pass another --out")

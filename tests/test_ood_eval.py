@@ -128,6 +128,8 @@ def test_bad_input_is_one_clear_line(tmp_path, ckpts):
     (tmp_path / "notext.jsonl").write_text(json.dumps({"meta": {"pile_set_name": "ArXiv"}}) + "\n")
     good = pile(tmp_path / "good.jsonl")
     ck = str(ckpts / "m0.pt")
+    shape = tmp_path / "shape.json"
+    shape.write_text('{"results": [1], "args": {}}')
     cases = [(["--data", str(tmp_path / "empty.jsonl"), "--ckpt", ck], "is empty"),
              (["--data", str(tmp_path / "bad.jsonl"), "--ckpt", ck], "line 2: not valid JSON"),
              (["--data", str(tmp_path / "notext.jsonl"), "--ckpt", ck], "line 1: record has no 'text'"),
@@ -140,7 +142,9 @@ def test_bad_input_is_one_clear_line(tmp_path, ckpts):
              (["--data", str(good), "--ckpt", ck, "--seq-len", "100000"], "more than the 512 positions"),
              (["--data", str(good), "--ckpt", ck, "--batch-size", "0"], "--batch-size 0 must be positive"),
              (["--data", str(good), "--ckpt", ck, "--max-tokens-per-subset", "-1"], "must be 0 (all) or more"),
-             (["--data", str(good), "--ckpt", ck, "--out", "/proc/nope/o.json"], "cannot write results")]
+             (["--data", str(good), "--ckpt", ck, "--out", "/proc/nope/o.json"], "cannot write results"),
+             (["--data", str(good), "--ckpt", ck, "--out", str(tmp_path)], "is a directory: pass a file path"),
+             (["--data", str(good), "--ckpt", ck, "--out", str(shape)], "is not an ood_eval.py result")]
     (tmp_path / "notbert").mkdir()
     torch.manual_seed(0)
     bare = BertForMaskedLM(BertConfig.preset("tiny", num_layers=1))
