@@ -115,7 +115,7 @@ def glue_tables(results: Path, seeds: list[int] | None = None) -> str:
     for mode in ("full", "adapter"):
         out += glue_rows(results, mode, seeds)
     return "\n".join(out + ["", "seeds: how many seeds each cell averages (a range where tasks differ); "
-                                 "Avg only once every task is in, ± the std over seeds of each seed's average where all tasks have "
+                                 "Avg only once every task is in; every ± is the population std (ddof=0) over the fine-tuning seeds, for Avg of each seed's average where all tasks have "
                                  "the same seeds; (f)/(a): the better mode was full/adapter."])
 
 
@@ -204,7 +204,7 @@ def figure5_table(results: Path) -> str:
     for model, r in rows.items():
         out.append(f"| {model} | " + " | ".join(f"{r[e][0]:.2f} ± {r[e][1]:.2f} ({r[e][2]:.2f})" if e in r and r[e][2] is not None
                                                   else "-" for e in epochs) + " |")
-    return "\n".join(out + ["", "MRPC dev accuracy, full fine-tuning at lr 5e-5, mean ± std over seeds (Pre-Train Perf.)"])
+    return "\n".join(out + ["", "MRPC dev accuracy, full fine-tuning at lr 5e-5, mean ± population std (ddof=0) over seeds (Pre-Train Perf.)"])
 
 
 def setting(run: dict) -> tuple:
