@@ -33,6 +33,7 @@ import signal
 import sys
 import time
 from dataclasses import dataclass
+from typing import NamedTuple
 from pathlib import Path
 
 import numpy as np
@@ -253,43 +254,62 @@ def evaluate(task: Task, model, data: dict, batch_size, device, bf16) -> dict[st
     return result
 
 
-def run_one(args, key, data, mlm, ckpt_config, adapter: int, lr: float, seed: int, device) -> dict:
-    task = TASKS[key]
-    torch.manual_seed(seed)
-    config = dataclasses.replace(ckpt_config, dropout=args.dropout, attention_dropout=args.dropout)
+class Setting(NamedTuple):
+    """One fine-tuning run of a task: adapter size (0: full fine-tuning), learning rate, seed."""
+    adapter: int
+    lr: float
+    seed: int
+
+
+def classifier(mlm, task: Task, adapter: int, dropout: float) -> BertForSequenceClassification:
+    """The pretrained encoder under a fresh task head (and fresh adapters when adapter > 0)."""
+    config = dataclasses.replace(mlm.config, dropout=dropout, attention_dropout=dropout)
     model = BertForSequenceClassification(config, num_labels=len(task.labels or [0]), adapter_size=adapter)
     missing, unexpected = model.bert.load_state_dict(mlm.bert.state_dict(), strict=False)
     assert not unexpected and all("adapter" in k for k in missing), (missing, unexpected)
-    model.to(device).train()
-    epochs = run_epochs(args, key, adapter, ckpt_config)
-    train_x, train_y = data["train"]
-    total = epochs * math.ceil(len(train_x) / args.batch_size)
-    optimizer, scheduler = adamw_warmup_linear(model, lr, args.weight_decay, max(1, int(args.warmup * total)), total)
+    return model
+
+
+def train_epoch(args, model, optimizer, scheduler, train: tuple, generator, bar, device) -> float:
+    """One pass over the training set; the mean loss."""
     params = [p for p in model.parameters() if p.requires_grad]
+    losses = []
+    for ids, mask, types, y in batches(*train, args.batch_size, generator):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16):
+            res = model(ids.to(device), mask.to(device), types.to(device), labels=y.to(device))
+            loss = res.loss + args.lambda_b * res.balance_loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+        bar.update()
+    return float(np.mean(losses))
+
+
+def run_one(args, key: str, data: dict, mlm, setting: Setting) -> dict:
+    """Fine-tune one setting, scoring dev after every epoch; the best epoch is the run's result."""
+    task, (adapter, lr, seed), device = TASKS[key], setting, torch.device(args.device)
+    torch.manual_seed(seed)
+    model = classifier(mlm, task, adapter, args.dropout).to(device).train()
+    epochs = run_epochs(args, key, adapter, mlm.config)
+    total = epochs * math.ceil(len(data["train"][0]) / args.batch_size)
+    optimizer, scheduler = adamw_warmup_linear(model, lr, args.weight_decay, max(1, int(args.warmup * total)), total)
     generator = torch.Generator().manual_seed(seed)
     history, best_state = [], None
     name = f"{task.name} {'adapter ' + str(adapter) if adapter else 'full'} lr={lr:g} seed={seed}"
     bar = tqdm(total=total, desc=name, leave=False, dynamic_ncols=True)   # where a run is: step, time left
     for epoch in range(1, epochs + 1):
-        t0, epoch_loss = time.time(), []
-        for ids, mask, types, y in batches(train_x, train_y, args.batch_size, generator):
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16):
-                res = model(ids.to(device), mask.to(device), types.to(device), labels=y.to(device))
-                loss = res.loss + args.lambda_b * res.balance_loss
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            epoch_loss.append(loss.item())
-            bar.update()
+        t0 = time.time()
+        train_loss = train_epoch(args, model, optimizer, scheduler, data["train"], generator, bar, device)
         dev = evaluate(task, model, data, args.batch_size, device, args.bf16)
-        history.append({"epoch": epoch, "train_loss": float(np.mean(epoch_loss)), "seconds": time.time() - t0, **dev})
+        history.append({"epoch": epoch, "train_loss": train_loss, "seconds": time.time() - t0, **dev})
         if args.save and max(history, key=lambda h: main_score(h, task)) is history[-1]:   # --save: the best epoch's
             best_state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
         shown = " ".join(f"{k}={v:.2f}" for k, v in dev.items())
         bar.set_postfix_str(f"epoch {epoch}/{epochs} dev {shown}")
-        tqdm.write(f"  {name}: epoch {epoch}/{epochs}, train loss {history[-1]['train_loss']:.4f}, dev {shown} "
+        tqdm.write(f"  {name}: epoch {epoch}/{epochs}, train loss {train_loss:.4f}, dev {shown} "
                    f"({history[-1]['seconds']:.0f} s)")
     bar.close()
     best = max(history, key=lambda h: main_score(h, task))
@@ -297,7 +317,7 @@ def run_one(args, key, data, mlm, ckpt_config, adapter: int, lr: float, seed: in
             "lr": lr, "seed": seed, "epochs": history, "best": best, **({"state": best_state} if args.save else {})}
 
 
-def keep_best(args, r: dict, state: dict, config, vocab: list[str]) -> bool:
+def keep_best(args, r: dict, state: dict, mlm, vocab: list[str]) -> bool:
     """--save: make this run's best epoch the task's kept model if it beats the one kept so far (from
     this or an earlier invocation): SAVE/<task>/model.pt (load_classifier reads it) and, for full
     fine-tuning of a dense model, SAVE/<task>/hf/ (transformers.BertForSequenceClassification)."""
@@ -306,7 +326,7 @@ def keep_best(args, r: dict, state: dict, config, vocab: list[str]) -> bool:
     score = main_score(r["best"], task)
     if kept.is_file() and json.loads(kept.read_text()).get("score", -math.inf) >= score:
         return False
-    model = BertForSequenceClassification(config, num_labels=len(task.labels or [0]), adapter_size=r["adapter"])
+    model = classifier(mlm, task, r["adapter"], args.dropout)
     model.load_state_dict(state)
     tmp = root / f".{task.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -315,7 +335,7 @@ def keep_best(args, r: dict, state: dict, config, vocab: list[str]) -> bool:
         save_checkpoint(tmp / "model.pt", model, task=task.name, labels=task.labels, num_labels=model.num_labels,
                         adapter_size=r["adapter"], vocab=vocab, dev=r["best"], lr=r["lr"], seed=r["seed"],
                         pretrained=portable_path(args.ckpt))
-        if not config.moe and not r["adapter"]:
+        if not mlm.config.moe and not r["adapter"]:
             to_hf_classifier(model, tmp / "hf", vocab, task.labels)
         run = {k: r[k] for k in ("task", "mode", "adapter", "lr", "seed")}
         write_json(tmp / "best.json", {"score": score, **run, "epoch": r["best"]["epoch"], "dev": r["best"]})
@@ -437,13 +457,13 @@ def check_args(args) -> None:
             setattr(args, name, list(dict.fromkeys(getattr(args, name))))
 
 
-def grid(args, key: str, cfg) -> list[tuple[int, float, int]]:
-    """(adapter size, lr, seed) of every run for one task: the paper's grid unless narrowed."""
+def grid(args, key: str, cfg) -> list[Setting]:
+    """Every run of one task: the paper's grid unless narrowed."""
     adapters = args.adapter
     if adapters is None:
         adapters = [0, 16, 64, 128] + ([256] if cfg.hidden_size >= 768 else []) + \
                    ([512] if key == "mnli" and cfg.hidden_size <= 128 else [])
-    return [(adapter, lr, seed) for adapter in adapters
+    return [Setting(adapter, lr, seed) for adapter in adapters
             for lr in (args.lr or ([1e-4, 2e-4, 3e-4] if adapter else [1e-5, 2e-5, 5e-5])) for seed in args.seeds]
 
 
@@ -476,9 +496,9 @@ def earlier_runs(out: Path, args) -> tuple[list[dict], dict]:
     return runs, old.get("pretrained") or {}
 
 
-def done_settings(runs: list[dict], key: str) -> set[tuple]:
-    """The (adapter, lr, seed) settings already run on task `key`."""
-    return {(r["adapter"], r["lr"], r["seed"]) for r in runs if r["task"] == TASKS[key].name}
+def done_settings(runs: list[dict], key: str) -> set[Setting]:
+    """The settings already run on task `key`."""
+    return {Setting(r["adapter"], r["lr"], r["seed"]) for r in runs if r["task"] == TASKS[key].name}
 
 
 # a checkpoint retrained by the same command differs by float noise (CPU reductions are not bitwise
@@ -515,23 +535,22 @@ def where_it_stood(mlm, ckpt: dict, vocab: list[str]) -> dict:
             "pretrain_perf": (ckpt.get("metrics") or {}).get("pretrain_perf")}
 
 
-def fine_tune_task(args, key: str, settings: list, mlm, vocab, tokenizer, device, out: Path, runs: list,
+def fine_tune_task(args, key: str, settings: list[Setting], mlm, vocab: list[str], out: Path, runs: list,
                    pretrained: dict) -> None:
-    """Every (adapter, lr, seed) of one task; the results file is written after each run."""
-    raw = load_task(key, args.data_dir)
+    """Every setting of one task; the results file is written after each run."""
+    raw, tokenizer = load_task(key, args.data_dir), make_tokenizer(vocab)
     if args.max_train:
         raw["train"] = tuple(col[:args.max_train] for col in raw["train"])
     data = {split: (encode(tokenizer, a, b, args.max_len), y) for split, (a, b, y) in raw.items()}
-    for adapter, lr, seed in tqdm(settings, desc=TASKS[key].name, dynamic_ncols=True):
-        r = run_one(args, key, data, mlm, mlm.config, adapter, lr, seed, device)
+    for setting in tqdm(settings, desc=TASKS[key].name, dynamic_ncols=True):
+        r = run_one(args, key, data, mlm, setting)
         state = r.pop("state", None)
-        if state is not None and keep_best(args, r, state, dataclasses.replace(
-                mlm.config, dropout=args.dropout, attention_dropout=args.dropout), vocab):
+        if state is not None and keep_best(args, r, state, mlm, vocab):
             tqdm.write(f"kept as the best {r['task']} model so far: {Path(args.save) / r['task']}")
         r["pretrain_perf"] = pretrained["pretrain_perf"]  # per run: a retrained checkpoint's runs stay visible
         runs.append(r)
         write_results(out, args, runs, pretrained)
-        tqdm.write(f"{r['task']:6s} {r['mode']:7s} adapter={adapter:<4d} lr={lr:.0e} seed={seed}: best epoch "
+        tqdm.write(f"{r['task']:6s} {r['mode']:7s} adapter={r['adapter']:<4d} lr={r['lr']:.0e} seed={r['seed']}: best epoch "
                    f"{r['best']['epoch']} " + " ".join(f"{k}={v:.2f}" for k, v in r["best"].items()
                                                         if k not in ("epoch", "train_loss", "seconds")))
 
@@ -561,7 +580,6 @@ def run(args) -> int:
         raise UsageError(f"{args.ckpt} has a vocabulary of {mlm.config.vocab_size:,} tokens but "
                          f"{'--vocab' if args.vocab else 'the default vocab.txt'} has {len(vocab):,}: put the model's "
                          "vocab.txt beside its config.json, or pass --vocab")
-    tokenizer, device = make_tokenizer(vocab), torch.device(args.device)
     pretrained = where_it_stood(mlm, ckpt, vocab)
     todo = {key: [g for g in grid(args, key, mlm.config) if g not in done_settings(runs, key)] for key in keys}
     adding = any(todo.values())      # a finished file is left as it is, whatever checkpoint stands there now
@@ -569,7 +587,7 @@ def run(args) -> int:
         check_same_checkpoint(out, earlier, pretrained)
     for key in keys:
         if todo[key]:
-            fine_tune_task(args, key, todo[key], mlm, vocab, tokenizer, device, out, runs, pretrained)
+            fine_tune_task(args, key, todo[key], mlm, vocab, out, runs, pretrained)
     # nothing left to run: the file stays as written, with the checkpoint its runs came from
     summary = write_results(out, args, runs, pretrained) if adding else summarize(runs) if runs else {}
     for name, result in summary.items():

@@ -204,9 +204,9 @@ def test_training_improves_loss_and_adapters_train_only_their_set(tmp_path, ckpt
     seen = {}
     real = finetune.run_one
 
-    def spy(args, key, data, mlm, cfg, adapter_size, lr, seed, device):
+    def spy(args, key, data, mlm, setting):
         before = {n: p.clone() for n, p in mlm.bert.state_dict().items()}
-        out = real(args, key, data, mlm, cfg, adapter_size, lr, seed, device)
+        out = real(args, key, data, mlm, setting)
         seen["unchanged"] = all(torch.equal(before[n], p) for n, p in mlm.bert.state_dict().items())
         return out
 
@@ -348,7 +348,7 @@ def test_results_written_per_run_and_a_rerun_skips_them(tmp_path, ckpt, monkeypa
     def stop_after_three(*a):
         if len(calls) == 3:
             raise KeyboardInterrupt                                   # Ctrl-C during the fourth run
-        calls.append(a[5:8])
+        calls.append(a[4])
         return real(*a)
 
     monkeypatch.setattr(finetune, "run_one", stop_after_three)
@@ -356,7 +356,7 @@ def test_results_written_per_run_and_a_rerun_skips_them(tmp_path, ckpt, monkeypa
     kept = json.loads(out.read_text())["runs"]
     assert [(r["adapter"], r["seed"]) for r in kept] == [(0, 1), (0, 2), (8, 1)]
     calls.clear()
-    monkeypatch.setattr(finetune, "run_one", lambda *a: calls.append(a[5:8]) or real(*a))
+    monkeypatch.setattr(finetune, "run_one", lambda *a: calls.append(a[4]) or real(*a))
     assert finetune.main(args) == 0
     assert calls == [(8, 1e-3, 2)]                                     # only the missing run
     result = json.loads(out.read_text())
