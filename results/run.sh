@@ -86,6 +86,18 @@ pretrain() {  # NAME EPOCHS [FLAGS...]: start, or resume, the run NAME until EPO
 TASKS="rte mrpc stsb cola sst2"
 FULL="--adapter 0 --lr 5e-5"; ADAPTER="--adapter 64 --lr 3e-4"
 TEACHER=$RUNS/ckpt/vanilla.epoch$TEACHER_EPOCHS.pt
+# the paper's grid is 12 settings x 3 seeds x 10 epochs per task and model: far beyond 2 cores, so one
+# full (lr 5e-5) and one adapter (64, lr 3e-4) setting, fixed in advance, never tuned on dev (defined
+# before the stages, since --table3 fine-tunes too)
+finetune() {  # NAME CKPT OUT_DIR SEEDS MODES TASKS...: the modes into one JSON, whose summary takes the better
+  local name=$1 ckpt=$2 dir=$3 seeds=$4 modes=$5; shift 5
+  stamp "finetune $name, seeds $seeds (log: $RUNS/logs/ft-$name.log)"
+  for mode in $modes; do
+    python "$R/finetune.py" --ckpt "$ckpt" --data-dir "$D/glue" --task "$@" ${!mode} --seeds $seeds \
+      --epochs $FT_EPOCHS --max-train $FT_MAX_TRAIN --bf16 --out "$dir/$name.json" >> "$RUNS/logs/ft-$name.log" 2>&1 \
+      || stamp "NOTE: finetune $name ($mode) stopped with an error, the lane goes on: $RUNS/logs/ft-$name.log"
+  done
+}
 # two jobs at a time, one core each: the baseline beside the teacher, the student as soon as its teacher
 # exists, the rest of the vanilla run once the baseline is done
 # the student starts from scratch; only its relation targets come from the teacher (Eq. 13)
@@ -119,17 +131,6 @@ python "$R/results/align.py" --target "$RUNS/ckpt/vanilla.epoch$MOE_EPOCHS.pt" \
   || stamp "NOTE: MoE trails vanilla at epoch $MOE_EPOCHS, the last they share (the paper's premise fails here)"
 
 # ---------------------------------------------------------------- 5. GLUE (Tables 1-2, Fig. 1)
-# the paper's grid is 12 settings x 3 seeds x 10 epochs per task and model: far beyond 2 cores, so one
-# full (lr 5e-5) and one adapter (64, lr 3e-4) setting, fixed in advance, never tuned on dev
-finetune() {  # NAME CKPT OUT_DIR SEEDS MODES TASKS...: the modes into one JSON, whose summary takes the better
-  local name=$1 ckpt=$2 dir=$3 seeds=$4 modes=$5; shift 5
-  stamp "finetune $name, seeds $seeds (log: $RUNS/logs/ft-$name.log)"
-  for mode in $modes; do
-    python "$R/finetune.py" --ckpt "$ckpt" --data-dir "$D/glue" --task "$@" ${!mode} --seeds $seeds \
-      --epochs $FT_EPOCHS --max-train $FT_MAX_TRAIN --bf16 --out "$dir/$name.json" >> "$RUNS/logs/ft-$name.log" 2>&1 \
-      || stamp "NOTE: finetune $name ($mode) stopped with an error, the lane goes on: $RUNS/logs/ft-$name.log"
-  done
-}
 ft_tables() {  # NAME CKPT NAME CKPT: Tables 1-2 for two models, seed by seed, so that a run cut short still
   local seed  # leaves every row; one lane owns both models' JSON files (two writers would lose runs)
   for seed in $SEEDS; do

@@ -1,6 +1,7 @@
 """results/: alignment picks the right checkpoint, the tables and plots read what the scripts write."""
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -630,3 +631,40 @@ def test_table3_pairs_each_variant_with_its_own_teachers_pretraining(tmp_path, c
     # below 0, the paper's way for A
     assert "| A | + T, I, A − + T, I (TCD) | 2 | -1.50, -1.00 | -1.25 ± 0.25 | -4.43 to +1.93 | 2 of 2 | -0.040 |" in out
     assert "| first |" not in out
+
+
+def test_table3_stage_alone_pretrains_and_fine_tunes_both_variants(tmp_path):
+    """run.sh --table3 retraces the teacher, pretrains MoE + T (λI = 0) and MoE + T, I, A (λA = 1)
+    from it and fine-tunes both (full, the five tasks): a stand-in `python` on PATH records each
+    command and writes what run.sh copies, so the stage's wiring runs in a second."""
+    root, data, bin_dir, log = tmp_path / "repo", tmp_path / "data", tmp_path / "bin", tmp_path / "calls.txt"
+    (data / "pretrain").mkdir(parents=True)
+    (root / "results").mkdir(parents=True)            # a copy: the stage writes under the repository's results/
+    shutil.copy(Path(__file__).resolve().parent.parent / "results" / "run.sh", root / "results")
+    bin_dir.mkdir()
+    fake = bin_dir / "python"
+    fake.write_text(f"""#!/usr/bin/env bash
+echo "$*" >> {log}
+prev=""; for a in "$@"; do
+  if [ "$prev" = --out ] || [ "$prev" = --resume ]; then
+    case $a in *.pt) touch "${{a%.pt}}.metrics.jsonl" ;; esac
+  fi
+  prev=$a
+done
+""")
+    fake.chmod(0o755)
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "RUNS": str(tmp_path / "runs"),
+           "DATA": str(data), "PRETRAIN_SEED": "2"}
+    r = subprocess.run(["bash", str(root / "results" / "run.sh"), "--table3"], capture_output=True, text=True,
+                       env=env, timeout=120, cwd=tmp_path)
+    calls = log.read_text().splitlines()
+    pretrains = [c for c in calls if "pretrain.py" in c]
+    assert "/vanilla.pt" in pretrains[0] and len(pretrains) == 3, calls          # the teacher first
+    teacher = str(tmp_path / "runs" / "seed2" / "ckpt" / "vanilla.epoch3.pt")
+    for name, flag in (("moe_t", "--lambda-i 0"), ("moe_tia", "--lambda-a 1")):
+        (run,) = [c for c in pretrains if f"/{name}.pt" in c]
+        assert flag in run and f"--teacher {teacher}" in run and "--seed 2" in run and "--stop-epochs 3" in run
+        (tune,) = [c for c in calls if "finetune.py" in c and f"{name}.epoch3.pt" in c]
+        assert "--task rte mrpc stsb cola sst2" in tune and "--adapter 0 --lr 5e-5" in tune and "--seeds 1" in tune
+        assert tune.endswith(f"--out {root}/results/replicates/seed2/table3/{name}.json")
+    assert r.returncode == 0 and "stopped with an error" not in r.stdout + r.stderr and "command not found" not in r.stderr, r.stderr
