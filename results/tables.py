@@ -106,6 +106,27 @@ def glue_rows(results: Path, mode: str | None, seeds: list[int] | None = None) -
     return lines
 
 
+def glue_claims(results: Path, seeds: list[int] | None, mode: str | None) -> str:
+    """CLAIMS within this one pretraining: differences of the Avg column (the better mode per task, or one
+    mode), unrounded, for the rows whose every task is in."""
+    averages = {}
+    for key, _ in MODELS:
+        f = results / "finetune" / f"{key}.json"
+        if f.is_file():
+            data = json.loads(f.read_text())
+            data = only_seeds(data, seeds) if seeds else data
+            columns = [per_seed(data, task, best_setting(data, task, mode), metric) for task, metric in COLUMNS]
+            if all(columns):
+                averages[key] = float(np.mean([np.mean(list(c.values())) for c in columns]))
+    labels = dict(MODELS)
+    shown = [f"{claim} {labels[row]} − {labels[other]} {averages[row] - averages[other]:+.2f}"
+             for claim, row, other in CLAIMS if row in averages and other in averages]
+    if "teacher" in averages and "scratch" in averages:
+        shown.append(f"the teacher over the floor (no pretraining) {averages['teacher'] - averages['scratch']:+.2f}")
+    return (f"claims in this pretraining, {mode or 'the better mode per task'} (Avg differences; the paper's way: "
+            "(b) below 0, (c) above 0): " + "; ".join(shown)) if shown else ""
+
+
 def glue_tables(results: Path, seeds: list[int] | None = None) -> str:
     heads = [f"{t} {m}" for t, m in COLUMNS] + ["Avg"]
     out = ["| Model | Pre-train epochs | Pre-Train Perf. | seeds | " + " | ".join(heads) + " |",
@@ -116,7 +137,9 @@ def glue_tables(results: Path, seeds: list[int] | None = None) -> str:
         out += glue_rows(results, mode, seeds)
     return "\n".join(out + ["", "seeds: how many seeds each cell averages (a range where tasks differ); "
                                  "Avg only once every task is in; every ± is the population std (ddof=0) over the fine-tuning seeds, for Avg of each seed's average where all tasks have "
-                                 "the same seeds; (f)/(a): the better mode was full/adapter."])
+                                 "the same seeds; (f)/(a): the better mode was full/adapter."]
+               + [line for mode in (None, "full", "adapter") if (claims := glue_claims(results, seeds, mode))
+                  for line in ("", claims)])
 
 
 def ood_table(root: Path) -> str:
@@ -333,6 +356,36 @@ def claims_table(results: Path) -> str:
                       "|" + "---|" * 7] + out + [
         "", "differences of the averages above, within each pretraining; s.e. = std (ddof=1) / √n; 95% interval: "
             "mean ± t(n-1) s.e.; the paper's way: (b) below 0, (c) above 0"])
+
+
+def pretrainings_for(std: float, half_width: float, level: float = 0.95) -> int:
+    """How many pretrainings a difference with this spread needs for its t-interval to be ± half_width."""
+    n = 2
+    while n < 10_000 and student_t.ppf((1 + level) / 2, n - 1) * std / np.sqrt(n) > half_width:
+        n += 1
+    return n
+
+
+def claims_spread_table(results: Path) -> str:
+    """How far one pretraining moves each claim: its spread, the mean without the first pretraining (the one
+    Tables 1-2 were fine-tuned on with 3 seeds), the mean without the pretraining that moves it most, and the
+    pretrainings a ±0.5-point 95% interval would take at this spread."""
+    labels, out = dict(MODELS), []
+    for claim, row, other, names, diffs in claim_differences(results):
+        if len(diffs) < 3:
+            continue
+        std = float(np.std(diffs, ddof=1))
+        later = [d for n, d in zip(names, diffs) if n != "first"]
+        without = [[d for j, d in enumerate(diffs) if j != i] for i in range(len(diffs))]
+        most = max(range(len(diffs)), key=lambda i: abs(np.mean(without[i]) - np.mean(diffs)))
+        mean, se = mean_se(without[most])
+        out.append(f"| {claim} | {labels[row]} − {labels[other]} | {std:.2f} | {np.mean(later):+.2f} | "
+                   f"{names[most]}: {mean:+.2f} ± {se:.2f} | {pretrainings_for(std, 0.5)} |")
+    if not out:
+        return ""
+    return "\n".join(["| claim | difference | std over pretrainings | mean without the first | without the one that "
+                      "moves the mean most: mean ± s.e. | pretrainings for a ±0.5 interval |", "|" + "---|" * 6] + out + [
+        "", "std: ddof=1; ±0.5 interval: the n at which t(n-1) std / √n = 0.5 at this spread"])
 
 
 TEACHER_EPOCH, STUDENT_EPOCH, SHARED_EPOCH = 3, 3, 6      # run.sh: TEACHER_EPOCHS, TCD_EPOCHS, MOE_EPOCHS
@@ -569,6 +622,7 @@ def main(argv=None) -> int:
                         ("Pretraining noise (Tables 1-2's models pretrained again)", retrain_table(results)),
                         ("Tables 1-2 over pretrainings", replicates_table(results)),
                         ("Claims (b) and (c) over pretrainings", claims_table(results)),
+                        ("How far one pretraining moves each claim", claims_spread_table(results)),
                         ("Pretraining over pretrainings (the premises)", pretraining_table(results)),
                         ("Claim (d) over pretrainings (Table 4)", ood_claims_table(results)),
                         ("Table 3: the relation sites one at a time", table3(results)),

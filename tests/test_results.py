@@ -352,6 +352,25 @@ def test_claims_table_pairs_rows_within_each_pretraining(tmp_path, capsys):
     assert "perf-aligned" not in out
 
 
+def test_claims_spread_table_names_the_pretraining_that_moves_each_mean_most(tmp_path, capsys):
+    write_claims_fixture(tmp_path)
+    assert tables.main(["--results", str(tmp_path)]) == 0
+    out = capsys.readouterr().out.split("### How far one pretraining moves each claim")[1].split("###")[0]
+    # TCD - teacher +2, +2, -1: std √3; without the first +0.50; without seed 2 the mean moves most (+1 to +2);
+    # ±0.5 needs n = 49: t(0.975, 48) √3 / 7 = 0.497, while n = 48 gives 0.503
+    assert "| (c) | MoE BERT w/ TCD − Vanilla BERT (teacher) | 1.73 | +0.50 | seed2: +2.00 ± 0.00 | 49 |" in out
+    # epoch-aligned - teacher -1, +1, -2: without "again" the mean moves from -0.67 to -1.50, the most
+    assert "| (b) | MoE BERT, epoch-aligned − Vanilla BERT (teacher) | 1.53 | -0.50 | again: -1.50 ± 0.50 | 39 |" in out
+    assert "| (c) | MoE BERT w/ TCD − MoE BERT, epoch-aligned | 1.15 | +1.00 | first: +1.00 ± 0.00 | 23 |" in out
+
+
+def test_pretrainings_for_a_half_width_uses_students_t():
+    # std 1, ±0.5: n = 18 gives t(0.975, 17) / √18 = 2.110 / 4.243 = 0.497; n = 17 gives 2.120 / 4.123 = 0.514
+    assert tables.pretrainings_for(1.0, 0.5) == 18
+    # std 0.1: n = 2 gives t(0.975, 1) 0.1 / √2 = 12.71 x 0.071 = 0.90, too wide; n = 3 gives 0.25
+    assert tables.pretrainings_for(0.1, 0.5) == 3 and tables.pretrainings_for(2.0, 0.5) == 64
+
+
 def test_pretraining_table_checks_each_pretrainings_premises(tmp_path, capsys):
     def curve(sub, run, perfs):      # Pre-Train Perf. at the end of epochs 1, 2, ...
         rows = [{"valid": True, "step": 10 * e, "epoch": float(e), "pretrain_perf": v} for e, v in enumerate(perfs, 1)]
@@ -657,6 +676,7 @@ done
            "DATA": str(data), "PRETRAIN_SEED": "2"}
     r = subprocess.run(["bash", str(root / "results" / "run.sh"), "--table3"], capture_output=True, text=True,
                        env=env, timeout=120, cwd=tmp_path)
+    assert r.returncode == 0 and "stopped with an error" not in r.stdout + r.stderr and "command not found" not in r.stderr, r.stderr
     calls = log.read_text().splitlines()
     pretrains = [c for c in calls if "pretrain.py" in c]
     assert "/vanilla.pt" in pretrains[0] and len(pretrains) == 3, calls          # the teacher first
@@ -667,4 +687,24 @@ done
         (tune,) = [c for c in calls if "finetune.py" in c and f"{name}.epoch3.pt" in c]
         assert "--task rte mrpc stsb cola sst2" in tune and "--adapter 0 --lr 5e-5" in tune and "--seeds 1" in tune
         assert tune.endswith(f"--out {root}/results/replicates/seed2/table3/{name}.json")
-    assert r.returncode == 0 and "stopped with an error" not in r.stdout + r.stderr and "command not found" not in r.stderr, r.stderr
+
+
+def test_tables_print_each_claim_of_one_pretraining_from_unrounded_averages(tmp_path, capsys):
+    import finetune
+    (tmp_path / "finetune").mkdir()
+    for key, shift in (("teacher", 0.0), ("moe_perf", -0.708), ("moe_tcd", 0.5), ("scratch", -2.0)):
+        runs = [{"task": task, "mode": "full", "adapter": 0, "lr": 5e-5, "seed": 1,
+                 "best": {"epoch": 1, "train_loss": 0.5, "seconds": 1.0, **{m: 46.434 + shift for m in metrics}}}
+                for task, metrics in (("CoLA", ["mcc"]), ("MRPC", ["acc", "f1"]), ("SST-2", ["acc"]),
+                                      ("STS-B", ["pearson", "spearman"]), ("RTE", ["acc"]))]
+        (tmp_path / "finetune" / f"{key}.json").write_text(json.dumps(
+            {"pretrained": {"epoch": 3.0, "pretrain_perf": -5.0}, "runs": runs, "summary": finetune.summarize(runs)}))
+    assert tables.main(["--results", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    # the rows read 45.73, 46.43 and 46.93, whose rounded differences would be -0.70 and +1.20
+    assert "| 45.73 |" in out and "| 46.43 |" in out and "| 46.93 |" in out
+    line = next(x for x in out.splitlines() if x.startswith("claims in this pretraining, the better mode"))
+    assert "(b) MoE BERT, perf-aligned − Vanilla BERT (teacher) -0.71;" in line
+    assert "(c) MoE BERT w/ TCD − MoE BERT, perf-aligned +1.21;" in line          # 0.5 + 0.708
+    assert "(c) MoE BERT w/ TCD − Vanilla BERT (teacher) +0.50;" in line
+    assert "epoch-aligned" not in line and line.endswith("the teacher over the floor (no pretraining) +2.00")
