@@ -7,6 +7,7 @@
 - figure1.png: GLUE average against Pre-Train Perf., one point per fine-tuned checkpoint (Fig. 1)
 - figure5.png: MRPC accuracy against pretraining epoch for each model's kept checkpoints (Fig. 5)
 - claims.png: claims (b) and (c) as differences of GLUE averages within each pretraining, mean and 95% interval
+- table3.png: the same for Table 3's added relation sites (T, I, A)
 - hf_curve.png: ours and HF's BertForMaskedLM trained side by side (results/hf_curve.jsonl)
 Needs matplotlib (requirements-dev.txt); the scripts themselves never import it.
 """
@@ -18,7 +19,8 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from tables import MODELS, PAPER_SIGN, claim_differences, figure5_points, mean_se, t_interval  # noqa: E402
+from tables import (MODELS, PAPER_SIGN, TABLE3_PAPER_SIGN, TABLE3_ROWS, claim_differences, figure5_points,  # noqa: E402
+                    mean_se, t_interval, table3_differences, table3_rows, table3_sets)
 
 
 def curve(path: Path) -> tuple[list[float], list[float]]:
@@ -105,32 +107,50 @@ def plot_points(points: list[dict], x: str, y: str, out: Path, xlabel: str, ylab
     finish(fig, ax, out, xlabel, ylabel)
 
 
-def plot_claims(results: Path, out: Path) -> bool:
-    """One line per difference of claims (b) and (c): a dot per pretraining, the mean ± s.e. as a bar, and
-    an arrow toward the side of 0 the paper says it falls on. False (nothing drawn) below two pretrainings."""
+def plot_differences(items: list[tuple[str, list[str], list[float], int]], out: Path, title: str) -> bool:
+    """One line per (label, pretraining names, differences, the paper's sign): a dot per pretraining, the mean
+    and its 95% t-interval in black, and an arrow toward the side of 0 the paper says it falls on. False
+    (nothing drawn) when no difference has two pretrainings."""
     import matplotlib.pyplot as plt
-    claims = [c for c in claim_differences(results) if len(c[4]) >= 2]
-    if not claims:
+    items = [it for it in items if len(it[2]) >= 2]
+    if not items:
         return False
-    labels, colors = dict(MODELS), {}
-    fig, ax = plt.subplots(figsize=(9, 0.6 * len(claims) + 1.6))
-    for i, (claim, row, other, names, diffs) in enumerate(claims):
-        y = len(claims) - 1 - i
+    colors = {}
+    fig, ax = plt.subplots(figsize=(9, 0.6 * len(items) + 1.6))
+    for i, (_, names, diffs, sign) in enumerate(items):
+        y = len(items) - 1 - i
         for name, d in zip(names, diffs):
             first = name not in colors                                  # one legend entry per pretraining
             ax.plot(d, y, "o", color=colors.setdefault(name, f"C{len(colors)}"), alpha=0.7, label=name if first else None)
         mean, _ = mean_se(diffs)
         lo, hi = t_interval(diffs)
         ax.errorbar(mean, y, xerr=[[mean - lo], [hi - mean]], fmt="D", color="black", capsize=4)
-        paper = "→" if PAPER_SIGN[claim] > 0 else "←"
+        paper = "→" if sign > 0 else "←"
         ax.annotate(f"paper {paper}", (0, y), textcoords="offset points", xytext=(6 if paper == "→" else -50, 6),
                     fontsize=7, color="grey")
     ax.axvline(0, color="grey", linewidth=1)
-    ax.set_yticks(range(len(claims)))
-    ax.set_yticklabels([f"{c[0]} {labels[c[1]]} − {labels[c[2]]}" for c in reversed(claims)], fontsize=8)
-    ax.set_title("Claims (b) and (c) within each pretraining; black: mean and 95% t-interval", fontsize=9)
+    ax.set_yticks(range(len(items)))
+    ax.set_yticklabels([it[0] for it in reversed(items)], fontsize=8)
+    ax.set_title(title, fontsize=9)
     finish(fig, ax, out, "difference of GLUE averages (points) within a pretraining", "")
     return True
+
+
+def plot_claims(results: Path, out: Path) -> bool:
+    """Claims (b) and (c), each difference of claim_differences, drawn by plot_differences."""
+    labels = dict(MODELS)
+    items = [(f"{claim} {labels[row]} − {labels[other]}", names, diffs, PAPER_SIGN[claim])
+             for claim, row, other, names, diffs in claim_differences(results)]
+    return plot_differences(items, out, "Claims (b) and (c) within each pretraining; black: mean and 95% t-interval")
+
+
+def plot_table3(results: Path, out: Path) -> bool:
+    """Table 3's added sites (T, I, A), each difference of table3_differences, drawn by plot_differences."""
+    labels = dict(TABLE3_ROWS)
+    rows = table3_rows(results, table3_sets(results)[0])
+    items = [(f"{site}: {labels[row]} − {labels[other]}", names, diffs, TABLE3_PAPER_SIGN[site])
+             for site, row, other, names, diffs, _ in table3_differences(rows)]
+    return plot_differences(items, out, "Table 3, each relation site added within a pretraining; black: mean and 95% t-interval")
 
 
 def main(argv=None) -> int:
@@ -163,6 +183,7 @@ def draw(results: Path) -> int:
         plot_points(fig5, "epoch", "mrpc", results / "figure5.png", "pretraining epoch", "MRPC accuracy (dev, full fine-tuning)",
                     "Fig. 5 at the miniature: MRPC from each kept epoch (mean of 3 seeds)", floor.get("mrpc"))
     plot_claims(results, results / "claims.png")
+    plot_table3(results, results / "table3.png")
     return 0
 
 

@@ -475,6 +475,19 @@ def table3_rows(results: Path, paired: dict[str, Path]) -> dict[str, dict[str, t
     return out
 
 
+def table3_differences(rows: dict) -> list[tuple[str, str, str, list[str], list[float], list[float]]]:
+    """Each added site's GLUE difference within a pretraining, over the table3_rows pretrainings that have both
+    rows, as (site, row, other row, pretraining names, GLUE differences, Pre-Train Perf. differences)."""
+    out = []
+    for site, row, other in TABLE3_STEPS:
+        both = [n for n, r in rows.items() if r[row][0] is not None and r[other][0] is not None]
+        if both:
+            perf = [rows[n][row][1] - rows[n][other][1] for n in both
+                    if rows[n][row][1] is not None and rows[n][other][1] is not None]
+            out.append((site, row, other, both, [rows[n][row][0] - rows[n][other][0] for n in both], perf))
+    return out
+
+
 def table3(results: Path) -> str:
     """Table 3 per pretraining (GLUE average, Pre-Train Perf. in brackets), then each added site's difference
     within a pretraining over the pretrainings that have both rows: mean ± s.e., 95% interval, k of n."""
@@ -488,12 +501,7 @@ def table3(results: Path) -> str:
     out += ["", "| site added | difference | pretrainings | per pretraining | mean ± s.e. | 95% interval | "
             "the paper's way (H=128) | Pre-Train Perf. difference, mean |", "|" + "---|" * 8]
     labels = dict(TABLE3_ROWS)
-    for site, row, other in TABLE3_STEPS:
-        both = [r for r in rows.values() if r[row][0] is not None and r[other][0] is not None]
-        diffs = [r[row][0] - r[other][0] for r in both]
-        if not diffs:
-            continue
-        perf = [r[row][1] - r[other][1] for r in both if r[row][1] is not None and r[other][1] is not None]
+    for site, row, other, _, diffs, perf in table3_differences(rows):
         mean, se = mean_se(diffs) if len(diffs) > 1 else (diffs[0], None)
         spread = "-" if se is None else "{:+.2f} to {:+.2f}".format(*t_interval(diffs))
         way = sum(TABLE3_PAPER_SIGN[site] * d > 0 for d in diffs)
@@ -566,6 +574,23 @@ def features_table(results: Path) -> str:
     return "\n".join(out)
 
 
+def claim_a_table(results: Path) -> str:
+    """Claim (a) epoch by epoch: MoE − vanilla Pre-Train Perf. within each pretraining at epochs 1 to
+    SHARED_EPOCH, the last epoch both runs of every pretraining reach."""
+    out = []
+    for name, _, _, curves in pretrainings(results):
+        if not ((curves / "vanilla.jsonl").is_file() and (curves / "moe.jsonl").is_file()):
+            continue
+        vanilla, moe = (epoch_losses(curves / f"{run}.jsonl") for run in ("vanilla", "moe"))
+        cells = [f"{vanilla[e][0] - moe[e][0]:+.3f}" if e in vanilla and e in moe else "-"   # loss = -perf
+                 for e in range(1, SHARED_EPOCH + 1)]
+        out.append(f"| {name} | " + " | ".join(cells) + " |")
+    if not out:
+        return ""
+    return "\n".join(["| pretraining | " + " | ".join(str(e) for e in range(1, SHARED_EPOCH + 1)) + " |",
+                      "|" + "---|" * (SHARED_EPOCH + 1)] + out + [
+        "", "MoE − vanilla Pre-Train Perf. after each epoch (above 0: MoE ahead, claim a's way)"])
+
 PREMISE = [("vanilla", "probes/vanilla-long.jsonl"), ("MoE-8 λB 1000", "previous/section4/pretrain/moe.jsonl"),
            ("MoE-8 λB 250", "probes/moe-lb250.jsonl"), ("MoE-16 λB 250", "probes/moe16-lb250.jsonl")]
 
@@ -575,7 +600,7 @@ def epoch_losses(path: Path) -> dict[int, tuple[float, float]]:
     epoch's logged steps)} of a pretrain.py metrics file, for every completed epoch."""
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
     ends = {round(r["epoch"]): r for r in rows
-            if r.get("valid") and r["epoch"] >= 1 and abs(r["epoch"] - round(r["epoch"])) < 1e-9}
+            if r.get("valid") and r.get("epoch", 0) >= 1 and abs(r["epoch"] - round(r["epoch"])) < 1e-9}
     out = {}
     for epoch, end in ends.items():
         steps_per_epoch = end["step"] / epoch
@@ -624,6 +649,7 @@ def main(argv=None) -> int:
                         ("Claims (b) and (c) over pretrainings", claims_table(results)),
                         ("How far one pretraining moves each claim", claims_spread_table(results)),
                         ("Pretraining over pretrainings (the premises)", pretraining_table(results)),
+                        ("Claim (a) epoch by epoch over pretrainings", claim_a_table(results)),
                         ("Claim (d) over pretrainings (Table 4)", ood_claims_table(results)),
                         ("Table 3: the relation sites one at a time", table3(results)),
                         ("Transfer probes", transfer_table(results)),

@@ -371,7 +371,7 @@ def test_pretrainings_for_a_half_width_uses_students_t():
     assert tables.pretrainings_for(0.1, 0.5) == 3 and tables.pretrainings_for(2.0, 0.5) == 64
 
 
-def test_pretraining_table_checks_each_pretrainings_premises(tmp_path, capsys):
+def test_pretraining_tables_check_each_pretrainings_premises_and_claim_a_by_epoch(tmp_path, capsys):
     def curve(sub, run, perfs):      # Pre-Train Perf. at the end of epochs 1, 2, ...
         rows = [{"valid": True, "step": 10 * e, "epoch": float(e), "pretrain_perf": v} for e, v in enumerate(perfs, 1)]
         (tmp_path / sub).mkdir(parents=True, exist_ok=True)
@@ -389,7 +389,8 @@ def test_pretraining_table_checks_each_pretrainings_premises(tmp_path, capsys):
     curve("replicates/seed4/pretrain", "vanilla", [-7.0, -6.0])           # no teacher yet: no row
     curve("replicates/seed4/pretrain", "moe_tcd", [-6.5, -5.5, -5.0])
     assert tables.main(["--results", str(tmp_path)]) == 0
-    out = capsys.readouterr().out.split("### Pretraining over pretrainings (the premises)")[1].split("###")[0]
+    capsys_out = capsys.readouterr().out
+    out = capsys_out.split("### Pretraining over pretrainings (the premises)")[1].split("###")[0]
     # MoE epoch 3 (-4.90) is nearer TCD (-4.88) but worse: alignment takes epoch 4, the nearest at least as good
     assert "| first | -5.200 | -4.880 | +0.320 | +0.300 | +0.050 | epoch 4 (-4.850) | +0.030 |" in out
     assert "| again | -5.100 | -4.950 | +0.150 | +0.100 | +0.100 | epoch 4 (-4.860) | +0.090 |" in out
@@ -397,6 +398,11 @@ def test_pretraining_table_checks_each_pretrainings_premises(tmp_path, capsys):
     # student − teacher: +0.32, +0.15, -0.10: mean 0.123, std 0.211, s.e. 0.122; the others over first and again
     assert "| mean ± s.e. | | | +0.123 ± 0.122 | +0.200 ± 0.100 | +0.075 ± 0.025 |  | +0.060 ± 0.030 |" in out
     assert "seed3" not in out and "seed4" not in out
+    out = capsys_out.split("### Claim (a) epoch by epoch over pretrainings")[1].split("###")[0]
+    # MoE − vanilla after each epoch: seed2 has no MoE baseline, so no row
+    assert "| first | +0.000 | +0.100 | +0.300 | +0.150 | +0.020 | +0.050 |" in out
+    assert "| again | +0.000 | +0.200 | +0.100 | +0.040 | -0.020 | +0.100 |" in out
+    assert "seed2" not in out
 
 
 def test_ood_claims_table_takes_differences_within_each_pretrainings_table4(tmp_path, capsys):
@@ -650,6 +656,25 @@ def test_table3_pairs_each_variant_with_its_own_teachers_pretraining(tmp_path, c
     # below 0, the paper's way for A
     assert "| A | + T, I, A − + T, I (TCD) | 2 | -1.50, -1.00 | -1.25 ± 0.25 | -4.43 to +1.93 | 2 of 2 | -0.040 |" in out
     assert "| first |" not in out
+
+
+def test_table3_differences_are_taken_within_each_pretraining_that_has_both_rows(tmp_path):
+    write_table3_fixture(tmp_path)
+    rows = tables.table3_rows(tmp_path, tables.table3_sets(tmp_path)[0])
+    got = {site: (names, diffs, perf) for site, _, _, names, diffs, perf in tables.table3_differences(rows)}
+    assert got["T"][:2] == (["again", "seed2", "seed3"], [2.0, -1.0, 2.0])
+    assert got["I"][:2] == (["again", "seed2", "seed3"], [1.0, 2.0, -0.5])
+    assert got["A"][:2] == (["again", "seed2"], [-1.5, -1.0])                   # seed 3 has no + T, I, A
+    assert got["T"][2] == pytest.approx([-0.03] * 3) and got["A"][2] == pytest.approx([-0.04] * 2)
+
+
+def test_table3_plot_is_drawn_from_two_pretrainings_on(tmp_path):
+    pytest.importorskip("matplotlib")
+    import plot
+    assert plot.plot_table3(tmp_path, tmp_path / "table3.png") is False            # no Table 3 at all
+    write_table3_fixture(tmp_path)
+    assert plot.plot_table3(tmp_path, tmp_path / "table3.png") is True
+    assert (tmp_path / "table3.png").stat().st_size > 1000
 
 
 def test_table3_stage_alone_pretrains_and_fine_tunes_both_variants(tmp_path):
