@@ -656,6 +656,8 @@ def test_table3_pairs_each_variant_with_its_own_teachers_pretraining(tmp_path, c
     # below 0, the paper's way for A
     assert "| A | + T, I, A − + T, I (TCD) | 2 | -1.50, -1.00 | -1.25 ± 0.25 | -4.43 to +1.93 | 2 of 2 | -0.040 |" in out
     assert "| first |" not in out
+    # the paper's rows: means 79.51, 80.89, 82.43, 81.96 over its seven columns
+    assert "the paper (H=128), the same differences of its Table 3 rows' seven-column means: T +1.38, I +1.54, A -0.47" in out
 
 
 def test_table3_differences_are_taken_within_each_pretraining_that_has_both_rows(tmp_path):
