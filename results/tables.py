@@ -80,15 +80,21 @@ def perf_cell(data: dict) -> str:
     return "-" if perf is None else f"{perf:.3f}"
 
 
+def row_results(results: Path, key: str, seeds: list[int] | None) -> dict | None:
+    """A Tables 1-2 row's finetune.py results (only these seeds' runs, if given); None if it has none."""
+    f = results / "finetune" / f"{key}.json"
+    if not f.is_file():
+        return None
+    data = json.loads(f.read_text())
+    return only_seeds(data, seeds) if seeds else data
+
+
 def glue_rows(results: Path, mode: str | None, seeds: list[int] | None = None) -> list[str]:
     """One row per model: the best setting per task (mode None) or the best of one mode."""
     lines = []
     for key, label in MODELS:
-        f = results / "finetune" / f"{key}.json"
-        if not f.is_file():
+        if (data := row_results(results, key, seeds)) is None:
             continue
-        data = json.loads(f.read_text())
-        data = only_seeds(data, seeds) if seeds else data
         pre = data.get("pretrained") or {}
         cells, columns, counts = [], [], set()
         for task, metric in COLUMNS:
@@ -111,10 +117,7 @@ def glue_claims(results: Path, seeds: list[int] | None, mode: str | None) -> str
     mode), unrounded, for the rows whose every task is in."""
     averages = {}
     for key, _ in MODELS:
-        f = results / "finetune" / f"{key}.json"
-        if f.is_file():
-            data = json.loads(f.read_text())
-            data = only_seeds(data, seeds) if seeds else data
+        if (data := row_results(results, key, seeds)) is not None:
             columns = [per_seed(data, task, best_setting(data, task, mode), metric) for task, metric in COLUMNS]
             if all(columns):
                 averages[key] = float(np.mean([np.mean(list(c.values())) for c in columns]))
@@ -391,15 +394,18 @@ def claims_spread_table(results: Path) -> str:
 TEACHER_EPOCH, STUDENT_EPOCH, SHARED_EPOCH = 3, 3, 6      # run.sh: TEACHER_EPOCHS, TCD_EPOCHS, MOE_EPOCHS
 
 
+def epoch_perfs(curve: Path) -> dict[int, float]:
+    """{epoch: Pre-Train Perf. at its end} of a pretrain.py metrics file; {} if there is none."""
+    return {e: -loss for e, (loss, _) in epoch_losses(curve).items()} if curve.is_file() else {}
+
+
 def pretraining_table(results: Path) -> str:
     """The premises over pretrainings, Pre-Train Perf. only: is the teacher weaker than its TCD student, is
     MoE ahead of vanilla at equal epochs (claim a), and which MoE epoch performance alignment picks; a last
     row gives each difference's mean ± s.e. over the pretrainings that have it."""
     out, columns = [], [[], [], [], []]     # student − teacher, MoE − vanilla at both epochs, lead over TCD
     for name, _, _, curves in pretrainings(results):
-        perf = {run: {e: -loss for e, (loss, _) in epoch_losses(curves / f"{run}.jsonl").items()}
-                for run in ("vanilla", "moe", "moe_tcd") if (curves / f"{run}.jsonl").is_file()}
-        vanilla, moe, tcd = (perf.get(run, {}) for run in ("vanilla", "moe", "moe_tcd"))
+        vanilla, moe, tcd = (epoch_perfs(curves / f"{run}.jsonl") for run in ("vanilla", "moe", "moe_tcd"))
         if TEACHER_EPOCH not in vanilla or STUDENT_EPOCH not in tcd:
             continue
         teacher, student = vanilla[TEACHER_EPOCH], tcd[STUDENT_EPOCH]
@@ -444,8 +450,7 @@ PAPER_TABLE3 = {"moe_perf": [79.75, 85.75, 81.83, 81.56, 71.33, 72.82, 83.53],
 
 def teacher_perf(curve: Path) -> float | None:
     """A vanilla run's Pre-Train Perf. at the teacher's epoch, from its metrics file."""
-    losses = epoch_losses(curve) if curve.is_file() else {}
-    return -losses[TEACHER_EPOCH][0] if TEACHER_EPOCH in losses else None
+    return epoch_perfs(curve).get(TEACHER_EPOCH)
 
 
 def table3_sets(results: Path) -> tuple[dict[str, Path], list[str]]:
@@ -586,17 +591,17 @@ def claim_a_table(results: Path) -> str:
     SHARED_EPOCH, the last epoch both runs of every pretraining reach."""
     out = []
     for name, _, _, curves in pretrainings(results):
-        if not ((curves / "vanilla.jsonl").is_file() and (curves / "moe.jsonl").is_file()):
+        vanilla, moe = (epoch_perfs(curves / f"{run}.jsonl") for run in ("vanilla", "moe"))
+        if not (vanilla and moe):
             continue
-        vanilla, moe = (epoch_losses(curves / f"{run}.jsonl") for run in ("vanilla", "moe"))
-        cells = [f"{vanilla[e][0] - moe[e][0]:+.3f}" if e in vanilla and e in moe else "-"   # loss = -perf
-                 for e in range(1, SHARED_EPOCH + 1)]
+        cells = [f"{moe[e] - vanilla[e]:+.3f}" if e in vanilla and e in moe else "-" for e in range(1, SHARED_EPOCH + 1)]
         out.append(f"| {name} | " + " | ".join(cells) + " |")
     if not out:
         return ""
     return "\n".join(["| pretraining | " + " | ".join(str(e) for e in range(1, SHARED_EPOCH + 1)) + " |",
                       "|" + "---|" * (SHARED_EPOCH + 1)] + out + [
         "", "MoE − vanilla Pre-Train Perf. after each epoch (above 0: MoE ahead, claim a's way)"])
+
 
 PREMISE = [("vanilla", "probes/vanilla-long.jsonl"), ("MoE-8 λB 1000", "previous/section4/pretrain/moe.jsonl"),
            ("MoE-8 λB 250", "probes/moe-lb250.jsonl"), ("MoE-16 λB 250", "probes/moe16-lb250.jsonl")]
