@@ -6,10 +6,13 @@
     python bench.py --default-malloc      # without model.tune_allocator(), as a plain script runs
 
 moe        SwitchFFN forward+backward (64 experts, H=128, F=512, default init) / a dense FFN of the
-           same width on the same tokens, at 16,384 and 4,096 tokens; torch's grouped_mm for scale.
+           same width on the same tokens, at 16,384 and 4,096 tokens; torch's grouped_mm for scale;
+           expert-choice routing (c = 1, sequences of 128 as routing groups) / dense and / top-1.
 hf         BertForMaskedLM train step (small preset, batch 32x128 or --batch, 15% masked, AdamW): tokens/s of
            model.py over transformers.BertForMaskedLM, fp32 and bf16 autocast.
 step       train step time, same batch (small preset): MoE-64 / vanilla and MoE+TCD / MoE.
+arms       train step time of the miniature's arms (tiny preset, 16 experts, batch 64x128, bf16, as
+           results/run.sh trains them): expert choice / top-1 MoE, top-1 MoE + MoDE (--mode-tokens) / MoE.
 throughput tokens/s and peak memory (CPU: RSS; GPU: allocated) of full training steps per preset,
            each in a fresh process.
 memory     a tiny bf16 run at batch 64 with fresh masks and evaluations, as pretrain.py runs it:
@@ -30,6 +33,7 @@ import resource
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -70,6 +74,9 @@ def bench_moe(args, device) -> list[dict]:
         x = torch.randn(tokens, H, device=device, requires_grad=True)
         dense = nn.Sequential(nn.Linear(H, Fd), nn.GELU(), nn.Linear(Fd, H)).to(device)
         switch = SwitchFFN(H, Fd, E).to(device)
+        choice = SwitchFFN(H, Fd, E, routing="expert_choice").to(device)
+        choice.load_state_dict(switch.state_dict())
+        groups = x.view(-1, 128, H)                          # (B, T, H): each sequence a routing group
 
         def run_dense():
             dense(x).sum().backward()
@@ -77,6 +84,10 @@ def bench_moe(args, device) -> list[dict]:
         def run_switch():
             y, balance = switch(x)
             (y.sum() + balance).backward()
+
+        def run_choice():
+            y, _ = choice(groups)
+            y.sum().backward()
 
         def run_grouped():                               # the same layer through torch's grouped_mm
             probs = switch.router(x).float().softmax(-1)
@@ -89,7 +100,7 @@ def bench_moe(args, device) -> list[dict]:
             out = torch.empty_like(y).index_copy(0, order, y) * gate[:, None]
             out.sum().backward()
 
-        fns = {"dense": run_dense, "switch": run_switch}
+        fns = {"dense": run_dense, "switch": run_switch, "expert_choice": run_choice}
         if hasattr(F, "grouped_mm") and device.type == "cpu":   # on GPUs it takes bf16 only
             fns["grouped_mm"] = run_grouped
         t = race(fns, args.repeats, device)
@@ -97,6 +108,8 @@ def bench_moe(args, device) -> list[dict]:
         rows.append({"tokens": tokens, "dense_ms": 1e3 * t["dense"], "switch_ms": 1e3 * t["switch"],
                      "switch/dense": t["switch"] / t["dense"],
                      "grouped_mm/dense": t.get("grouped_mm", float("nan")) / t["dense"],
+                     "expert_choice/dense": t["expert_choice"] / t["dense"],
+                     "expert_choice/switch": t["expert_choice"] / t["switch"],
                      "busiest/mean expert load": float(counts.max() / counts.float().mean())})
     return rows
 
@@ -174,6 +187,28 @@ def bench_step(args, device) -> list[dict]:
                      "moe_tcd_ms": 1e3 * t["moe_tcd"], "moe/vanilla": t["moe"] / t["vanilla"],
                      "moe_tcd/moe": t["moe_tcd"] / t["moe"]})
     return rows
+
+
+def bench_arms(args, device) -> list[dict]:
+    from pretrain import mutual_distillation
+    torch.manual_seed(0)
+    top1 = BertConfig.preset("tiny", num_experts=16, dropout=0.0, attention_dropout=0.0)
+    ids, labels = mlm_batch(top1, 64, 128, device)
+    moe, choice = BertForMaskedLM(top1).to(device), BertForMaskedLM(replace(top1, routing="expert_choice")).to(device)
+    opt_m, opt_c = adamw(moe), adamw(choice)
+    g = torch.Generator().manual_seed(0)
+
+    def mode_loss():
+        res = moe(ids, labels=labels, taps=True)
+        index = torch.randperm(ids.numel(), generator=g)[:args.mode_tokens].to(device)
+        return res.loss + 250 * res.balance_loss + mutual_distillation(moe, res.taps, index)
+
+    t = race({"moe": train_step(moe, opt_m, ids, labels, True, device),
+              "expert_choice": train_step(choice, opt_c, ids, labels, True, device),
+              "moe_mode": train_step(moe, opt_m, ids, labels, True, device, extra=mode_loss)}, args.repeats, device)
+    return [{"mode_tokens": args.mode_tokens, "moe_ms": 1e3 * t["moe"], "expert_choice_ms": 1e3 * t["expert_choice"],
+             "moe_mode_ms": 1e3 * t["moe_mode"], "expert_choice/moe": t["expert_choice"] / t["moe"],
+             "moe_mode/moe": t["moe_mode"] / t["moe"]}]
 
 
 def peak_rss_mb() -> float:
@@ -301,8 +336,10 @@ def table(rows: list[dict]) -> str:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--only", nargs="+", default=["moe", "hf", "step", "throughput", "memory", "data"],
-                   choices=["moe", "hf", "step", "throughput", "memory", "data"])
+    p.add_argument("--only", nargs="+", default=["moe", "hf", "step", "arms", "throughput", "memory", "data"],
+                   choices=["moe", "hf", "step", "arms", "throughput", "memory", "data"])
+    p.add_argument("--mode-tokens", type=int, default=256, help="MoDE's sample per step in the arms section "
+                   "(results/run.sh's)")
     p.add_argument("--data-text", help="the text file of the data section (default: shared train.txt)")
     p.add_argument("--data-repeats", type=int, default=3, help="timed runs of each side in the data section")
     p.add_argument("--memory-steps", type=int, default=300, help="steps of the memory section's tiny run")
@@ -329,7 +366,8 @@ def main() -> None:
     print(f"torch {torch.__version__}, {device}, {torch.get_num_threads()} threads")
     results = {}
     for name in args.only:
-        results[name] = {"moe": bench_moe, "hf": bench_hf, "step": bench_step, "throughput": bench_throughput,
+        results[name] = {"moe": bench_moe, "hf": bench_hf, "step": bench_step, "arms": bench_arms,
+                         "throughput": bench_throughput,
                          "memory": bench_memory, "data": bench_data}[name](args, device)
         print(f"\n## {name}\n{table(results[name])}", flush=True)
     if args.json:

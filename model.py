@@ -45,6 +45,8 @@ class BertConfig:
     attention_dropout: float = 0.1
     layer_norm_eps: float = 1e-12
     num_experts: int = 0          # 0 or 1: dense FFN; >1: SwitchFFN with that many experts
+    routing: str = "top1"         # MoE: "top1" (the paper's) or "expert_choice" (moe.py)
+    capacity_factor: float = 1.0  # expert choice: tokens per expert = round(c·n/E) of a sequence's n
     pad_token_id: int = 0
 
     def __post_init__(self):
@@ -125,7 +127,8 @@ class Layer(nn.Module):
         self.ln1 = nn.LayerNorm(H, eps=cfg.layer_norm_eps)
         if cfg.moe:
             from moe import SwitchFFN
-            self.ffn = SwitchFFN(H, cfg.intermediate_size, cfg.num_experts, group=expert_group)
+            self.ffn = SwitchFFN(H, cfg.intermediate_size, cfg.num_experts, group=expert_group,
+                                 routing=cfg.routing, capacity_factor=cfg.capacity_factor)
         else:
             self.ffn = FFN(cfg)
         self.ln2 = nn.LayerNorm(H, eps=cfg.layer_norm_eps)

@@ -1,7 +1,11 @@
-"""Top-1 Switch mixture-of-experts FFN (paper Eq. 1-5), dropless, optionally expert-parallel.
+"""Top-1 Switch mixture-of-experts FFN (paper Eq. 1-5), dropless, optionally expert-parallel,
+with expert-choice routing and mutual distillation among experts as options.
 
     ffn = SwitchFFN(hidden_size=128, intermediate_size=512, num_experts=64)
     y, balance_loss = ffn(x)                  # x: [..., H]; y like x
+    ffn = SwitchFFN(128, 512, 64, routing="expert_choice", capacity_factor=1.0)
+    y, zero = ffn(x, mask)                    # each expert takes its k best tokens of each sequence
+    loss = ffn.mutual_distillation_loss(tokens)   # MoDE, our reading: tokens (T, H)
 
 The forward follows Tutel's hello-world: softmax router -> top-1 -> sort tokens by expert ->
 (all-to-all) -> batched experts -> (all-to-all back) -> unsort -> scale by the gate.
@@ -19,6 +23,17 @@ size, F expert FFN size, E experts (the paper's N in Eq. 3), E_local = E / W exp
 The paper's layer (SwitchFFN) comes first; the token permutations, the per-expert matmuls and the
 all-to-all it calls come after it, then the helpers for training with sharded experts.
 
+Two routing rules share one dispatch/combine contract (flaxformer's habit): a rule picks
+(token row, expert, gate) triples, sorted by expert; `_experts` runs them; the rule adds the
+gated outputs back to their tokens. `routing="top1"` is the paper's (Eq. 1-3: one expert a token).
+`routing="expert_choice"` is Zhou et al. (NeurIPS 2022): the same softmax over experts for each
+token, then each expert keeps its k = round(c·n/E) highest-scoring real tokens of a routing group
+of n (c the capacity factor; c = 1 spends top-1's expert FLOPs); a token gets the sum of its
+choosers' gated outputs, or 0 if none chose it; no balance loss (every expert has k tokens).
+The routing group is one sequence (its real tokens) for 3-D input, so a sentence's output never
+depends on its batch mates or the batch size, in pretraining and evaluation alike; a 2-D input
+(M, H) without a mask is one group of M tokens.
+
 Copy this file alone into another project: it imports only torch.
 """
 from __future__ import annotations
@@ -32,12 +47,21 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 
+ROUTINGS = ("top1", "expert_choice")
+
+
 class SwitchFFN(nn.Module):
     """Switch-Transformer FFN layer: router (Eq. 1), top-1 (Eq. 2), p_i(x)·E_i(x) (Eq. 3),
     balance loss KL(uniform || mean router probability) over the batch's tokens (Eq. 4-5)."""
 
-    def __init__(self, hidden_size: int, intermediate_size: int, num_experts: int, group=None):
+    def __init__(self, hidden_size: int, intermediate_size: int, num_experts: int, group=None,
+                 routing: str = "top1", capacity_factor: float = 1.0):
         super().__init__()
+        if routing not in ROUTINGS:
+            raise ValueError(f"unknown routing {routing!r}: choose one of {', '.join(ROUTINGS)}")
+        if not (math.isfinite(capacity_factor) and capacity_factor > 0):
+            raise ValueError(f"capacity factor {capacity_factor} must be a positive number (1 spends top-1's FLOPs)")
+        self.routing, self.capacity_factor = routing, float(capacity_factor)
         self.world = dist.get_world_size(group) if group is not None else 1
         self.rank = dist.get_rank(group) if group is not None else 0
         if num_experts % self.world:
@@ -61,6 +85,7 @@ class SwitchFFN(nn.Module):
             p.no_weight_decay = True                           # biases: see model.adamw_warmup_linear
         self.reset_parameters()
         self.last_counts = torch.zeros(num_experts, dtype=torch.long)  # tokens per expert, last call (on x's device)
+        self.last_choosers = torch.zeros(0, dtype=torch.long)  # expert choice: experts per real token, last call
         if group is not None:
             self._check_group(hidden_size, intermediate_size)
 
@@ -91,7 +116,12 @@ class SwitchFFN(nn.Module):
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None):
         """x: [..., H]; mask: [...] bool, False for padding (kept out of routing and Eq. 4).
-        Returns y like x (zero at padding) and the scalar balance loss."""
+        Returns y like x (zero at padding) and the scalar balance loss (0 with expert choice)."""
+        if self.routing == "expert_choice":
+            return self._expert_choice(x, mask)
+        return self._top1(x, mask)
+
+    def _top1(self, x: torch.Tensor, mask: torch.Tensor | None):
         shape = x.shape
         x = x.reshape(-1, shape[-1])                                 # (N, H)
         keep = None if mask is None else mask.reshape(-1).nonzero().squeeze(1)
@@ -112,14 +142,69 @@ class SwitchFFN(nn.Module):
             y = x.new_zeros(x.shape[0], y.shape[1], dtype=y.dtype).index_copy(0, keep, y)  # padding -> 0
         return y.reshape(shape), balance_loss
 
+    def _expert_choice(self, x: torch.Tensor, mask: torch.Tensor | None):
+        """Expert-choice routing: in each group (a sequence, or a 2-D x as a whole) every expert takes
+        the k real tokens it scores highest, k = round(c·n/E) within [1, n] (n real tokens)."""
+        shape, E = x.shape, self.num_experts
+        groups = x.reshape(-1, shape[-2] if x.dim() > 2 else shape[0], shape[-1])  # (G, T, H)
+        G, T, H = groups.shape
+        real = torch.ones(G, T, dtype=torch.bool, device=x.device) if mask is None else mask.reshape(G, T)
+        flat = groups.reshape(G * T, H)
+        probs = self.router(flat).float().softmax(-1)                # as Eq. 1: over experts, (G*T, E)
+        probs = probs.masked_fill(~real.reshape(-1, 1), -1.0)         # padding ranks below every real token
+        n = real.sum(1)                                               # (G,) real tokens per group
+        k = torch.minimum((self.capacity_factor * n / E + 0.5).floor().long().clamp(min=1), n)  # half up
+        k_max = int(k.max()) if G else 0
+        gate, pos = probs.view(G, T, E).transpose(1, 2).topk(k_max, dim=-1)   # (G, E, k_max): TopK(S^T, k)
+        taken = (torch.arange(k_max, device=x.device) < k.view(G, 1, 1)).expand(G, E, k_max)
+        row = pos + torch.arange(G, device=x.device).view(G, 1, 1) * T        # row of flat
+        row = row.transpose(0, 1)[taken.transpose(0, 1)]              # (E*K,) expert-major
+        gate = gate.transpose(0, 1)[taken.transpose(0, 1)]            # (E*K,) each choice's score
+        counts = torch.full((E,), int(k.sum()), dtype=torch.long, device=x.device)
+        self.last_counts = counts
+        self.last_choosers = torch.bincount(row, minlength=G * T)[real.reshape(-1)].detach()
+        # index_select's backward adds the rows of a token that several experts chose (index_add)
+        ys = self._experts(flat.index_select(0, row), counts)
+        ys = ys * gate.unsqueeze(1).to(ys.dtype)                      # scaled by its score, not renormalised
+        y = ys.new_zeros(G * T, H).index_add(0, row, ys)              # summed per token; unchosen: 0
+        return y.reshape(shape), probs.new_zeros(())
+
+    def mutual_distillation_loss(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Our reading of MoDE (Xie et al., AAAI 2024; its loss is not public): the mean squared distance
+        between the outputs of every ordered pair of experts (before the gate) on the same tokens,
+            1 / (T·E·(E−1)) · Σ_t Σ_{i≠j} ‖E_i(x_t) − E_j(x_t)‖²,
+        by Σ_{i≠j}‖a_i − a_j‖² = 2E·Σ_i‖a_i − ā‖² (O(E), and exact 0 for equal experts).
+        tokens: (T, H), taken as data (detached): the pull acts on the experts, not on the router or
+        the trunk. Expert-parallel: each rank passes its own tokens; the loss is over every rank's."""
+        tokens = tokens.detach().reshape(-1, tokens.shape[-1])
+        if self.group is not None:
+            tokens = _gather_rows(tokens, self.group)
+        T, E, El = tokens.shape[0], self.num_experts, self.local_experts
+        counts = torch.full((El,), T, dtype=torch.long, device=tokens.device)
+        xs, weights = self._cast(tokens.repeat(El, 1), (self.w1, self.b1, self.w2, self.b2))
+        with torch.autocast(tokens.device.type, enabled=False):
+            outs = _expert_ffn(xs, counts, *weights).float().view(El, T, -1)   # (E_local, T, H)
+        total = outs.sum(0)
+        if self.group is not None:
+            total = _AllReduce.apply(total, self.group)
+        spread = (outs - total / E).pow(2).sum()                      # Σ_t Σ_i ‖a_i − ā‖², this rank's experts
+        if self.group is not None:
+            spread = _AllReduce.apply(spread, self.group)
+        return 2 * E * spread / max(T * E * (E - 1), 1)
+
+    @staticmethod
+    def _cast(xs: torch.Tensor, weights):
+        """(xs, weights) in the dtype the experts run in: under autocast, bf16 on GPUs; float32 on CPUs,
+        where in bf16 each new row count makes oneDNN compile a kernel, and even with every kernel
+        compiled bf16 was no faster (README, Speed)."""
+        if torch.is_autocast_enabled(xs.device.type):               # one cast, then exact dtypes
+            dtype = torch.get_autocast_dtype(xs.device.type) if xs.is_cuda else torch.float32
+            return xs.to(dtype), [w.to(dtype) for w in weights]
+        return xs, list(weights)
+
     def _experts(self, xs: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """Run xs (sorted by global expert id, counts[e] rows each) through their experts."""
-        weights = (self.w1, self.b1, self.w2, self.b2)
-        if torch.is_autocast_enabled(xs.device.type):               # one cast, then exact dtypes
-            # on CPUs the experts stay float32: in bf16 each new row count makes oneDNN compile a
-            # kernel, and even with every kernel compiled bf16 was no faster (README, Speed)
-            dtype = torch.get_autocast_dtype(xs.device.type) if xs.is_cuda else torch.float32
-            xs, weights = xs.to(dtype), [w.to(dtype) for w in weights]
+        xs, weights = self._cast(xs, (self.w1, self.b1, self.w2, self.b2))
         with torch.autocast(xs.device.type, enabled=False):
             if self.group is None:
                 return _expert_ffn(xs, counts, *weights)
@@ -260,6 +345,39 @@ def _alive(group_ref: weakref.ref):
 def _all_to_all(x: torch.Tensor, send: list[int], recv: list[int], group) -> torch.Tensor:
     """Differentiable uneven all-to-all of rows: send[r] rows go to rank r, recv[r] come back."""
     return _AllToAll.apply(x, send, recv, group)
+
+
+class _AllReduce(torch.autograd.Function):
+    """Sum over the ranks of a group. Every rank then holds the same loss and backpropagates it, so
+    the gradient is summed over ranks too (sync_gradients divides it by the world like the rest)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, group) -> torch.Tensor:
+        ctx.group = weakref.ref(group)
+        out = x.clone()
+        dist.all_reduce(out, group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        grad = grad.clone()
+        dist.all_reduce(grad, group=_alive(ctx.group))
+        return grad, None
+
+
+@torch.no_grad()
+def _gather_rows(x: torch.Tensor, group) -> torch.Tensor:
+    """Every rank's rows of x (not differentiable), rank by rank; ranks may hold different counts."""
+    world = dist.get_world_size(group)
+    n = torch.tensor([x.shape[0]], device=x.device)
+    sizes = [torch.empty_like(n) for _ in range(world)]
+    dist.all_gather(sizes, n, group=group)
+    most = int(max(sizes))
+    padded = x.new_zeros(most, *x.shape[1:])
+    padded[:x.shape[0]] = x
+    parts = [torch.empty_like(padded) for _ in range(world)]
+    dist.all_gather(parts, padded, group=group)
+    return torch.cat([p[:int(s)] for p, s in zip(parts, sizes)])
 
 
 # ----------------------------------------------------------------------------- training with sharded experts

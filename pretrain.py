@@ -3,6 +3,8 @@
     python pretrain.py                                     # teacher, Eq. 12: L = L_MLM     -> ckpt/vanilla.pt
     python pretrain.py --moe                               # baseline: L_MLM + λB·L_B (no number in the paper) -> ckpt/moe.pt
     python pretrain.py --moe --teacher ckpt/vanilla.pt     # TCD, Eq. 13                     -> ckpt/moe_tcd.pt
+    python pretrain.py --moe --routing expert_choice       # expert-choice MoE (Zhou et al., 2022), no L_B
+    python pretrain.py --moe --mode-alpha 1                # + α·L_KD, our reading of MoDE (Xie et al., 2024)
     python pretrain.py --resume ckpt/moe_tcd.pt            # continue that run, with its own settings
     torchrun --nproc_per_node=4 pretrain.py --moe --teacher ckpt/vanilla.pt   # data + expert parallel
 
@@ -63,9 +65,9 @@ from moe import clip_gradients, sync_gradients
 
 HERE = Path(__file__).resolve().parent
 VALID_SEED = 1234                      # fixed validation masks: every model is scored on the same ones
-DROPOUT_STREAM, RELATION_STREAM = 1, 2  # seeded(seed, step, micro-batch, stream): one random stream per use
+DROPOUT_STREAM, RELATION_STREAM, MODE_STREAM = 1, 2, 3  # seeded(seed, step, micro-batch, stream): one per use
 VALID_SHARE = 0.01                     # documents held out when no --valid is given
-PARTS = ("loss", "mlm", "balance", "trunk", "inner", "attention")
+PARTS = ("loss", "mlm", "balance", "trunk", "inner", "attention", "mode")
 # The resume rules, stated once. A resume restores every setting from its checkpoint except THIS_COMMAND's,
 # which belong to the command that resumes (what to stop at, where to write, on what hardware; the world size
 # with --grad-accum). A flag given again must equal the run's, unless it is FREE_ON_RESUME: these, and
@@ -93,6 +95,14 @@ def make_parser() -> argparse.ArgumentParser:
       "(default: the teacher's with --teacher, as in the paper; else small)")
     a("--moe", action="store_true", help="replace every FFN by a top-1 Switch MoE layer")
     a("--experts", type=int, default=64, help="experts per MoE layer (paper: 64)")
+    a("--routing", choices=["top1", "expert_choice"], default="top1", help="MoE routing: top1 (the paper's, "
+      "Eq. 1-3) or expert_choice (Zhou et al., 2022: each expert takes its k best tokens of each sequence; no L_B)")
+    a("--capacity-factor", type=finite_float, default=1.0, help="expert choice: k = round(c·n/E) tokens per "
+      "expert of a sequence of n (1: top-1's expert FLOPs; 2: top-2's)")
+    a("--mode-alpha", type=finite_float, default=0.0, help="α of our reading of MoDE (Xie et al., 2024): "
+      "α·L_KD, the mean squared distance between every pair of experts' outputs on sampled tokens (0: off)")
+    a("--mode-tokens", type=int, default=512, help="tokens per step sampled at each MoE layer for MoDE's L_KD "
+      "(split over micro-batches, like --relation-tokens)")
     a("--teacher", help="vanilla BERT checkpoint to distill transfer capability from (TCD, Eq. 13)")
     a("--lambda-b", type=finite_float, default=1000.0, help="balance loss weight λB (paper: 1000) on L_B summed "
       "over the L MoE layers; the paper does not say sum or mean, and 1000 on the mean is --lambda-b 1000/L")
@@ -179,12 +189,26 @@ def teacher_preset(path: str) -> str:
                      f"{cfg.get('num_layers')} layers): pass --preset")
 
 
-def check_args(args) -> None:
+def check_moe_options(args, explicit: set) -> None:
+    """Routing, capacity and MoDE only where they mean something."""
+    options = [n for n in ("routing", "capacity_factor", "mode_alpha", "mode_tokens") if n in explicit]
+    if options and not args.moe:
+        raise UsageError(f"--{options[0].replace('_', '-')} is a MoE setting: add --moe (and --experts)")
+    if args.routing == "top1" and "capacity_factor" in explicit:
+        raise UsageError("--capacity-factor sets expert choice's tokens per expert: add --routing expert_choice "
+                         "(top-1 routing is dropless and has no capacity)")
+    if args.routing == "expert_choice" and "lambda_b" in explicit and args.lambda_b:
+        raise UsageError("expert choice has no balance loss (every expert takes k tokens): drop --lambda-b")
+    if "mode_tokens" in explicit and not args.mode_alpha:
+        raise UsageError("--mode-tokens sizes MoDE's sample: set --mode-alpha above 0 too")
+
+
+def check_args(args, explicit: set = frozenset()) -> None:
     """One line per bad value, before any work."""
     positive = ["batch_size", "grad_accum", "epochs", "seq_len", "relation_tokens", "relation_group", "log_every",
-                "eval_every", "lr"]
+                "eval_every", "lr", "capacity_factor", "mode_tokens"]
     non_negative = ["max_steps", "stop_at", "stop_epochs", "short_seq_steps", "warmup_steps", "weight_decay", "clip", "keep_every",
-                    "lambda_b", "lambda_t", "lambda_i", "lambda_a"]
+                    "lambda_b", "lambda_t", "lambda_i", "lambda_a", "mode_alpha"]
     for name in positive:
         if not getattr(args, name) > 0:
             raise UsageError(f"--{name.replace('_', '-')} {getattr(args, name)} must be positive")
@@ -208,6 +232,7 @@ def check_args(args) -> None:
                          "use 3 or more")
     if args.moe and args.experts < 2:
         raise UsageError(f"--moe needs --experts 2 or more (got {args.experts}); drop --moe for a vanilla model")
+    check_moe_options(args, explicit)
     if args.relation_group > args.relation_tokens:
         raise UsageError(f"--relation-group {args.relation_group} is more than --relation-tokens "
                          f"{args.relation_tokens}")
@@ -305,27 +330,44 @@ def setup_distributed(args):
 # ----------------------------------------------------------------------------- the objective
 
 def objective(mlm: torch.Tensor, balance: torch.Tensor, tcd: dict, *, lambda_b: float, lambda_t: float,
-              lambda_i: float, lambda_a: float) -> torch.Tensor:
+              lambda_i: float, lambda_a: float, mode: torch.Tensor | None = None, mode_alpha: float = 0.0) -> torch.Tensor:
     """Eq. 13. A dense model has balance = 0; without a teacher tcd's parts are 0, which leaves Eq. 12
-    for a dense model and L_MLM + λB·L_B (not numbered in the paper) for the MoE baseline."""
-    return mlm + lambda_b * balance + lambda_t * tcd["trunk"] + lambda_i * tcd["inner"] + lambda_a * tcd["attention"]
+    for a dense model and L_MLM + λB·L_B (not numbered in the paper) for the MoE baseline. MoDE (our
+    reading) adds α·L_KD; with α = 0 nothing is added, so the run is today's bit for bit."""
+    loss = mlm + lambda_b * balance + lambda_t * tcd["trunk"] + lambda_i * tcd["inner"] + lambda_a * tcd["attention"]
+    return loss + mode_alpha * mode if mode_alpha else loss
 
 
 def lambdas(args) -> dict[str, float]:
-    return {k: getattr(args, k) for k in ("lambda_b", "lambda_t", "lambda_i", "lambda_a")}
+    return {k: getattr(args, k) for k in ("lambda_b", "lambda_t", "lambda_i", "lambda_a", "mode_alpha")}
+
+
+def mutual_distillation(model: BertForMaskedLM, taps: dict, index: torch.Tensor) -> torch.Tensor:
+    """MoDE's L_KD (our reading, moe.py) averaged over the MoE layers, on the sampled tokens (flat
+    positions `index`) of each layer's FFN input (taps["trunk"][2l], the attention block's LayerNorm)."""
+    losses = []
+    for layer, ffn_input in zip(model.bert.layers, taps["trunk"][0::2]):
+        tokens = ffn_input.reshape(-1, ffn_input.shape[-1])[index]       # (T, H)
+        losses.append(layer.ffn.mutual_distillation_loss(tokens))
+    return torch.stack(losses).mean()
 
 
 def micro_batch_losses(run: Run, x: torch.Tensor, y: torch.Tensor, step: int, m: int) -> dict:
     """Every part of Eq. 13 on one micro-batch (scalars, with gradients)."""
-    res = run.model(x, labels=y, taps=run.teacher is not None)
+    mode_on = run.args.mode_alpha > 0
+    res = run.model(x, labels=y, taps=run.teacher is not None or mode_on)
     zero = res.loss.new_zeros((), dtype=torch.float32)
     tcd = {"trunk": zero, "inner": zero, "attention": zero}
     if run.teacher is not None:
         index = sample_groups(torch.ones_like(x, dtype=torch.bool), run.relation_tokens, run.args.relation_group,
                               seeded(run.args.seed, step, m, RELATION_STREAM))   # the same tokens for both models
         tcd = tcd_losses(res.taps, run.teacher(x), index, None, attention=run.args.lambda_a > 0)
-    parts = {"mlm": res.loss, "balance": res.balance_loss, **tcd}       # mlm: L_MLM, Eq. 12
-    return {"loss": objective(res.loss, res.balance_loss, tcd, **lambdas(run.args)), **parts}
+    mode = zero
+    if mode_on:
+        index = torch.randperm(x.numel(), generator=seeded(run.args.seed, step, m, MODE_STREAM))[:run.mode_tokens]
+        mode = mutual_distillation(run.model, res.taps, index.to(x.device))
+    parts = {"mlm": res.loss, "balance": res.balance_loss, **tcd, "mode": mode}   # mlm: L_MLM, Eq. 12
+    return {"loss": objective(res.loss, res.balance_loss, tcd, mode=mode, **lambdas(run.args)), **parts}
 
 
 # ----------------------------------------------------------------------------- one run
@@ -348,6 +390,7 @@ class Run:
     steps_per_epoch: int
     total_steps: int
     relation_tokens: int
+    mode_tokens: int = 0              # MoDE's sample per micro-batch
     metrics: dict = field(default_factory=dict)
     stop: dict = field(default_factory=lambda: {"signal": 0})
     teacher_sha1: str | None = None   # a resume checks it: the same file name may now hold another model
@@ -487,7 +530,8 @@ def build(args, rank: int, world: int, device) -> tuple[Run, int, np.ndarray]:
     warmup = min(args.warmup_steps, max(1, total_steps // 10))
     cfg = (BertConfig.from_dict(resume["config"]) if resume else
            BertConfig.preset(args.preset, vocab_size=len(vocab), num_experts=args.experts if args.moe else 0,
-                             dropout=args.dropout, attention_dropout=args.dropout))
+                             dropout=args.dropout, attention_dropout=args.dropout, routing=args.routing,
+                             capacity_factor=args.capacity_factor))
     torch.manual_seed(args.seed)
     group = dist.group.WORLD if world > 1 and cfg.moe else None
     model = BertForMaskedLM(cfg, expert_group=group).to(device)
@@ -501,7 +545,7 @@ def build(args, rank: int, world: int, device) -> tuple[Run, int, np.ndarray]:
                                                betas=(0.9, args.beta2))
     relation_tokens = max(args.relation_group, args.relation_tokens // (world * args.grad_accum))
     run = Run(args, rank, world, device, out, vocab, train_seg, model, optimizer, scheduler, group is not None, teacher,
-              steps_per_epoch, total_steps, relation_tokens)
+              steps_per_epoch, total_steps, relation_tokens, max(1, args.mode_tokens // (world * args.grad_accum)))
     if teacher is not None and args.relation_group > run.micro * args.seq_len:
         raise UsageError(f"--relation-group {args.relation_group} is more than the {run.micro * args.seq_len} "
                          "tokens of a micro-batch: lower it or raise --batch-size")
@@ -562,14 +606,34 @@ def on_signal(run: Run):
 def log_step(run: Run, bar, row: dict, done: int, tokens_per_s: float) -> None:
     row.update(step=done, tokens=done * run.args.batch_size * run.args.seq_len, lr=run.scheduler.get_last_lr()[0],
                tokens_per_s=tokens_per_s)
+    if not run.args.mode_alpha:
+        row.pop("mode", None)                                   # a run without MoDE logs what it logged before
     if run.model.config.moe:
-        counts = torch.stack([layer.ffn.last_counts for layer in run.model.bert.layers])
-        row.update(load_max=int(counts.max()), load_min=int(counts.min()))
+        row.update(routing_stats(run.model))
     if done % run.args.log_every == 0 or done == run.total_steps:
         shown_parts = ("mlm", "balance", "trunk", "inner", "attention") if run.teacher else \
             ("mlm", "balance") if run.model.config.moe else ("mlm",)      # no columns that are always 0
+        if run.model.config.routing == "expert_choice":
+            shown_parts = tuple(p for p in shown_parts if p != "balance")
+        shown_parts += ("mode",) if run.args.mode_alpha else ()
         bar.set_postfix({k: f"{row[k]:.3g}" for k in (*shown_parts, "lr")} | {"tok/s": f"{tokens_per_s:.0f}"})
         record(run, row)
+
+
+def routing_stats(model: BertForMaskedLM) -> dict:
+    """The last micro-batch's routing, per layer. Top-1: the busiest expert's load over the mean load
+    (1 = balanced). Expert choice: the share of real tokens no expert took, and experts per chosen token."""
+    ffns = [layer.ffn for layer in model.bert.layers]
+    counts = torch.stack([f.last_counts for f in ffns]).float()
+    row = {"load_max": int(counts.max()), "load_min": int(counts.min())}
+    if model.config.routing == "expert_choice":
+        choosers = [f.last_choosers.float() for f in ffns]
+        row["layer_unchosen"] = [round(float((c == 0).float().mean()), 4) for c in choosers]
+        row["layer_experts_per_token"] = [round(float(c[c > 0].mean()), 4) if (c > 0).any() else 0.0
+                                          for c in choosers]
+    else:
+        row["layer_load_max"] = [round(float(c.max() / c.mean().clamp_min(1e-9)), 4) for c in counts]
+    return row
 
 
 def validate(run: Run, valid: tuple, done: int) -> None:
@@ -644,7 +708,7 @@ def main(argv=None) -> int:
         fill_defaults(args)
         if args.resume is not None:
             settle_resume(args, explicit, int(os.environ.get("WORLD_SIZE", 1)))
-        check_args(args)
+        check_args(args, explicit)
         if int(os.environ.get("RANK", 0)) == 0:
             check_out(args, explicit)
         return train(args)

@@ -2,6 +2,7 @@
 
     python results/align.py --target runs/ckpt/moe_tcd.pt --candidates runs/ckpt/moe.*.pt            # performance
     python results/align.py --by epoch --epoch 3 --candidates runs/ckpt/moe.epoch*.pt                # epoch (Table 2)
+    python results/align.py --target-perf -4.85 --candidates runs/arms/ec.epoch*.pt   # a target known by its number
 
 Performance alignment (Tables 1, 3, 4): of the candidates at least as good as the target in Pre-Train
 Perf. (the held-out masked-LM log-likelihood each checkpoint carries from pretrain.py), the closest:
@@ -62,6 +63,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="align.py", description=__doc__.split("\n")[0])
     p.add_argument("--candidates", nargs="+", required=True, help="baseline checkpoints (e.g. kept epochs)")
     p.add_argument("--target", help="the model to align to (performance alignment)")
+    p.add_argument("--target-perf", type=finite_float, help="or its Pre-Train Perf. (e.g. from a committed curve)")
     p.add_argument("--by", choices=["perf", "epoch"], default="perf", help="performance or epoch alignment")
     p.add_argument("--epoch", type=finite_float, help="epoch to align to (--by epoch)")
     p.add_argument("--out", help="also write the choice and every candidate's numbers to this JSON")
@@ -74,7 +76,11 @@ def main(argv=None) -> int:
 
 
 def run(args) -> int:
+    if args.target and args.target_perf is not None:
+        raise AlignError("give --target or --target-perf, not both")
     target = summary(args.target) if args.target else None
+    if args.target_perf is not None:
+        target = {"path": None, "step": None, "epoch": None, "pretrain_perf": args.target_perf}
     candidates = [summary(c) for c in args.candidates]
     chosen, other_side = align(target, candidates, args.by, args.epoch)
     if args.out:

@@ -4,6 +4,7 @@
 #   bash results/run.sh --quick     # smoke test: every stage for a few steps (6 min on 2 idle cores)
 #   bash results/run.sh             # the real run: many hours; the same command resumes it
 #   bash results/run.sh --table3    # only Table 3's stage (its teacher first, retraced if it was lost)
+#   bash results/run.sh --arms      # only the other remedies' stage: expert choice and MoDE beside TCD
 #   bash results/run.sh --help      # this text
 #
 # Checkpoints, logs and the token cache go to $RUNS (default: runs/ in this repository, ignored by
@@ -19,6 +20,8 @@
 # in $RUNS/seedN and results/replicates/seedN, then Tables 1-2 (full, one seed) and Table 4 only.
 # Table 3 (stage 8) pretrains MoE + T and MoE + T, I, A beside the TCD student into table3/, fine-tuned as
 # the replicates are; --table3 runs that stage alone, for pretrainings that ran before it existed.
+# The arms (stage 9, --arms alone) pretrain an expert-choice MoE and a top-1 MoE + MoDE like the MoE baseline,
+# align each to the pretraining's TCD student (its committed curve) and by epochs, and fine-tune them.
 set -euo pipefail
 R=$(cd "$(dirname "$0")/.." && pwd)
 D=${DATA:-$R/../shared/data}
@@ -29,8 +32,9 @@ for arg in "$@"; do
   case $arg in
     --quick) QUICK=1 ;;
     --table3) ONLY=table3 ;;
-    -h|--help) sed -n '2,21p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
-    *) echo "run.sh: error: unknown argument '$arg' (run.sh takes --quick, --table3 or --help)" >&2; exit 2 ;;
+    --arms) ONLY=arms ;;
+    -h|--help) sed -n '2,24p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    *) echo "run.sh: error: unknown argument '$arg' (run.sh takes --quick, --table3, --arms or --help)" >&2; exit 2 ;;
   esac
 done
 if [ $QUICK = 1 ]; then
@@ -104,6 +108,8 @@ finetune() {  # NAME CKPT OUT_DIR SEEDS MODES TASKS...: the modes into one JSON,
 STUDENT_FLAGS="--moe --experts $EXPERTS --lambda-b $LAMBDA_B --teacher $TEACHER --relation-tokens 512"  # 4096 x 64/512
 if [ $ONLY = table3 ]; then
   pretrain vanilla $TEACHER_EPOCHS                                     # the teacher only (retraced if lost)
+elif [ $ONLY = arms ]; then
+  :
 else
 pretrain moe $MOE_EPOCHS --moe --experts $EXPERTS --lambda-b $LAMBDA_B &   # baseline, L_MLM + λB·L_B
 BASELINE=$!
@@ -202,6 +208,7 @@ LANE2=$!
 wait $LANE1; wait $LANE2
 fi   # stages 1-7
 
+if [ $ONLY != arms ]; then
 # ---------------------------------------------------------------- 8. Table 3: the relation sites one at a time
 # MoE + T (λI = 0) and MoE + T, I, A (λA = 1) with the TCD student's teacher, data, schedule, seed and epochs;
 # Table 3's other rows are Tables 1-2's perf-aligned MoE and TCD (T, I). Fine-tuned as the replicates are (full,
@@ -220,6 +227,40 @@ table3_lane moe_t --lambda-i 0 &
 T3_LANE=$!
 table3_lane moe_tia --lambda-a 1
 wait $T3_LANE
+fi   # stage 8
+
+# ---------------------------------------------------------------- 9. the other remedies: expert choice and MoDE
+# Each arm is pretrained like the MoE baseline (recipe, experts, epochs, seed), aligned like it: by Pre-Train Perf.
+# to this pretraining's TCD student (the committed curve: for seed 0 the "again" pretraining, as Table 3) and by
+# epochs (teacher + student), and fine-tuned as the replicates are (full, lr 5e-5, seed 1, five tasks).
+# Settings fixed before any fine-tuning score of an arm was seen: expert choice c = 1 (top-1's expert FLOPs), no
+# L_B; MoDE (our reading) on top-1 with the baseline's λB, α from the pretraining-curve probe (results/README.md,
+# section 7), 256 sampled tokens a step at each layer
+if [ $ONLY = arms ] || [ $ONLY = all ]; then
+ARMS=$RES/arms; TARGET_CURVE=$RES/pretrain/moe_tcd.jsonl
+if [ "$PRETRAIN_SEED" = 0 ] && [ $QUICK = 0 ] && [ -f "$RES/probes/retrain/pretrain/moe_tcd.jsonl" ]; then
+  TARGET_CURVE=$RES/probes/retrain/pretrain/moe_tcd.jsonl
+fi
+mkdir -p "$ARMS/pretrain" "$ARMS/finetune"
+arm_lane() {  # NAME FLAGS...: the arm's pretraining, its two alignments, their fine-tuning
+  local name=$1 target perf epoch; shift
+  pretrain $name $MOE_EPOCHS $@
+  mv "$RES/pretrain/$name.jsonl" "$ARMS/pretrain/$name.jsonl"
+  target=$(python -c "import json,sys; print([json.loads(l) for l in open(sys.argv[1]) if '\"valid\"' in l][-1]['pretrain_perf'])" "$TARGET_CURVE")
+  perf=$(python "$R/results/align.py" --target-perf "$target" --candidates "$RUNS"/ckpt/$name.epoch*.pt \
+         --out "$ARMS/align-$name-perf.json")
+  epoch=$(python "$R/results/align.py" --by epoch --epoch $((TEACHER_EPOCHS + TCD_EPOCHS)) \
+          --candidates "$RUNS"/ckpt/$name.epoch*.pt --out "$ARMS/align-$name-epoch.json")
+  stamp "aligned $name: performance $perf, epochs $epoch"
+  finetune ${name}_perf "$perf" "$ARMS/finetune" 1 FULL $TASKS
+  finetune ${name}_epoch "$epoch" "$ARMS/finetune" 1 FULL $TASKS
+}
+MODE_ALPHA=${MODE_ALPHA:-1}
+arm_lane moe_ec --moe --experts $EXPERTS --routing expert_choice &
+EC_LANE=$!
+arm_lane moe_mode --moe --experts $EXPERTS --lambda-b $LAMBDA_B --mode-alpha $MODE_ALPHA --mode-tokens 256
+wait $EC_LANE
+fi   # stage 9
 
 # ---------------------------------------------------------------- 9. tables and plots
 SMOKE=$([ $QUICK = 1 ] && echo --smoke || true)

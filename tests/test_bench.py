@@ -19,6 +19,16 @@ def test_moe_section_runs_and_writes_json(tmp_path):
     for r in rows:
         assert r["switch/dense"] == r["switch_ms"] / r["dense_ms"] > 0
         assert r["busiest/mean expert load"] >= 1.0
+        assert r["expert_choice/dense"] == r["expert_choice/switch"] * r["switch/dense"] > 0
+
+
+def test_arms_section_times_expert_choice_and_mode(tmp_path):
+    out = tmp_path / "bench.json"
+    subprocess.run([sys.executable, str(ROOT / "bench.py"), "--only", "arms", "--repeats", "1", "--mode-tokens", "64",
+                    "--json", str(out)], check=True, capture_output=True, text=True, cwd=tmp_path)
+    [row] = json.loads(out.read_text())["arms"]
+    assert row["mode_tokens"] == 64
+    assert row["moe_mode/moe"] == pytest.approx(row["moe_mode_ms"] / row["moe_ms"]) and row["expert_choice/moe"] > 0
 
 
 def test_peak_memory_is_the_child_process_own():

@@ -145,6 +145,16 @@ def bad_input_cases(tmp_path, corpus):
         (["--epochs", "two"], "invalid int value"),
         (["--cache-dir", str(tmp_path / "exists.pt" / "cache")], "cannot write the token cache"),
         (["--out", str(tmp_path / "notbert")], "is a directory but not a checkpoint"),
+        (["--routing", "top2"], "invalid choice"),
+        (["--capacity-factor", "2"], "add --routing expert_choice"),
+        (["--routing", "expert_choice", "--capacity-factor", "0"], "--capacity-factor 0.0 must be positive"),
+        (["--routing", "expert_choice", "--capacity-factor", "-2"], "--capacity-factor -2.0 must be positive"),
+        (["--routing", "expert_choice", "--capacity-factor", "nan"], "nan is not a finite number"),
+        (["--routing", "expert_choice", "--lambda-b", "10"], "expert choice has no balance loss"),
+        (["--mode-alpha", "-1"], "--mode-alpha -1.0 must be 0 or more"),
+        (["--mode-alpha", "inf"], "inf is not a finite number"),
+        (["--mode-tokens", "64"], "set --mode-alpha above 0 too"),
+        (["--mode-alpha", "1", "--mode-tokens", "0"], "--mode-tokens 0 must be positive"),
     ]
 
 
@@ -191,7 +201,7 @@ def test_resume_as_the_message_says_equals_uninterrupted_tcd_run(tmp_path, corpu
     rows = [json.loads(x) for x in (run_dir / "ckpt" / "moe_tcd.metrics.jsonl").read_text().splitlines()]
     rows = [x for x in rows if "mlm" in x]
     assert [x["step"] for x in rows] == list(range(1, 9))
-    for part in pretrain.PARTS:
+    for part in (p for p in pretrain.PARTS if p != "mode"):                # no MoDE here: its part is not logged
         assert [x[part] for x in rows] == pytest.approx([x[part] for x in full], abs=1e-6), part
     assert all(x["trunk"] > 0 and x["attention"] > 0 for x in rows)     # the teacher came back with the run
     same_weights(tmp_path / "full.pt", run_dir / "ckpt" / "moe_tcd.pt", atol=1e-6)
@@ -418,7 +428,7 @@ def test_a_hugging_face_directory_teaches_as_its_checkpoint(tmp_path, corpus):
     common = ["--moe", "--experts", "4", "--relation-tokens", "256", "--relation-group", "32"]
     a, _ = run(tmp_path, corpus, *common, "--teacher", str(tmp_path / "teacher.pt"), "--out", str(tmp_path / "a.pt"), steps=3)
     b, _ = run(tmp_path, corpus, *common, "--teacher", str(tmp_path / "teacher-hf"), "--out", str(tmp_path / "b.pt"), steps=3)
-    for part in pretrain.PARTS:
+    for part in (p for p in pretrain.PARTS if p != "mode"):
         assert [r[part] for r in a] == pytest.approx([r[part] for r in b], abs=1e-6), part
     assert all(r["trunk"] > 0 for r in b)
 
@@ -465,3 +475,75 @@ def test_a_resume_refuses_another_teacher_and_an_out_that_is_another_run(tmp_pat
     assert pretrain.main(["--resume", str(tmp_path / "s.pt")]) == 2
     assert "now holds other weights" in capsys.readouterr().err.splitlines()[-1]
     assert read_checkpoint(tmp_path / "s.pt")["step"] == 1                 # the run is as it was
+
+
+# ----------------------------------------------------------------------------- expert choice and MoDE
+
+def test_moe_options_need_moe(tmp_path, corpus, capsys):
+    base = ["--preset", "tiny", "--seq-len", "32", "--batch-size", "4", "--max-steps", "1",
+            "--data", str(corpus / "train.txt"), "--out", str(tmp_path / "x.pt"), "--cache-dir", str(tmp_path / "c")]
+    for extra in (["--routing", "expert_choice"], ["--capacity-factor", "2"], ["--mode-alpha", "1"],
+                  ["--mode-tokens", "8"]):
+        assert pretrain.main(base + extra) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert err[-1].startswith(f"pretrain.py: error: {extra[0]} is a MoE setting"), err
+        assert not (tmp_path / "x.pt").exists()
+
+
+def test_mode_alpha_zero_is_todays_run_bit_for_bit(tmp_path, corpus):
+    common = ["--moe", "--experts", "4", "--seed", "2"]
+    rows, today = run(tmp_path, corpus, *common, "--out", str(tmp_path / "today.pt"), steps=5)
+    rows0, zero = run(tmp_path, corpus, *common, "--mode-alpha", "0", "--out", str(tmp_path / "zero.pt"), steps=5)
+    a, b = read_checkpoint(today)["model"], read_checkpoint(zero)["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    strip = lambda rs: [{k: v for k, v in r.items() if k != "tokens_per_s"} for r in rs]
+    assert strip(rows) == strip(rows0) and "mode" not in rows[0]
+    _, mode = run(tmp_path, corpus, *common, "--mode-alpha", "0.5", "--out", str(tmp_path / "mode.pt"), steps=5)
+    c = read_checkpoint(mode)["model"]
+    assert not torch.equal(a["bert.layers.0.ffn.w1"], c["bert.layers.0.ffn.w1"])   # and α > 0 is not
+
+
+@pytest.mark.equations
+def test_mode_run_logs_its_part_and_the_loss_adds_alpha_times_it(tmp_path, corpus, monkeypatch):
+    calls, real = [], pretrain.mutual_distillation
+
+    def spy(model, taps, index):
+        calls.append(index.clone())
+        return real(model, taps, index)
+
+    monkeypatch.setattr(pretrain, "mutual_distillation", spy)
+    rows, out = run(tmp_path, corpus, "--moe", "--experts", "4", "--lambda-b", "3", "--mode-alpha", "7",
+                    "--mode-tokens", "40", "--grad-accum", "2", "--out", str(tmp_path / "m.pt"), steps=3)
+    for r in rows:
+        assert r["mode"] > 0 and r["loss"] == pytest.approx(r["mlm"] + 3 * r["balance"] + 7 * r["mode"], rel=1e-5)
+        assert len(r["layer_load_max"]) == 4 and all(v >= 1 for v in r["layer_load_max"])
+    assert len(calls) == 6 and all(c.numel() == 20 and c.unique().numel() == 20 for c in calls)
+    assert not torch.equal(calls[0], calls[1])                 # each micro-batch its own seeded sample
+    assert read_checkpoint(out)["args"]["mode_alpha"] == 7.0
+
+
+def test_expert_choice_run_trains_records_its_routing_and_resumes_as_itself(tmp_path, corpus, capsys):
+    flags = ["--moe", "--experts", "4", "--routing", "expert_choice", "--capacity-factor", "2"]
+    rows, out = run(tmp_path, corpus, *flags, "--out", str(tmp_path / "ec.pt"), steps=30)
+    first, last = sum(r["mlm"] for r in rows[:3]) / 3, sum(r["mlm"] for r in rows[-3:]) / 3
+    assert last < first - 1.0, (first, last)
+    assert all(r["balance"] == 0 for r in rows)
+    assert rows[-1]["load_max"] == rows[-1]["load_min"]          # every expert its k tokens
+    assert len(rows[-1]["layer_unchosen"]) == 4 and all(1 <= v <= 4 for v in rows[-1]["layer_experts_per_token"])
+    model, ckpt = load_checkpoint(out)
+    assert ckpt["config"]["routing"] == "expert_choice" and ckpt["config"]["capacity_factor"] == 2.0
+    ffn = model.bert.layers[0].ffn
+    assert ffn.routing == "expert_choice" and ffn.capacity_factor == 2.0
+    assert pretrain.main(["--resume", str(out), "--routing", "top1"]) == 2
+    assert "--routing top1 differs from the run" in capsys.readouterr().err
+
+
+def test_expert_choice_and_mode_two_ranks_equal_one_process(tmp_path, corpus, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    common = ["--data", str(corpus / "train.txt"), "--preset", "tiny", "--seq-len", "32", "--batch-size", "16",
+              "--max-steps", "4", "--lr", "1e-3", "--moe", "--experts", "4", "--cache-dir", "cache",
+              "--routing", "expert_choice", "--mode-alpha", "0.5", "--mode-tokens", "64"]
+    r = torchrun(*common, "--out", "two.pt", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert pretrain.main([*common, "--grad-accum", "2", "--out", str(tmp_path / "one.pt")]) == 0
+    same_weights(tmp_path / "one.pt", tmp_path / "two.pt", CROSS_WORLD_ATOL)

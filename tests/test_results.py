@@ -45,6 +45,11 @@ def test_alignment_by_performance_and_by_epoch(kept, tmp_path, capsys):
     assert capsys.readouterr().out.strip() == candidates[2]
     assert align.main(["--by", "epoch", "--epoch", "1", "--candidates", str(tmp_path / "a.json")]) == 2
     assert "is not a pretrain.py checkpoint" in capsys.readouterr().err
+    # a target known by its number (a committed curve): -6.0 lies between epochs 3 and 4
+    assert align.main(["--target-perf", "-6.0", "--candidates", *candidates]) == 0
+    assert capsys.readouterr().out.strip() == candidates[3]
+    assert align.main(["--target-perf", "-6.0", "--target", str(kept / "tcd.pt"), "--candidates", *candidates]) == 2
+    assert "not both" in capsys.readouterr().err
 
 
 def test_tables_take_the_better_mode_per_task(tmp_path, capsys):
