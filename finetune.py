@@ -285,11 +285,14 @@ def train_epoch(args, model, optimizer, scheduler, train: tuple, generator, bar,
         optimizer.zero_grad(set_to_none=True)
         losses.append(loss.item())
         bar.update()
+        if len(losses) % 10 == 1:                   # a loss on screen from the first step on
+            bar.set_postfix_str(f"train loss {np.mean(losses[-10:]):.4f}")
     return float(np.mean(losses))
 
 
-def run_one(args, key: str, data: dict, mlm, setting: Setting) -> dict:
-    """Fine-tune one setting, scoring dev after every epoch; the best epoch is the run's result."""
+def run_one(args, key: str, data: dict, mlm, setting: Setting, on_epoch=None) -> dict:
+    """Fine-tune one setting, scoring dev after every epoch; the best epoch is the run's result.
+    on_epoch(seconds, steps): called after each epoch with its time and optimizer steps."""
     task, (adapter, lr, seed), device = TASKS[key], setting, torch.device(args.device)
     torch.manual_seed(seed)
     model = classifier(mlm, task, adapter, args.dropout).to(device).train()
@@ -311,6 +314,8 @@ def run_one(args, key: str, data: dict, mlm, setting: Setting) -> dict:
         bar.set_postfix_str(f"epoch {epoch}/{epochs} dev {shown}")
         tqdm.write(f"  {name}: epoch {epoch}/{epochs}, train loss {train_loss:.4f}, dev {shown} "
                    f"({history[-1]['seconds']:.0f} s)")
+        if on_epoch is not None:
+            on_epoch(history[-1]["seconds"], total // epochs)
     bar.close()
     best = max(history, key=lambda h: main_score(h, task))
     return {"task": task.name, "ckpt": portable_path(args.ckpt), "mode": "adapter" if adapter else "full", "adapter": adapter,
@@ -535,15 +540,79 @@ def where_it_stood(mlm, ckpt: dict, vocab: list[str]) -> dict:
             "pretrain_perf": (ckpt.get("metrics") or {}).get("pretrain_perf")}
 
 
+def describe_plan(args, todo: dict, cfg, out: Path) -> list[str]:
+    """What this command will do, before it does it: runs, settings, epochs, where the results go."""
+    n = sum(len(s) for s in todo.values())
+    lines = [f"plan: {n} fine-tuning run{'s' * (n != 1)} of {args.ckpt}"]
+    for key, settings in todo.items():
+        if not settings:
+            lines.append(f"  {TASKS[key].name}: already done in {out}")
+            continue
+        full = sorted({s.lr for s in settings if not s.adapter})
+        adapters = sorted({s.adapter for s in settings if s.adapter})
+        adapter_lrs = sorted({s.lr for s in settings if s.adapter})
+        parts = ([f"full at lr {', '.join(f'{lr:g}' for lr in full)}"] if full else []) + (
+            [f"adapter{'s' * (len(adapters) > 1)} {', '.join(map(str, adapters))} at lr "
+             f"{', '.join(f'{lr:g}' for lr in adapter_lrs)}"]
+            if adapters else [])
+        epochs = sorted({run_epochs(args, key, s.adapter, cfg) for s in settings})
+        seeds = sorted({s.seed for s in settings})
+        lines.append(f"  {TASKS[key].name}: {len(settings)} run{'s' * (len(settings) != 1)}: {' and '.join(parts)}; "
+                     f"seed{'s' * (len(seeds) != 1)} {', '.join(map(str, seeds))}; "
+                     f"{'/'.join(map(str, epochs))} epoch{'s' * (epochs != [1])} a run, batch {args.batch_size}")
+    lines.append(f"results: {out} (written after every run; the same command skips finished runs)")
+    lines.append("time: estimated after the first epoch. Fewer runs: narrow the grid, e.g. --adapter 0 64 "
+                 "--seeds 1 --epochs 3 (the defaults are the paper's: 36 runs of 10 epochs a task)")
+    return lines
+
+
+# GLUE's training-set sizes, for the time estimate where the TSVs are not at hand (the hub path)
+GLUE_TRAIN = {"cola": 8551, "sst2": 67349, "mrpc": 3668, "stsb": 5749, "qqp": 363846, "mnli": 392702,
+              "qnli": 104743, "rte": 2490}
+
+
+def train_size(key: str, args) -> int:
+    """Training examples of a task as this command will use them (--max-train included), cheaply."""
+    root = args.data_dir or os.environ.get("GLUE_DIR")
+    path = None
+    if root:
+        d = Path(root)
+        path = d / "train.tsv" if (d / "train.tsv").is_file() else d / TASKS[key].name / "train.tsv"
+    try:
+        with open(path, "rb") as f:
+            n = sum(1 for _ in f) - 1
+    except (OSError, TypeError):
+        n = GLUE_TRAIN[key]
+    return min(n, args.max_train) if args.max_train else n
+
+
+class Timer:
+    """After the first epoch: a rough time for every remaining epoch of this command, from that epoch's
+    seconds per optimizer step (other tasks scale with their training sets: a rough guide)."""
+
+    def __init__(self, todo: dict, args, cfg, train_sizes: dict):
+        self.todo, self.args, self.cfg, self.sizes, self.done = todo, args, cfg, train_sizes, False
+
+    def __call__(self, seconds: float, steps: int) -> None:
+        if self.done:
+            return
+        self.done = True
+        per_step = seconds / max(steps, 1)
+        total = sum(run_epochs(self.args, key, s.adapter, self.cfg) * math.ceil(self.sizes(key) / self.args.batch_size)
+                    for key, settings in self.todo.items() for s in settings)
+        tqdm.write(f"time: the first epoch took {seconds:.0f} s; all {sum(map(len, self.todo.values()))} runs: "
+                   f"about {per_step * total / 3600:.1f} h on this machine")
+
+
 def fine_tune_task(args, key: str, settings: list[Setting], mlm, vocab: list[str], out: Path, runs: list,
-                   pretrained: dict) -> None:
+                   pretrained: dict, timer=None) -> None:
     """Every setting of one task; the results file is written after each run."""
     raw, tokenizer = load_task(key, args.data_dir), make_tokenizer(vocab)
     if args.max_train:
         raw["train"] = tuple(col[:args.max_train] for col in raw["train"])
     data = {split: (encode(tokenizer, a, b, args.max_len), y) for split, (a, b, y) in raw.items()}
     for setting in tqdm(settings, desc=TASKS[key].name, dynamic_ncols=True):
-        r = run_one(args, key, data, mlm, setting)
+        r = run_one(args, key, data, mlm, setting, on_epoch=timer)
         state = r.pop("state", None)
         if state is not None and keep_best(args, r, state, mlm, vocab):
             tqdm.write(f"kept as the best {r['task']} model so far: {Path(args.save) / r['task']}")
@@ -585,9 +654,11 @@ def run(args) -> int:
     adding = any(todo.values())      # a finished file is left as it is, whatever checkpoint stands there now
     if runs and adding:
         check_same_checkpoint(out, earlier, pretrained)
+    print("\n".join(describe_plan(args, todo, mlm.config, out)), flush=True)
+    timer = Timer(todo, args, mlm.config, lambda key: train_size(key, args))
     for key in keys:
         if todo[key]:
-            fine_tune_task(args, key, todo[key], mlm, vocab, out, runs, pretrained)
+            fine_tune_task(args, key, todo[key], mlm, vocab, out, runs, pretrained, timer)
     # nothing left to run: the file stays as written, with the checkpoint its runs came from
     summary = write_results(out, args, runs, pretrained) if adding else summarize(runs) if runs else {}
     for name, result in summary.items():

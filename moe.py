@@ -297,10 +297,20 @@ class _ExpertFFN(torch.autograd.Function):
 
 def _expert_ffn(xs: torch.Tensor, counts: torch.Tensor, w1, b1, w2, b2) -> torch.Tensor:
     """The experts on rows sorted by expert, counts[e] rows each: on CPUs one addmm per expert
-    (_ExpertFFN), on GPUs padded batched matmuls (_padded_experts)."""
+    (_ExpertFFN), on GPUs padded batched matmuls (_padded_experts); where every expert has the
+    same count (expert choice's static buckets), batched matmuls with no padding at all."""
+    sizes = counts.tolist()
+    if xs.shape[0] and all(c == sizes[0] for c in sizes):
+        return _static_experts(xs, len(sizes), w1, b1, w2, b2)
     if xs.is_cuda:
         return _padded_experts(xs, counts, w1, b1, w2, b2)
-    return _ExpertFFN.apply(xs, counts.tolist(), w1, b1, w2, b2)
+    return _ExpertFFN.apply(xs, sizes, w1, b1, w2, b2)
+
+
+def _static_experts(xs: torch.Tensor, E: int, w1, b1, w2, b2) -> torch.Tensor:
+    """E experts with k rows each, (E*k, H) expert-major: two batched matmuls."""
+    h = F.gelu(torch.baddbmm(b1.unsqueeze(1), xs.view(E, -1, xs.shape[1]), w1))   # (E, k, F)
+    return torch.baddbmm(b2.unsqueeze(1), h, w2).reshape(xs.shape[0], -1)          # (E*k, H)
 
 
 def _padded_experts(xs: torch.Tensor, counts: torch.Tensor, w1, b1, w2, b2) -> torch.Tensor:

