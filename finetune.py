@@ -664,7 +664,7 @@ def run(args) -> int:
     for name, result in summary.items():
         best = result["best"]
         print(f"{name}: best setting {best['mode']}" + (f" adapter {best['adapter']}" if best["adapter"] else "")
-              + f", lr {best['lr']:g}, over {best['seeds']} seeds")
+              + f", lr {best['lr']:g}, over {best['seeds']} seed{'s' * (best['seeds'] != 1)}")
     heads, cells = paper_row(summary)
     print("\n| checkpoint | " + " | ".join(heads) + " |\n|" + "---|" * (len(heads) + 1))
     print(f"| {args.ckpt} | " + " | ".join(cells) + " |")

@@ -19,7 +19,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from tables import (MODELS, PAPER_SIGN, TABLE3_PAPER_SIGN, TABLE3_ROWS, claim_differences, figure5_points,  # noqa: E402
+from tables import (MODELS, PAPER_SIGN, TABLE3_PAPER_SIGN, TABLE3_ROWS, claim_differences, figure5_points, figure5_seeds,  # noqa: E402
                     mean_se, t_interval, table3_differences, table3_rows, table3_sets)
 
 
@@ -30,13 +30,33 @@ def curve(path: Path) -> tuple[list[float], list[float]]:
     return [r["tokens"] / 1e6 for r in valid], [r["pretrain_perf"] for r in valid]
 
 
+# the report's names for the runs' file names (legends never show an internal name)
+NAMES = {**dict(MODELS), "vanilla": "Vanilla BERT", "moe": "MoE BERT", "moe_t": "MoE + T", "moe_tia": "MoE + T, I, A",
+         "moe_ec": "MoE BERT, expert choice", "moe_mode": "MoE BERT + MoDE (our reading)",
+         "moe_ec_perf": "expert choice, perf-aligned", "moe_ec_epoch": "expert choice, epoch-aligned",
+         "moe_mode_perf": "MoE + MoDE, perf-aligned", "moe_mode_epoch": "MoE + MoDE, epoch-aligned"}
+
+
+def shown_name(name: str) -> str:
+    return NAMES.get(name, name)
+
+
+def merge_identical(series: dict[str, tuple]) -> dict[str, tuple]:
+    """{legend label: (x, y)}, series with equal points drawn once under both names ("A = B"), so
+    none hides under another's markers."""
+    merged: dict[tuple, list[str]] = {}
+    for name, (x, y) in series.items():
+        merged.setdefault((tuple(x), tuple(y)), []).append(shown_name(name))
+    return {" = ".join(names): xy for xy, names in merged.items()}
+
+
 def plot_curves(files: list[Path], out: Path, title: str) -> None:
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for f in files:
-        x, y = curve(f)
-        if x:
-            ax.plot(x, y, marker=".", label=f.name.split(".")[0])
+    series = {f.name.split(".")[0]: curve(f) for f in files}
+    for i, (label, (x, y)) in enumerate(merge_identical({k: v for k, v in series.items() if v[0]}).items()):
+        marker, line = STYLES[i % len(STYLES)]
+        ax.plot(x, y, marker=marker, linestyle=line, markersize=4, label=label)
     ax.set_title(title)
     finish(fig, ax, out, "training tokens (millions)", "Pre-Train Perf. (held-out masked-token log-likelihood)")
 
@@ -96,11 +116,12 @@ def plot_points(points: list[dict], x: str, y: str, out: Path, xlabel: str, ylab
     for p in points:
         if p[x] is not None and p[y] is not None:
             groups.setdefault(p["name"].split(".")[0], []).append(p)
-    for i, (name, ps) in enumerate(groups.items()):  # marker, line and size differ, so equal series stay visible
-        ps.sort(key=lambda p: p[x])
+    series = {name: ([p[x] for p in sorted(ps, key=lambda p: p[x])], [p[y] for p in sorted(ps, key=lambda p: p[x])])
+              for name, ps in groups.items()}
+    for i, (label, (xs, ys)) in enumerate(merge_identical(series).items()):  # equal series: one entry, "A = B"
         marker, line = STYLES[i % len(STYLES)]
-        ax.plot([p[x] for p in ps], [p[y] for p in ps], marker=marker, linestyle=line, markersize=9 - i,
-                markerfacecolor="none" if i % 2 else None, label=name)
+        ax.plot(xs, ys, marker=marker, linestyle=line, markersize=9 - i % 5,
+                markerfacecolor="none" if i % 2 else None, label=label)
     if x == "epoch":
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_title(title, fontsize=10)
@@ -180,8 +201,10 @@ def draw(results: Path) -> int:
     fig5 = [{"name": model, "epoch": epoch, "mrpc": acc} for model, by_epoch in figure5_points(results).items()
             for epoch, (acc, _, _) in by_epoch.items()]
     if fig5:
+        seeds = " or ".join(map(str, figure5_seeds(results)))
         plot_points(fig5, "epoch", "mrpc", results / "figure5.png", "pretraining epoch", "MRPC accuracy (dev, full fine-tuning)",
-                    "Fig. 5 at the miniature: MRPC from each kept epoch (mean of 3 seeds)", floor.get("mrpc"))
+                    f"Fig. 5 at the miniature: MRPC from each kept epoch (mean of {seeds} seed"
+                    f"{'s' * (seeds != '1')})", floor.get("mrpc"))
     plot_claims(results, results / "claims.png")
     plot_table3(results, results / "table3.png")
     return 0

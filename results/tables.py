@@ -209,6 +209,18 @@ def figure5_points(results: Path) -> dict:
     MRPC with Figure 5's setting, from figure5/ and from finetune/ (run.sh does not fine-tune a
     checkpoint twice: the four of Tables 1-2 are read from there)."""
     points = {}
+    for model, epoch, chosen, perf in _figure5_settings(results):
+        points.setdefault(model, {})[epoch] = (chosen["mean"]["acc"], chosen["std"]["acc"], perf)
+    return points
+
+
+def figure5_seeds(results: Path) -> list[int]:
+    """How many fine-tuning seeds Figure 5's points average, each count once (sorted)."""
+    return sorted({chosen["seeds"] for _, _, chosen, _ in _figure5_settings(results)})
+
+
+def _figure5_settings(results: Path):
+    """(model, epoch, the Figure 5 setting's summary, Pre-Train Perf.) of every kept checkpoint."""
     for f in sorted(results.glob("figure5/*.json")) + sorted(results.glob("finetune/*.json")):
         data = json.loads(f.read_text())
         name = Path(data.get("ckpt") or f.name).stem
@@ -216,9 +228,7 @@ def figure5_points(results: Path) -> dict:
         chosen = [s for s in settings if all(s[k] == v for k, v in FIGURE5_SETTING.items())]
         if ".epoch" in name and chosen:
             model, epoch = name.split(".epoch")
-            perf = (data.get("pretrained") or {}).get("pretrain_perf")
-            points.setdefault(model, {})[int(epoch)] = (chosen[0]["mean"]["acc"], chosen[0]["std"]["acc"], perf)
-    return points
+            yield model, int(epoch), chosen[0], (data.get("pretrained") or {}).get("pretrain_perf")
 
 
 def figure5_table(results: Path) -> str:

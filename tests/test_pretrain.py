@@ -282,6 +282,34 @@ def test_experts_not_divisible_by_world_exit_cleanly(tmp_path, corpus):
     assert r.stderr.count("pretrain.py: error: 3 experts cannot be split evenly over 2 ranks") == 2, r.stderr
 
 
+def test_ctrl_c_under_torchrun_ends_with_the_resume_line_and_no_rank_traceback(tmp_path, corpus):
+    """Ctrl-C in a terminal signals the launcher and every rank at once: each rank saves its part,
+    one line says how to resume, the ranks exit 130 and print no traceback. What torchrun prints
+    after that (its own SignalException, exit 1) is the launcher's, and the README says so."""
+    import os
+    import signal
+    import time
+    from tests.test_moe import _free_port
+    args = ["--data", str(corpus / "train.txt"), "--preset", "tiny", "--seq-len", "32", "--batch-size", "8",
+            "--max-steps", "100000", "--log-every", "1", "--moe", "--experts", "4", "--cache-dir", "cache",
+            "--out", "c.pt"]
+    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                             f"--master_port={_free_port()}", str(ROOT / "pretrain.py"), *args], cwd=tmp_path,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    metrics = tmp_path / "c.metrics.jsonl"
+    deadline = time.time() + 120
+    while (not metrics.exists() or len(metrics.read_text().splitlines()) < 3) and time.time() < deadline:
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGINT)                            # what the terminal does on Ctrl-C
+    out, _ = proc.communicate(timeout=120)
+    assert "continue with torchrun --nproc_per_node=2 pretrain.py --resume c.pt" in out, out[-3000:]
+    assert out.count("--resume c.pt") == 1
+    assert not any(line.startswith("[rank") for line in out.splitlines()), out[-3000:]   # no rank traceback
+    assert proc.returncode == 1 and "SignalException" in out     # torchrun's own ending, as the README says
+    step = torch.load(tmp_path / "c.pt" / "common.pt", weights_only=True)["step"]
+    assert step >= 3
+
+
 @pytest.mark.parametrize("signame", ["SIGINT", "SIGTERM"])
 def test_ctrl_c_and_sigterm_save_and_say_how_to_resume(tmp_path, corpus, signame):
     import signal

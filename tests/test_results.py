@@ -442,6 +442,26 @@ def test_plots_are_drawn_from_metrics(tmp_path):
     assert (tmp_path / "pretrain.png").stat().st_size > 1000
 
 
+def test_plot_legends_use_the_reports_names_and_show_identical_series_as_one(tmp_path, monkeypatch):
+    """A smoke run's perf- and epoch-aligned MoE can be one checkpoint: drawn once, labelled with both
+    names, so no series hides under another's markers; legends never show a file's internal name."""
+    pytest.importorskip("matplotlib")
+    import plot
+    (tmp_path / "pretrain").mkdir()
+    rows = lambda shift: "".join(json.dumps({"valid": True, "step": s, "tokens": s * 8192, "pretrain_perf": -7 + shift + s / 1000})
+                                 + "\n" for s in (250, 500))
+    for name, shift in (("vanilla", 0.0), ("moe", 0.3), ("moe_tcd", 0.3)):
+        (tmp_path / "pretrain" / f"{name}.jsonl").write_text(rows(shift))
+    plotted = []
+    import matplotlib.axes
+    real = matplotlib.axes.Axes.plot
+    monkeypatch.setattr(matplotlib.axes.Axes, "plot", lambda self, *a, **k: plotted.append(k.get("label")) or real(self, *a, **k))
+    plot.draw(tmp_path)
+    assert sorted(plotted) == ["MoE BERT = MoE BERT w/ TCD", "Vanilla BERT"]
+    assert plot.merge_identical({"moe_perf": ([1], [2.0]), "moe_epoch": ([1], [2.0]), "teacher": ([1], [1.0])}) == {
+        "MoE BERT, perf-aligned = MoE BERT, epoch-aligned": ((1,), (2.0,)), "Vanilla BERT (teacher)": ((1,), (1.0,))}
+
+
 def test_figure5_plot_marks_the_no_pretraining_floor(tmp_path, monkeypatch):
     pytest.importorskip("matplotlib")
     import finetune
@@ -458,6 +478,7 @@ def test_figure5_plot_marks_the_no_pretraining_floor(tmp_path, monkeypatch):
     points, (xlabel, ylabel, title, floor) = drawn["figure5.png"]
     assert points == [{"name": "vanilla", "epoch": 2, "mrpc": 69.5}] and floor is None   # no floor run: no line
     assert (xlabel, ylabel) == ("pretraining epoch", "MRPC accuracy (dev, full fine-tuning)") and "Fig. 5" in title
+    assert title.endswith("(mean of 2 seeds)")                       # the seeds the points average, not a fixed 3
     (tmp_path / "finetune").mkdir()
     (tmp_path / "finetune" / "scratch.json").write_text(json.dumps({"runs": [], "summary": {}, "paper_row": {"MRPC acc": "68.46"}}))
     plot.draw(tmp_path)
