@@ -72,8 +72,8 @@ PARTS = ("loss", "mlm", "balance", "trunk", "inner", "attention", "mode")
 # which belong to the command that resumes (what to stop at, where to write, on what hardware; the world size
 # with --grad-accum). A flag given again must equal the run's, unless it is FREE_ON_RESUME: these, and
 # cadences and the cache, do not change what is trained.
-THIS_COMMAND = {"resume", "out", "overwrite", "stop_at", "stop_epochs", "device", "backend", "grad_accum"}
-FREE_ON_RESUME = THIS_COMMAND | {"eval_every", "log_every", "keep_epochs", "keep_every", "cache_dir"}
+THIS_COMMAND = {"resume", "auto_resume", "out", "overwrite", "stop_at", "stop_epochs", "device", "backend", "grad_accum"}
+FREE_ON_RESUME = THIS_COMMAND | {"eval_every", "log_every", "keep_epochs", "keep_every", "save_every", "cache_dir"}
 
 
 class UsageError(Exception):
@@ -142,6 +142,10 @@ def make_parser() -> argparse.ArgumentParser:
     a("--keep-every", type=int, default=0, help="also keep NAME.stepN.pt every N steps (0: off)")
     a("--resume", nargs="?", const="", help="continue the run saved in this checkpoint (default: --out) "
       "with its own settings")
+    a("--auto-resume", action="store_true", help="continue --out if a checkpoint is there, else start it: the "
+      "same command after a crash, an elastic restart (torchrun --max-restarts) or a SLURM requeue goes on")
+    a("--save-every", type=int, default=0, help="also save --out every N steps (0: at epoch ends only); what a "
+      "restarted job loses at most")
     a("--log-every", type=int, default=10, help="steps between lines of NAME.metrics.jsonl")
     a("--eval-every", type=int, default=1000, help="steps between Pre-Train Perf. evaluations (also at epoch ends)")
     a("--device", help="cpu, cuda, cuda:1 ... (default: cuda:LOCAL_RANK if available)")
@@ -208,6 +212,7 @@ def check_args(args, explicit: set = frozenset()) -> None:
     positive = ["batch_size", "grad_accum", "epochs", "seq_len", "relation_tokens", "relation_group", "log_every",
                 "eval_every", "lr", "capacity_factor", "mode_tokens"]
     non_negative = ["max_steps", "stop_at", "stop_epochs", "short_seq_steps", "warmup_steps", "weight_decay", "clip", "keep_every",
+                    "save_every",
                     "lambda_b", "lambda_t", "lambda_i", "lambda_a", "mode_alpha"]
     for name in positive:
         if not getattr(args, name) > 0:
@@ -238,6 +243,15 @@ def check_args(args, explicit: set = frozenset()) -> None:
                          f"{args.relation_tokens}")
     if args.batch_size % args.grad_accum:
         raise UsageError(f"--batch-size {args.batch_size} is not a multiple of --grad-accum {args.grad_accum}")
+
+
+def auto_resume(args, explicit: set) -> None:
+    """--auto-resume: resume --out when a checkpoint is there (a restarted job), else start it."""
+    if args.resume is not None or "overwrite" in explicit:
+        raise UsageError("--auto-resume decides by itself whether to resume --out: drop --resume and --overwrite")
+    out = Path(args.out)
+    if out.is_file() or (out / "common.pt").is_file():
+        args.resume = ""
 
 
 def settle_resume(args, explicit: set, world: int) -> None:
@@ -323,8 +337,20 @@ def setup_distributed(args):
         device = device if device.index is not None else torch.device("cuda", local)  # plain "cuda"
         torch.cuda.set_device(device)
     if world > 1:
-        dist.init_process_group(args.backend or ("nccl" if device.type == "cuda" else "gloo"))
+        dist.init_process_group(args.backend or ("nccl" if device.type == "cuda" else "gloo"),
+                                store=attempt_store(rank, world), rank=rank, world_size=world)
     return rank, world, device
+
+
+def attempt_store(rank: int, world: int) -> dist.Store:
+    """torch's env:// store, with the keys of this restart attempt apart: after an elastic restart
+    (torchrun --max-restarts) the launcher's store still holds the attempt before's keys, and a rank
+    that read a dead rank's address from them failed to connect."""
+    from datetime import timedelta
+    agent = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"          # torchrun hosts the store
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world,
+                          is_master=rank == 0 and not agent, timeout=timedelta(minutes=30))
+    return dist.PrefixStore(f"attempt{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
 
 
 # ----------------------------------------------------------------------------- the objective
@@ -683,7 +709,8 @@ def train(args) -> int:
             save(run, done, run.out.with_name(f"{run.out.stem}.epoch{done // run.steps_per_epoch}.pt"))
         if keep_step:
             save(run, done, run.out.with_name(f"{run.out.stem}.step{done}.pt"))
-        if epoch_end and done not in (run.total_steps, stop_at):
+        periodic = bool(args.save_every) and done % args.save_every == 0
+        if (epoch_end or periodic) and done not in (run.total_steps, stop_at):
             save(run, done)
         # termination
         if world > 1:
@@ -707,6 +734,8 @@ def main(argv=None) -> int:
     try:
         args, explicit = parse_args(argv)
         fill_defaults(args)
+        if args.auto_resume:
+            auto_resume(args, explicit)
         if args.resume is not None:
             settle_resume(args, explicit, int(os.environ.get("WORLD_SIZE", 1)))
         check_args(args, explicit)

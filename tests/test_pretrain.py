@@ -575,3 +575,70 @@ def test_expert_choice_and_mode_two_ranks_equal_one_process(tmp_path, corpus, mo
     assert r.returncode == 0, r.stderr[-3000:]
     assert pretrain.main([*common, "--grad-accum", "2", "--out", str(tmp_path / "one.pt")]) == 0
     same_weights(tmp_path / "one.pt", tmp_path / "two.pt", CROSS_WORLD_ATOL)
+
+
+# ----------------------------------------------------------------------------- runs that restart themselves
+
+def test_auto_resume_starts_then_continues_and_refuses_resume_flags(tmp_path, corpus, capsys):
+    common = ["--moe", "--experts", "4", "--auto-resume", "--out", str(tmp_path / "a.pt")]
+    rows, out = run(tmp_path, corpus, *common, "--stop-at", "3", steps=6)          # nothing there: starts
+    assert read_checkpoint(out)["step"] == 3
+    rows, out = run(tmp_path, corpus, *common, steps=6)                             # there: continues
+    _, whole = run(tmp_path, corpus, "--moe", "--experts", "4", "--out", str(tmp_path / "b.pt"), steps=6)
+    same_weights(out, whole, atol=0)
+    assert [r["step"] for r in rows] == list(range(1, 7))
+    for extra in (["--resume"], ["--overwrite"]):
+        assert pretrain.main([*common, *extra]) == 2
+        assert "--auto-resume decides by itself" in capsys.readouterr().err
+
+
+def test_elastic_restart_after_a_killed_rank_equals_the_uninterrupted_run(tmp_path, corpus, monkeypatch):
+    """torchrun --max-restarts=1 reruns the same command after rank 1 is killed mid-run (SIGKILL, as a
+    lost node); --auto-resume picks up the last --save-every checkpoint and the run ends where the
+    uninterrupted one does."""
+    import os
+    import signal
+    import time
+    from tests.test_moe import _free_port
+    monkeypatch.chdir(tmp_path)
+    common = ["--data", str(corpus / "train.txt"), "--preset", "tiny", "--seq-len", "32", "--batch-size", "16",
+              "--max-steps", "40", "--lr", "1e-3", "--moe", "--experts", "4", "--cache-dir", "cache",
+              "--log-every", "1", "--save-every", "4"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--max-restarts=1",
+           f"--master_port={_free_port()}", str(ROOT / "pretrain.py"), *common, "--auto-resume", "--out", "elastic.pt"]
+    proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    metrics, deadline = tmp_path / "elastic.metrics.jsonl", time.time() + 120
+    while (not metrics.exists() or len(metrics.read_text().splitlines()) < 10) and time.time() < deadline:
+        time.sleep(0.02)
+    ranks = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()
+    assert len(ranks) == 2
+    killed_at = len(metrics.read_text().splitlines())
+    os.kill(int(ranks[-1]), signal.SIGKILL)                               # a rank lost mid-run
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, out[-3000:]
+    assert killed_at < 40 and "resumed" in out and "elastic.pt" in out, out[-3000:]
+    r = torchrun(*common, "--out", "straight.pt", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-2000:]
+    same_weights(tmp_path / "elastic.pt", tmp_path / "straight.pt")
+    steps = [json.loads(line)["step"] for line in metrics.read_text().splitlines() if "mlm" in line]
+    assert steps == list(range(1, 41))                                    # the replayed steps are logged once
+
+
+def test_two_nodes_on_one_machine_equal_one_process(tmp_path, corpus, monkeypatch):
+    """Two torchrun launchers, one per "node", meeting by c10d rendezvous on localhost (as on a cluster
+    with --nnodes 2 --rdzv-backend c10d), train as one process does."""
+    from tests.test_moe import _free_port
+    monkeypatch.chdir(tmp_path)
+    common = ["--data", str(corpus / "train.txt"), "--preset", "tiny", "--seq-len", "32", "--batch-size", "16",
+              "--max-steps", "4", "--lr", "1e-3", "--moe", "--experts", "4", "--cache-dir", "cache"]
+    assert pretrain.main([*common, "--out", str(tmp_path / "ready.pt"), "--max-steps", "1"]) == 0   # the cache, once
+    port = _free_port()
+    launch = lambda node: subprocess.Popen(
+        [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=1", "--rdzv-backend=c10d",
+         f"--rdzv-endpoint=localhost:{port}", "--rdzv-id=tcd-test", str(ROOT / "pretrain.py"), *common,
+         "--out", "nodes.pt"], cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    nodes = [launch(0), launch(1)]
+    outs = [p.communicate(timeout=300)[0] for p in nodes]
+    assert all(p.returncode == 0 for p in nodes), outs[0][-2000:] + outs[1][-2000:]
+    assert pretrain.main([*common, "--grad-accum", "2", "--out", str(tmp_path / "one.pt")]) == 0
+    same_weights(tmp_path / "nodes.pt", tmp_path / "one.pt", CROSS_WORLD_ATOL)
