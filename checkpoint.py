@@ -457,8 +457,15 @@ def _hf_config(cfg: BertConfig, architecture: str, **extra) -> dict:
             "tie_word_embeddings": True, **extra}
 
 
+HF_FILES = {"config.json", "model.safetensors", "vocab.txt"}          # what an export writes, and nothing else
+
+
 def _write_hf_dir(directory, config: dict, state: dict, vocab: list[str] | None) -> None:
+    """config, weights and vocabulary into a new directory (or over an earlier export), atomically."""
     from safetensors.torch import save_file
+    if vocab is not None and len(vocab) != config["vocab_size"]:
+        raise CheckpointError(f"the vocabulary has {len(vocab):,} tokens but the model's embeddings {config['vocab_size']:,}: "
+                              "export the checkpoint with the vocabulary it was trained with")
     d = Path(directory)
     d.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=d.parent, prefix=d.name + ".", suffix=".tmp"))
@@ -515,27 +522,62 @@ def _to_hf_state(s: dict, cfg: BertConfig, head: bool = True) -> dict:
 
 # ---------------------------------------------------------------- command line
 
+def check_output(ckpt: Path, out: Path, command: str, overwrite: bool) -> None:
+    """Nothing is overwritten without --overwrite, and then only this command's own kind of output."""
+    if out.resolve() == ckpt.resolve() or ckpt.resolve() in out.resolve().parents:
+        raise CheckpointError(f"{out} is (inside) the checkpoint being read: pass another output path")
+    if not out.exists() and not out.is_symlink():
+        return
+    if not overwrite:
+        raise CheckpointError(f"{out} exists: pass another output path, or --overwrite to replace an earlier "
+                              f"{'export' if command == 'export' else 'consolidated checkpoint'}")
+    if command == "export" and not (out.is_dir() and {f.name for f in out.iterdir()} <= HF_FILES):
+        raise CheckpointError(f"{out} is not an earlier export (only {', '.join(sorted(HF_FILES))}): --overwrite "
+                              "replaces nothing else; pass a new directory")
+    if command == "consolidate" and not (out.is_file() and _is_checkpoint_file(out)):
+        raise CheckpointError(f"{out} is not a one-file checkpoint: --overwrite replaces nothing else; pass a new path")
+
+
+def _is_checkpoint_file(path: Path) -> bool:
+    try:
+        return {"config", "model"} <= torch.load(path, map_location="cpu", weights_only=True, mmap=True).keys()
+    except Exception:                                   # noqa: BLE001 - anything unreadable is not one
+        return False
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="checkpoint.py", description="Checkpoint files from the command line.")
     sub = p.add_subparsers(dest="command", required=True)
     export = sub.add_parser("export", help="write a dense checkpoint as a Hugging Face BERT directory")
     export.add_argument("ckpt", help="a .pt or sharded directory written by pretrain.py (or a Hugging Face BERT directory)")
     export.add_argument("out", help="a new directory: config.json, model.safetensors, vocab.txt")
+    export.add_argument("--overwrite", action="store_true", help="replace an earlier export at out (nothing else)")
     consolidate = sub.add_parser("consolidate", help="write a sharded checkpoint directory as one .pt file")
     consolidate.add_argument("ckpt", help="a sharded checkpoint directory written by pretrain.py under torchrun")
     consolidate.add_argument("out", help="the one-file checkpoint to write (not the directory itself)")
+    consolidate.add_argument("--overwrite", action="store_true", help="replace a checkpoint file at out (nothing else)")
     args = p.parse_args(argv)
     try:
-        if Path(args.out).resolve() == Path(args.ckpt).resolve():
-            raise CheckpointError(f"{args.out} is the checkpoint being read: pass another output path")
+        check_output(Path(args.ckpt), Path(args.out), args.command, args.overwrite)
         if args.command == "consolidate":
             atomic_save(read_checkpoint(args.ckpt), args.out)
             print(f"wrote {args.out}: one file, every expert (finetune.py and pretrain.py --resume take it)")
             return 0
         mlm, ckpt = load_checkpoint(args.ckpt)
-        to_hf_bert(mlm, args.out, ckpt.get("vocab"))
+        out = Path(args.out)
+        fresh = out.with_name(f".{out.name}.export-{os.getpid()}.tmp") if out.exists() else out
+        try:
+            to_hf_bert(mlm, fresh, ckpt.get("vocab"))
+            if fresh != out:                                  # --overwrite of an earlier export, swapped whole
+                replace_path(fresh, out)
+        finally:
+            if fresh != out and fresh.exists():
+                shutil.rmtree(fresh)
     except (InputFileError, FileNotFoundError) as e:
         print(f"checkpoint.py: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:                                  # a full disk, a read-only place, a file-size limit
+        print(f"checkpoint.py: error: cannot write {args.out}: {e.strerror or e}", file=sys.stderr)
         return 2
     print(f"wrote {args.out}: transformers.BertForMaskedLM.from_pretrained({args.out!r}) loads it")
     return 0

@@ -100,6 +100,7 @@ def read_tsv(path: Path, task: Task) -> tuple[list, list, list]:
     (QQP and MNLI: rows that do not are skipped and counted, as GLUE's processors do)."""
     if not path.is_file():
         raise UsageError(f"{path} not found: pass --data-dir holding the GLUE {task.name} TSV files")
+    csv.field_size_limit(2**31 - 1)                   # a long passage is text, not an error (default: 128 KB)
     try:                                              # utf-8-sig: spreadsheets and editors write a BOM
         with path.open(encoding="utf-8-sig", newline="") as f:
             rows = [[c.rstrip("\r") for c in r] for r in csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE)]
@@ -488,8 +489,7 @@ def earlier_runs(out: Path, args) -> tuple[list[dict], dict]:
     try:
         old = json.loads(out.read_text())
         runs, old_args = old["runs"], old["args"]
-        well_formed = isinstance(old_args, dict) and isinstance(runs, list) and all(
-            isinstance(r, dict) and {"task", "adapter", "lr", "seed", "best", "mode"} <= r.keys() for r in runs)
+        well_formed = isinstance(old_args, dict) and isinstance(runs, list) and all(map(_well_formed_run, runs))
     except (ValueError, KeyError, TypeError, UnicodeDecodeError):
         well_formed = False
     if not well_formed:
@@ -499,6 +499,16 @@ def earlier_runs(out: Path, args) -> tuple[list[dict], dict]:
         raise UsageError(f"{out} holds runs with other settings ({', '.join('--' + k.replace('_', '-') for k in differ)}): "
                          "pass another --out")
     return runs, old.get("pretrained") or {}
+
+
+def _well_formed_run(r) -> bool:
+    """A run as run_one records it: the keys, and values of the right kinds inside them."""
+    number = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)
+    return (isinstance(r, dict) and {"task", "adapter", "lr", "seed", "best", "mode"} <= r.keys()
+            and r["task"] in {t.name for t in TASKS.values()} and r["mode"] in ("full", "adapter")
+            and isinstance(r["adapter"], int) and isinstance(r["seed"], int) and number(r["lr"])
+            and isinstance(r["best"], dict) and "epoch" in r["best"]
+            and all(number(v) for v in r["best"].values()))
 
 
 def done_settings(runs: list[dict], key: str) -> set[Setting]:
@@ -600,8 +610,10 @@ class Timer:
         per_step = seconds / max(steps, 1)
         total = sum(run_epochs(self.args, key, s.adapter, self.cfg) * math.ceil(self.sizes(key) / self.args.batch_size)
                     for key, settings in self.todo.items() for s in settings)
-        tqdm.write(f"time: the first epoch took {seconds:.0f} s; all {sum(map(len, self.todo.values()))} runs: "
-                   f"about {per_step * total / 3600:.1f} h on this machine")
+        left = per_step * total
+        n = sum(map(len, self.todo.values()))
+        tqdm.write(f"time: the first epoch took {seconds:.0f} s; all {n} run{'s' * (n != 1)}: about "
+                   + (f"{left / 3600:.1f} h" if left >= 3600 else f"{max(1, round(left / 60))} min") + " on this machine")
 
 
 def fine_tune_task(args, key: str, settings: list[Setting], mlm, vocab: list[str], out: Path, runs: list,
@@ -630,7 +642,7 @@ def run(args) -> int:
         root = args.data_dir or os.environ.get("GLUE_DIR")
         keys = [k for k in TASKS if root is None or (Path(root) / TASKS[k].name).is_dir()]
     else:
-        keys = [task_key(t) for t in args.task]
+        keys = list(dict.fromkeys(task_key(t) for t in args.task))     # rte and RTE are one task
     if not keys:
         raise UsageError("no task: pass --task NAME or --tasks all")
     out = Path(args.out or f"runs/finetune-{Path(args.ckpt).stem}-{'-'.join(keys)}.json")

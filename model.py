@@ -286,7 +286,7 @@ def adamw_warmup_linear(model: nn.Module, lr: float, weight_decay: float, warmup
     decay, plain = ([params[n] for n in names] for names in decay_split(model))
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay}, {"params": plain, "weight_decay": 0.0}],
                                   lr=lr, betas=betas, fused=True)  # one pass: 3x faster on CPU
-    schedule = lambda s: min((s + 1) / warmup, max(0.0, (total - s) / max(1, total - warmup)))
+    schedule = lambda s: min((s + 1) / warmup if warmup else 1.0, max(0.0, (total - s) / max(1, total - warmup)))
     return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
 
 

@@ -155,8 +155,27 @@ def test_export_command_writes_a_directory_transformers_loads(tmp_path, capsys):
     assert checkpoint.main(["export", str(tmp_path / "m.pt"), str(tmp_path / "hf")]) == 2    # never overwrites
     assert checkpoint.main(["export", str(tmp_path / "missing.pt"), str(tmp_path / "hf2")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 2 and "not an empty directory" in err[0] and "not found" in err[1]
+    assert len(err) == 2 and "exists: pass another output path, or --overwrite" in err[0] and "not found" in err[1]
     assert not (tmp_path / "hf2").exists()
+    # --overwrite replaces an earlier export, and nothing else
+    assert checkpoint.main(["export", str(tmp_path / "m.pt"), str(tmp_path / "hf"), "--overwrite"]) == 0
+    assert sorted(f.name for f in (tmp_path / "hf").iterdir()) == ["config.json", "model.safetensors", "vocab.txt"]
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("a user's own file")
+    (tmp_path / "mine.pt").write_text("not a checkpoint")
+    save_checkpoint(tmp_path / "short.pt", ours, vocab=vocab[:-3])          # a vocabulary the model does not have
+    capsys.readouterr()
+    for argv, words in ((["export", "m.pt", "mine", "--overwrite"], "is not an earlier export"),
+                        (["export", "m.pt", "m.pt"], "is (inside) the checkpoint being read"),
+                        (["consolidate", "m.pt", "mine.pt"], "mine.pt exists"),
+                        (["consolidate", "m.pt", "mine.pt", "--overwrite"], "is not a one-file checkpoint"),
+                        (["consolidate", "m.pt", "mine", "--overwrite"], "is not a one-file checkpoint"),
+                        (["export", "short.pt", "hf3"], "the vocabulary has 197 tokens but the model's embeddings 200")):
+        assert checkpoint.main([argv[0]] + [str(tmp_path / a) if not a.startswith("--") else a for a in argv[1:]]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("checkpoint.py: error:") and words in err[0], (argv, err)
+    assert (tmp_path / "mine" / "notes.txt").read_text() == "a user's own file"
+    assert (tmp_path / "mine.pt").read_text() == "not a checkpoint" and not (tmp_path / "hf3").exists()
 
 
 # ----------------------------------------------------------------------------- sharded checkpoints
@@ -228,6 +247,9 @@ def test_each_rank_writes_its_experts_and_any_world_reads_them_back(tmp_path):
         read_checkpoint(out, shard=(0, 3))
     assert checkpoint.main(["consolidate", str(out), str(tmp_path / "c.pt")]) == 0
     _close(torch.load(tmp_path / "c.pt", weights_only=True)["model"], model.state_dict())
+    assert checkpoint.main(["consolidate", str(out), str(tmp_path / "c.pt")]) == 2            # never silently
+    assert checkpoint.main(["consolidate", str(out), str(tmp_path / "c.pt"), "--overwrite"]) == 0   # its own kind
+    assert checkpoint.main(["consolidate", str(out), str(out / "inside.pt")]) == 2
     mlm, _ = load_checkpoint(out)                        # finetune.py, ood_eval.py, --teacher: one process
     _close(mlm.state_dict(), model.state_dict())
     (out / "experts-00001-of-00002.pt").unlink()         # a directory copied in part

@@ -204,9 +204,9 @@ def test_training_improves_loss_and_adapters_train_only_their_set(tmp_path, ckpt
     seen = {}
     real = finetune.run_one
 
-    def spy(args, key, data, mlm, setting):
+    def spy(args, key, data, mlm, setting, on_epoch=None):
         before = {n: p.clone() for n, p in mlm.bert.state_dict().items()}
-        out = real(args, key, data, mlm, setting)
+        out = real(args, key, data, mlm, setting, on_epoch)
         seen["unchanged"] = all(torch.equal(before[n], p) for n, p in mlm.bert.state_dict().items())
         return out
 
@@ -310,6 +310,11 @@ def test_bad_input_is_one_clear_line(tmp_path, ckpt):
     ok = ["--task", "rte", "--data-dir", str(tmp_path / "ok")]
     (tmp_path / "other.json").write_text('{"runs": [], "args": {"epochs": 7}}')
     (tmp_path / "shape.json").write_text('{"runs": [1, 2], "args": {}}')
+    good_run = {"task": "RTE", "mode": "full", "adapter": 0, "lr": 5e-5, "seed": 1, "best": {"epoch": 1, "acc": 50.0}}
+    inner = [{"task": 5}, {"adapter": "x"}, {"lr": "fast"}, {"best": [1, 2]}, {"best": {"acc": 50.0}},
+             {"best": {"epoch": 1, "acc": "high"}}, {"seed": 1.5}, {"mode": "half"}, {"task": "NOPE"}]
+    for i, bad in enumerate(inner):             # the right keys, the wrong things inside them
+        (tmp_path / f"inner{i}.json").write_text(json.dumps({"runs": [{**good_run, **bad}], "args": {}}))
     cases += [(ok + flags, words) for flags, words in [
         (["--adapter", "-5"], "--adapter -5: sizes must be 0 (full) or positive"),
         (["--max-len", "0"], "--max-len 0 must be positive"),
@@ -332,6 +337,7 @@ def test_bad_input_is_one_clear_line(tmp_path, ckpt):
         (["--out", "/proc/nope/r.json"], "cannot write results"),
         (["--out", str(tmp_path / "other.json")], "holds runs with other settings"),
         (["--out", str(tmp_path / "junk.pt")], "is not a finetune.py result")]]
+    cases += [(ok + ["--out", str(tmp_path / f"inner{i}.json")], "is not a finetune.py result") for i in range(len(inner))]
     for extra, words in cases:
         r = cli(*base, *extra, cwd=tmp_path)
         assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
@@ -345,18 +351,18 @@ def test_results_written_per_run_and_a_rerun_skips_them(tmp_path, ckpt, monkeypa
             "--seeds", "1", "2", "--epochs", "1", "--batch-size", "8", "--out", str(out)]
     real, calls = finetune.run_one, []
 
-    def stop_after_three(*a):
+    def stop_after_three(*a, **k):
         if len(calls) == 3:
             raise KeyboardInterrupt                                   # Ctrl-C during the fourth run
         calls.append(a[4])
-        return real(*a)
+        return real(*a, **k)
 
     monkeypatch.setattr(finetune, "run_one", stop_after_three)
     assert finetune.main(args) == 130
     kept = json.loads(out.read_text())["runs"]
     assert [(r["adapter"], r["seed"]) for r in kept] == [(0, 1), (0, 2), (8, 1)]
     calls.clear()
-    monkeypatch.setattr(finetune, "run_one", lambda *a: calls.append(a[4]) or real(*a))
+    monkeypatch.setattr(finetune, "run_one", lambda *a, **k: calls.append(a[4]) or real(*a, **k))
     assert finetune.main(args) == 0
     assert calls == [(8, 1e-3, 2)]                                     # only the missing run
     result = json.loads(out.read_text())
@@ -499,3 +505,31 @@ def test_save_keeps_the_best_run_and_transformers_loads_it_with_the_same_logits(
     assert hf.config.id2label == {0: "0", 1: "1"} and saved["task"] == "MRPC"
     assert finetune.main([*args[:9], "--lr", "1e-9", *args[12:]]) == 0      # a worse run keeps the model kept
     assert json.loads((tmp_path / "models" / "MRPC" / "best.json").read_text()) == kept
+
+
+def test_the_plan_comes_first_and_a_task_named_twice_runs_once(tmp_path, ckpt, capsys):
+    """The first screen states the runs, settings, epochs and results file; rte and RTE are one task;
+    after the first epoch a time for the whole command."""
+    write_task(tmp_path, "rte", n_train=16, n_dev=8)
+    out = tmp_path / "r.json"
+    assert finetune.main(["--task", "rte", "RTE", "--ckpt", str(ckpt), "--data-dir", str(tmp_path), "--adapter", "0",
+                          "--lr", "1e-3", "2e-3", "--seeds", "1", "--epochs", "2", "--batch-size", "8",
+                          "--out", str(out)]) == 0
+    text = capsys.readouterr()
+    lines = (text.out + text.err).splitlines()
+    assert lines[0] == f"plan: 2 fine-tuning runs of {ckpt}"
+    assert lines[1] == "  RTE: 2 runs: full at lr 0.001, 0.002; seed 1; 2 epochs a run, batch 8"
+    assert lines[2].startswith(f"results: {out} (written after every run")
+    assert sum("time: the first epoch took" in l and "all 2 runs: about" in l for l in lines) == 1
+    assert [r["task"] for r in json.loads(out.read_text())["runs"]] == ["RTE", "RTE"]
+
+
+def test_a_glue_field_longer_than_the_csv_modules_limit_is_read(tmp_path):
+    d = write_task(tmp_path, "rte", n_train=8, n_dev=4)
+    rows = (d / "train.tsv").read_text().splitlines()
+    long = "word " * 30_000                                            # 150 KB: past the csv module's 128 KB default
+    head, first = rows[0], rows[1].split("\t")
+    first[1] = long.strip()
+    (d / "train.tsv").write_text("\n".join([head, "\t".join(first), *rows[2:]]) + "\n")
+    a, b, y = finetune.read_tsv(d / "train.tsv", finetune.TASKS["rte"])
+    assert a[0] == long.strip() and len(a) == len(rows) - 1
