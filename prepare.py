@@ -27,6 +27,7 @@ import io
 import json
 import os
 import shutil
+import signal
 import sys
 import time
 from pathlib import Path
@@ -235,8 +236,11 @@ def prepare(specs: list[str], valid_specs: list[str] | None, vocab: list[str], o
     files = [p for s in specs + (valid_specs or []) for p in source_files(s)]
     total = sum(p.stat().st_size for p in files if p.suffix not in (".gz", ".zst"))
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    for stale in out.parent.glob(f".{out.name}.tmp-*"):      # a killed prepare's, never a live one's
+        if stale == tmp or not _alive(stale.name.rsplit("-", 1)[1]):
+            shutil.rmtree(stale, ignore_errors=True)
+    tmp.mkdir()
     try:
         counts = write_tokens(specs, valid_specs, vocab, tmp, share, seed, total)
         meta = {"format": FORMAT, "vocab_size": len(vocab), "vocab_sha1": vocab_hash(vocab),
@@ -263,6 +267,7 @@ class Windows:
         self.tokens, self.seq_len, self.cls_id, self.sep_id = tokens, seq_len, cls_id, sep_id
         self.body = seq_len - 2
         self.count = len(tokens) // self.body
+        self.fingerprint = None                    # data_fingerprint of its corpus (open_corpus sets it)
 
     def __len__(self) -> int:
         return self.count
@@ -305,12 +310,28 @@ def open_corpus(corpus: Path, vocab: list[str], seq_len: int) -> tuple[Windows, 
     out = []
     for part in ("train", "valid"):
         tokens = np.memmap(corpus / f"{part}.bin", dtype=meta["dtype"], mode="r")
+        check_token_ids(tokens, len(vocab), corpus / f"{part}.bin")
         windows = Windows(tokens, seq_len, cls_id, sep_id)
+        windows.fingerprint = data_fingerprint(meta)
         if not len(windows):
             raise PrepareError(f"the {'training' if part == 'train' else 'held-out'} text has {len(tokens)} tokens, "
                                f"fewer than one segment of {seq_len}: add text")
         out.append(windows)
     return out[0], out[1]
+
+
+def check_token_ids(tokens: np.ndarray, vocab_size: int, path: Path, chunk: int = 1 << 24) -> None:
+    """Every id inside the vocabulary, before any step uses one (a read of the file, in chunks)."""
+    for start in range(0, len(tokens), chunk):
+        top = int(tokens[start:start + chunk].max(initial=0))
+        if top >= vocab_size:
+            raise PrepareError(f"{path} holds token id {top:,}, beyond the vocabulary's {vocab_size:,}: it is damaged "
+                               "or foreign; prepare the corpus again (prepare.py)")
+
+
+def data_fingerprint(meta: dict) -> str:
+    """What a run trained on: the prepared corpus's sources, split, vocabulary and token counts."""
+    return hashlib.sha1(json.dumps(meta, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def is_prepared(spec: list[str] | None) -> bool:
@@ -340,9 +361,6 @@ def find_or_prepare(specs: list[str], valid_specs: list[str] | None, vocab: list
             fcntl.flock(lock, fcntl.LOCK_EX)
         if _ready(corpus, vocab, log):                 # the other job made it
             return corpus
-        for stale in cache_dir.glob(f".{corpus.name}.tmp-*"):   # a killed prepare's, never a live one's
-            if not _alive(stale.name.rsplit("-", 1)[1]):
-                shutil.rmtree(stale, ignore_errors=True)
         prepare(specs, valid_specs, vocab, corpus, share, seed, log)
     return corpus
 
@@ -374,6 +392,10 @@ def _alive(pid: str) -> bool:
 
 # ----------------------------------------------------------------------------- command line
 
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="prepare.py", description=__doc__.split("\n")[0], formatter_class=HelpFormatter)
     p.add_argument("--data", nargs="+", required=True, help="text/.jsonl files (.gz/.zst too), directories, or hf:NAME[:CONFIG]")
@@ -390,11 +412,18 @@ def main(argv=None) -> int:
             raise PrepareError(f"--valid-share {args.valid_share} must be between 0 and 1")
         if out.exists() and not args.overwrite:
             raise PrepareError(f"{out} exists: pass --overwrite to replace it, or another --out")
-        if out.exists() and not out.is_dir():
-            raise PrepareError(f"{out} is a file, not a corpus directory: pass another --out")
+        if out.exists() and not (out / "meta.json").is_file():
+            raise PrepareError(f"{out} is not a prepared corpus (no meta.json): --overwrite replaces only what "
+                               "prepare.py made; pass another --out")
+        signal.signal(signal.SIGTERM, _interrupt)        # a killed job (SIGTERM) cleans up as Ctrl-C does
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)    # past a file-size limit: an error to report, not a kill
         prepare(args.data, args.valid, read_vocab(args.vocab), out, args.valid_share, args.seed)
     except (InputFileError, FileNotFoundError) as e:
         print(f"prepare.py: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:                                 # a full disk, a file-size limit, a place not writable
+        print(f"prepare.py: error: cannot write {out} ({e.strerror or e}): free disk space or raise the file-size "
+              "limit (ulimit -f), or pass another --out; nothing was written", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"prepare.py: interrupted; {out} was not written", file=sys.stderr)

@@ -308,9 +308,11 @@ def check_out(args, explicit: set) -> None:
 def load_corpus(args, vocab: list[str], cache_dir: Path, log, rank: int, world: int):
     """(train windows, held-out windows), memory-mapped from a prepared corpus (prepare.py): --data itself,
     or the one prepared from --data's text into the cache on first use. Rank 0 prepares; the others wait."""
+    for spec in (args.data or []) + (args.valid or []):
+        if is_prepared([spec]) and len(args.data) + len(args.valid or []) > 1:
+            raise UsageError(f"{spec} is a prepared corpus: pass it alone as --data (it holds its own held-out "
+                             "text); to train on more text, prepare it together with the rest (prepare.py --data ...)")
     if is_prepared(args.data):
-        if args.valid:
-            raise UsageError(f"{args.data[0]} is a prepared corpus with its own held-out text: drop --valid")
         corpus = Path(args.data[0])
     else:
         find = lambda: find_or_prepare(args.data, args.valid, vocab, cache_dir, VALID_SHARE, args.seed, log)
@@ -503,7 +505,7 @@ def save(run: Run, step: int, path: Path | None = None) -> None:
     extra = dict(vocab=run.vocab, step=step, teacher_sha1=run.teacher_sha1, epoch=step / run.steps_per_epoch, metrics=run.metrics,
                  scheduler=run.scheduler.state_dict(), rng=torch.get_rng_state(), args=saved_args,
                  data_state={"seed": run.args.seed, "step": step, "batch_size": run.args.batch_size,
-                             "segments": len(run.train_seg)})
+                             "segments": len(run.train_seg), "corpus": run.train_seg.fingerprint})
     if run.expert_parallel:
         save_sharded(path or run.out, run.model, run.optimizer, run.rank, run.world, **extra)
     elif run.rank == 0:
@@ -582,6 +584,7 @@ def build(args, rank: int, world: int, device) -> tuple[Run, int, np.ndarray]:
                              "started with: put its teacher back, or start a new run")
     start = 0
     if resume:
+        check_same_data(resume, train_seg, args.resume)
         model.load_state_dict(resume["model"])
         optimizer.load_state_dict(resume["optimizer"])
         scheduler.load_state_dict(resume["scheduler"])
@@ -592,6 +595,17 @@ def build(args, rank: int, world: int, device) -> tuple[Run, int, np.ndarray]:
             f"{len(valid_seg):,} valid segments, {total_steps} steps, warm-up {warmup}"
             + (f"; resumed {args.resume} at step {start}" if resume else ""))
     return run, start, valid_seg
+
+
+def check_same_data(resume: dict, train_seg: Windows, path: str) -> None:
+    """A resume trains on the data its run began with, or not at all (no silent change of data)."""
+    saved = resume.get("data_state") or {}
+    now = {"segments": len(train_seg), "corpus": train_seg.fingerprint}
+    changed = [k for k in now if saved.get(k) is not None and saved[k] != now[k]]
+    if changed:
+        raise UsageError(f"the training data changed since the run in {path} began ({', '.join(changed)}: "
+                         f"{saved[changed[0]]} then, {now[changed[0]]} now): resume with the data it started with, "
+                         "or start a new run with another --out")
 
 
 def weights_sha1(module: nn.Module) -> str:

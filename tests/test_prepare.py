@@ -251,4 +251,48 @@ def test_prepare_command_then_pretrain_reads_the_directory(tmp_path, capsys):
             "--out", str(tmp_path / "m.pt")]
     assert pretrain.main(args) == 0
     assert pretrain.main([*args[:2], "--valid", str(v), *args[2:], "--overwrite"]) == 2
-    assert "drop --valid" in capsys.readouterr().err
+    assert "is a prepared corpus: pass it alone as --data (it holds its own held-out text)" in capsys.readouterr().err
+
+
+def test_prepare_command_never_replaces_what_it_did_not_make_and_cleans_up_after_a_kill(tmp_path, capsys):
+    """--overwrite replaces a prepared corpus only; SIGTERM leaves no temporary directory; a SIGKILLed
+    prepare's leftovers go with the next prepare of that --out; a file-size limit is one line."""
+    import signal
+    import time
+    a, _, v = write_corpus(tmp_path / "text")
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "thesis.tex").write_text("a user's own work")
+    assert prepare.main(["--data", str(a), "--out", str(mine), "--overwrite"]) == 2
+    assert "not a prepared corpus (no meta.json)" in capsys.readouterr().err
+    assert (mine / "thesis.tex").read_text() == "a user's own work"
+    out = tmp_path / "corpus"
+    assert prepare.main(["--data", str(a), "--out", str(out)]) == 0
+    assert prepare.main(["--data", str(a), "--valid", str(v), "--out", str(out), "--overwrite"]) == 0   # its own
+    assert json.loads((out / "meta.json").read_text())["valid_documents"] > 0
+    # a killed prepare (SIGKILL: no chance to clean) left a temporary directory; the next one removes it
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True).stdout.strip()
+    (tmp_path / f".again.tmp-{dead}").mkdir()
+    assert prepare.main(["--data", str(a), "--out", str(tmp_path / "again")]) == 0
+    assert not (tmp_path / f".again.tmp-{dead}").exists()
+    # SIGTERM half-way: the one line, exit 130, nothing left beside --out
+    big = tmp_path / "big.txt"
+    big.write_text((a.read_text() + "\n\n") * 60)
+    proc = subprocess.Popen([sys.executable, str(ROOT / "prepare.py"), "--data", str(big), "--out", str(tmp_path / "t")],
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 60
+    while not list(tmp_path.glob(".t.tmp-*")) and time.time() < deadline:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and "interrupted" in err and "Traceback" not in err, err
+    assert not (tmp_path / "t").exists() and not list(tmp_path.glob(".t.tmp-*"))
+    # a file-size limit (ulimit -f): one line naming the problem, exit 2, nothing written
+    code = ("import resource, sys; resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096)); "
+            f"sys.path.insert(0, {str(ROOT)!r}); import prepare; "
+            f"sys.exit(prepare.main(['--data', {str(big)!r}, '--out', {str(tmp_path / 'small')!r}]))")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    assert r.stderr.strip().splitlines()[-1].startswith("prepare.py: error: cannot write") and "ulimit -f" in r.stderr
+    assert not (tmp_path / "small").exists() and not list(tmp_path.glob(".small.tmp-*"))

@@ -642,3 +642,48 @@ def test_two_nodes_on_one_machine_equal_one_process(tmp_path, corpus, monkeypatc
     assert all(p.returncode == 0 for p in nodes), outs[0][-2000:] + outs[1][-2000:]
     assert pretrain.main([*common, "--grad-accum", "2", "--out", str(tmp_path / "one.pt")]) == 0
     same_weights(tmp_path / "nodes.pt", tmp_path / "one.pt", CROSS_WORLD_ATOL)
+
+
+def test_warmup_steps_zero_starts_at_the_peak_and_decays_linearly(tmp_path, corpus):
+    rows, _ = run(tmp_path, corpus, "--warmup-steps", "0", "--lr", "1e-3", "--out", str(tmp_path / "w.pt"), steps=4)
+    assert [r["lr"] for r in rows] == pytest.approx([1e-3 * (4 - s) / 4 for s in (1, 2, 3, 4)])
+    rows, _ = run(tmp_path, corpus, "--warmup-steps", "2", "--lr", "1e-3", "--out", str(tmp_path / "w2.pt"), steps=4)
+    # warm-up is capped at 10% of the schedule but at least one step: 1 here, then decay over the other 3
+    assert [r["lr"] for r in rows] == pytest.approx([1e-3 * min(s + 1, (4 - s) / 3) for s in (1, 2, 3, 4)])
+
+
+def test_prepared_corpora_are_checked_before_any_step(tmp_path, corpus, capsys):
+    """Token ids past the vocabulary, a prepared corpus mixed with other sources, and a resume whose
+    training data changed since the run began: one line each, before a step, nothing written."""
+    import numpy as np
+    import prepare
+    good = tmp_path / "good"
+    prepare.prepare([str(corpus / "train.txt")], [str(corpus / "valid.txt")], VOCAB, good, log=lambda m: None)
+    bad = tmp_path / "bad"
+    prepare.prepare([str(corpus / "train.txt")], [str(corpus / "valid.txt")], VOCAB, bad, log=lambda m: None)
+    tokens = np.memmap(bad / "train.bin", dtype=np.uint16, mode="r+")
+    tokens[len(tokens) // 2] = len(VOCAB) + 7                                # same size, a foreign id
+    tokens.flush()
+    base = ["--preset", "tiny", "--seq-len", "32", "--batch-size", "4", "--max-steps", "2", "--out", str(tmp_path / "x.pt")]
+    cases = [(["--data", str(bad)], f"holds token id {len(VOCAB) + 7:,}, beyond the vocabulary's {len(VOCAB):,}"),
+             (["--data", str(good), str(corpus / "train.txt")], "is a prepared corpus: pass it alone as --data"),
+             (["--data", str(corpus / "train.txt"), str(good)], "is a prepared corpus: pass it alone as --data"),
+             (["--data", str(good), "--valid", str(corpus / "valid.txt")], "is a prepared corpus: pass it alone"),
+             (["--data", str(corpus / "train.txt"), "--valid", str(good)], "is a prepared corpus: pass it alone")]
+    for extra, words in cases:
+        assert pretrain.main(base + extra + ["--cache-dir", str(tmp_path / "cache")]) == 2, extra
+        err = capsys.readouterr().err.strip().splitlines()
+        assert err[-1].startswith("pretrain.py: error:") and words in err[-1], (extra, err)
+        assert not (tmp_path / "x.pt").exists()
+    # a run on good/, then good/ replaced by other text: the resume refuses
+    assert pretrain.main(base + ["--data", str(good), "--stop-at", "1"]) == 0
+    import shutil
+    shutil.rmtree(good)
+    half = tmp_path / "half.txt"
+    half.write_text((corpus / "train.txt").read_text()[:30_000])
+    prepare.prepare([str(half)], [str(corpus / "valid.txt")], VOCAB, good, log=lambda m: None)
+    before = (tmp_path / "x.pt").read_bytes()
+    assert pretrain.main(["--resume", str(tmp_path / "x.pt")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "the training data changed since the run" in err and "resume with the data it started with" in err
+    assert (tmp_path / "x.pt").read_bytes() == before
