@@ -46,7 +46,8 @@ if [ "$command" = mode ]; then
     python "$R/pretrain.py" --data "$D/pretrain/train.txt" --valid "$D/pretrain/valid.txt" --preset tiny --bf16 \
       --batch-size 64 --lr 2e-3 --warmup-steps 300 --dropout 0 --beta2 0.98 --position-init sinusoid \
       --short-seq-len 32 --short-seq-steps 750 --epochs 40 --stop-epochs 2 --eval-every 250 --log-every 50 \
-      --cache-dir "$RUNS/cache" --moe --experts 16 --lambda-b 250 --mode-alpha "$alpha" --mode-tokens 256 --out "$out"
+      --cache-dir "$RUNS/cache" --moe --experts 16 --lambda-b 250 --out "$out" \
+      $([ "$alpha" = 0 ] || echo "--mode-alpha $alpha --mode-tokens 256")   # α = 0: the baseline itself
   fi
   cp "$RUNS/probes/mode-a$alpha.metrics.jsonl" "$dir/a$alpha.jsonl"
   python "$R/results/expert_spread.py" "$out" --valid "$D/pretrain/valid.txt" --out "$dir/a$alpha-spread.json" > /dev/null

@@ -606,15 +606,21 @@ def test_elastic_restart_after_a_killed_rank_equals_the_uninterrupted_run(tmp_pa
               "--log-every", "1", "--save-every", "4"]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--max-restarts=1",
            f"--master_port={_free_port()}", str(ROOT / "pretrain.py"), *common, "--auto-resume", "--out", "elastic.pt"]
-    proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    metrics, deadline = tmp_path / "elastic.metrics.jsonl", time.time() + 120
-    while (not metrics.exists() or len(metrics.read_text().splitlines()) < 10) and time.time() < deadline:
-        time.sleep(0.02)
-    ranks = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()
-    assert len(ranks) == 2
-    killed_at = len(metrics.read_text().splitlines())
-    os.kill(int(ranks[-1]), signal.SIGKILL)                               # a rank lost mid-run
-    out, _ = proc.communicate(timeout=300)
+    proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    try:
+        metrics, deadline = tmp_path / "elastic.metrics.jsonl", time.time() + 120
+        while (not metrics.exists() or len(metrics.read_text().splitlines()) < 10) and time.time() < deadline:
+            time.sleep(0.02)
+        ranks = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()
+        assert len(ranks) == 2
+        killed_at = len(metrics.read_text().splitlines())
+        os.kill(int(ranks[-1]), signal.SIGKILL)                           # a rank lost mid-run
+        out, _ = proc.communicate(timeout=300)
+    finally:                                                              # never leave a launcher behind
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
     assert proc.returncode == 0, out[-3000:]
     assert killed_at < 40 and "resumed" in out and "elastic.pt" in out, out[-3000:]
     r = torchrun(*common, "--out", "straight.pt", cwd=tmp_path)
@@ -636,9 +642,18 @@ def test_two_nodes_on_one_machine_equal_one_process(tmp_path, corpus, monkeypatc
     launch = lambda node: subprocess.Popen(
         [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=1", "--rdzv-backend=c10d",
          f"--rdzv-endpoint=localhost:{port}", "--rdzv-id=tcd-test", str(ROOT / "pretrain.py"), *common,
-         "--out", "nodes.pt"], cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+         "--out", "nodes.pt"], cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        start_new_session=True)
     nodes = [launch(0), launch(1)]
-    outs = [p.communicate(timeout=300)[0] for p in nodes]
+    try:
+        outs = [p.communicate(timeout=300)[0] for p in nodes]
+    finally:                                                              # never leave a launcher behind
+        import os
+        import signal
+        for p in nodes:
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGKILL)
+                p.wait()
     assert all(p.returncode == 0 for p in nodes), outs[0][-2000:] + outs[1][-2000:]
     assert pretrain.main([*common, "--grad-accum", "2", "--out", str(tmp_path / "one.pt")]) == 0
     same_weights(tmp_path / "nodes.pt", tmp_path / "one.pt", CROSS_WORLD_ATOL)
