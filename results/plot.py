@@ -174,6 +174,41 @@ def plot_table3(results: Path, out: Path) -> bool:
     return plot_differences(items, out, "Table 3, each relation site added within a pretraining; black: mean and 95% t-interval")
 
 
+def routing_series(curve: Path, key: str) -> tuple[list[float], list[list[float]]]:
+    """(training tokens in millions, per-layer values of `key`) from a pretrain.py metrics file's logged rows."""
+    rows = [json.loads(line) for line in curve.read_text().splitlines() if line.strip()] if curve.is_file() else []
+    rows = [r for r in rows if key in r]
+    return [r["tokens"] / 1e6 for r in rows], [r[key] for r in rows]
+
+
+def plot_routing(arms: Path, out: Path) -> bool:
+    """The arms' routing over training, per layer: the top-1 MoE + MoDE's busiest expert against the mean load;
+    expert choice's share of tokens no expert took, and experts per chosen token (c = 1: 1 on average)."""
+    import matplotlib.pyplot as plt
+    panels = [(arms / "pretrain" / "moe_mode.jsonl", "layer_load_max", "top-1 + MoDE: busiest expert / mean load"),
+              (arms / "pretrain" / "moe_ec.jsonl", "layer_unchosen", "expert choice: share of tokens no expert took"),
+              (arms / "pretrain" / "moe_ec.jsonl", "layer_experts_per_token", "expert choice: experts per chosen token")]
+    panels = [(routing_series(f, key), title) for f, key, title in panels]
+    if not any(x for (x, _), _ in panels):
+        return False
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
+    for ax, ((x, values), title) in zip(axes, panels):
+        for layer in range(len(values[0]) if values else 0):
+            ax.plot(x, [v[layer] for v in values], linewidth=1, label=f"layer {layer + 1}")
+        ax.set_title(title, fontsize=9)
+        ax.set_xlabel("training tokens (millions)")
+        ax.grid(alpha=0.3)
+        if values:
+            ax.legend(fontsize=7)
+    fig.tight_layout()
+    if SMOKE:
+        fig.text(0.5, 0.01, "SMOKE TEST (run.sh --quick): these numbers mean nothing", ha="center", fontsize=10, color="red")
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    print(f"wrote {out}")
+    return True
+
+
 def main(argv=None) -> int:
     import argparse
     p = argparse.ArgumentParser(prog="plot.py", description=__doc__.split("\n")[0])
@@ -207,6 +242,7 @@ def draw(results: Path) -> int:
                     f"{'s' * (seeds != '1')})", floor.get("mrpc"))
     plot_claims(results, results / "claims.png")
     plot_table3(results, results / "table3.png")
+    plot_routing(results / "arms", results / "routing.png")
     return 0
 
 

@@ -409,6 +409,97 @@ def epoch_perfs(curve: Path) -> dict[int, float]:
     return {e: -loss for e, (loss, _) in epoch_losses(curve).items()} if curve.is_file() else {}
 
 
+# ----------------------------------------------------------------------------- the other remedies (run.sh stage 9)
+# each arm's rows, as run.sh --arms writes them into <pretraining>/arms/finetune/
+ARMS = {"moe_ec": "expert-choice MoE", "moe_mode": "MoE + MoDE (our reading)"}
+# (question, row, other row): rows from the arm's finetune/ or, for the others, its pretraining's Tables 1-2 rows
+ARM_DIFFERENCES = [("remedy", "moe_ec_perf", "moe_perf"), ("remedy", "moe_mode_perf", "moe_perf"),
+                   ("remedy", "moe_ec_epoch", "moe_epoch"), ("remedy", "moe_mode_epoch", "moe_epoch"),
+                   ("teacher adds", "moe_tcd", "moe_ec_perf"), ("teacher adds", "moe_tcd", "moe_mode_perf"),
+                   ("vs teacher", "moe_ec_perf", "teacher"), ("vs teacher", "moe_mode_perf", "teacher")]
+ARM_LABELS = {"moe_ec_perf": "expert choice, perf-aligned", "moe_ec_epoch": "expert choice, epoch-aligned",
+              "moe_mode_perf": "MoE + MoDE, perf-aligned", "moe_mode_epoch": "MoE + MoDE, epoch-aligned"}
+
+
+def arms_sets(results: Path) -> dict[str, Path]:
+    """{pretraining name: its arms/ directory}: results/arms belongs to "again" (seed 0 pretrained by the same
+    command, whose TCD student the arms are aligned to, as Table 3's), replicates/seedN/arms to seedN."""
+    sets = {"again": results / "arms"} if (results / "arms").is_dir() else {}
+    sets.update({d.parent.name: d for d in sorted((results / "replicates").glob("seed*/arms")) if d.is_dir()})
+    return sets
+
+
+def arm_rows(results: Path) -> dict[str, dict[str, float | None]]:
+    """{pretraining: {row key: five-task average}} for the arms' rows and the Tables 1-2 rows they are compared with."""
+    sources = {p.name: p for p in pretrainings(results)}
+    out = {}
+    for name, d in arms_sets(results).items():
+        rows = {key: replicate_average(d / "finetune" / f"{key}.json") for key in ARM_LABELS}
+        if name in sources:
+            rows.update({key: replicate_average(sources[name].finetune / f"{key}.json") for key, _ in MODELS[2:]})
+        out[name] = rows
+    return out
+
+
+def arms_premise(results: Path) -> list[tuple[str, list[str], list[float]]]:
+    """Does each arm pretrain better than vanilla at equal epochs? (arm, pretrainings, arm − vanilla Pre-Train Perf.
+    at the last epoch both reached, 6 in run.sh)."""
+    sources, out = {p.name: p for p in pretrainings(results)}, []
+    for arm in ARMS:
+        names, diffs = [], []
+        for name, d in arms_sets(results).items():
+            mine = epoch_perfs(d / "pretrain" / f"{arm}.jsonl")
+            vanilla = epoch_perfs(sources[name].curves / "vanilla.jsonl") if name in sources else {}
+            shared = set(mine) & set(vanilla)
+            if shared:
+                names.append(name)
+                diffs.append(mine[max(shared)] - vanilla[max(shared)])
+        out.append((arm, names, diffs))
+    return out
+
+
+def verdict(diffs: list[float]) -> str:
+    """Shown only where the 95% interval leaves 0 out."""
+    if len(diffs) < 2:
+        return "one pretraining: no verdict"
+    low, high = t_interval(diffs)
+    return "above 0" if low > 0 else "below 0" if high < 0 else "not shown"
+
+
+def arms_table(results: Path) -> str:
+    """Expert choice and MoDE beside TCD, within each pretraining: the premise (Pre-Train Perf., nats) and the
+    GLUE differences (five-task averages, full fine-tuning at lr 5e-5, seed 1), mean ± s.e., 95% interval."""
+    rows, labels = arm_rows(results), {**dict(MODELS), **ARM_LABELS}
+    out = []
+    for arm, names, diffs in arms_premise(results):
+        if diffs:
+            out.append(arm_line(f"premise: {ARMS[arm]} − vanilla, Pre-Train Perf. at equal epochs", names, diffs, 3))
+    for question, row, other in ARM_DIFFERENCES:
+        names = [n for n, r in rows.items() if r.get(row) is not None and r.get(other) is not None]
+        if names:
+            out.append(arm_line(f"{question}: {labels[row]} − {labels[other]}", names,
+                                [rows[n][row] - rows[n][other] for n in names], 2))
+    if not out:
+        return ""
+    return "\n".join(["| difference | pretrainings | per pretraining | mean ± s.e. | 95% interval | above 0 | verdict |",
+                      "|" + "---|" * 7] + out + [
+        "", "within each pretraining; the premise in nats (above 0: the arm pretrains better), the rest in GLUE points "
+            "(five-task average, full fine-tuning at lr 5e-5, seed 1); s.e. = std (ddof=1) / √n; 95% interval: "
+            "mean ± t(n-1) s.e.; verdict: which side of 0 the interval lies on, if one"])
+
+
+def arm_line(label: str, names: list[str], diffs: list[float], digits: int) -> str:
+    f = lambda v: f"{v:+.{digits}f}"
+    if len(diffs) > 1:
+        mean, se = mean_se(diffs)
+        low, high = t_interval(diffs)
+        stats = f"{f(mean)} ± {se:.{digits}f} | {f(low)} to {f(high)}"
+    else:
+        stats = f"{f(diffs[0])} | -"
+    return (f"| {label} | {len(diffs)} ({', '.join(names)}) | {', '.join(map(f, diffs))} | {stats} | "
+            f"{sum(d > 0 for d in diffs)} of {len(diffs)} | {verdict(diffs)} |")
+
+
 def pretraining_table(results: Path) -> str:
     """The premises over pretrainings, Pre-Train Perf. only: is the teacher weaker than its TCD student, is
     MoE ahead of vanilla at equal epochs (claim a), and which MoE epoch performance alignment picks; a last
@@ -674,6 +765,7 @@ def main(argv=None) -> int:
                         ("Claim (a) epoch by epoch over pretrainings", claim_a_table(results)),
                         ("Claim (d) over pretrainings (Table 4)", ood_claims_table(results)),
                         ("Table 3: the relation sites one at a time", table3(results)),
+                        ("The other remedies: expert choice and MoDE beside TCD", arms_table(results)),
                         ("Transfer probes", transfer_table(results)),
                         ("Transfer probes, all five tasks", transfer_table(results, COLUMNS)),
                         ("Frozen-feature probes", features_table(results)),

@@ -846,3 +846,73 @@ done
         assert f"/ckpt/arm.{ckpt}.pt" in tune and "--adapter 0 --lr 5e-5" in tune and "--seeds 1" in tune
         assert "--task rte mrpc stsb cola sst2" in tune
     assert (arms / "pretrain" / "moe_ec.jsonl").is_file() and (arms / "pretrain" / "moe_mode.jsonl").is_file()
+
+
+def _replicate_json(path: Path, average: float) -> None:
+    """A finetune.py results file whose REPLICATE_SETTING five-task average is `average` (every metric equal)."""
+    import finetune
+    runs = [{"task": task, "mode": "full", "adapter": 0, "lr": 5e-5, "seed": 1,
+             "best": {"epoch": 1, **{m: average for m in metrics}}}
+            for task, metrics in (("CoLA", ["mcc"]), ("MRPC", ["acc", "f1"]), ("SST-2", ["acc"]),
+                                  ("STS-B", ["pearson", "spearman"]), ("RTE", ["acc"]))]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"runs": runs, "summary": finetune.summarize(runs)}))
+
+
+def _curve(path: Path, perfs: dict[int, float]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps({"valid": True, "step": 10 * e, "epoch": float(e), "tokens": e,
+                                        "pretrain_perf": p}) + "\n" for e, p in perfs.items()))
+
+
+def test_arms_table_compares_each_remedy_within_its_pretraining(tmp_path, capsys):
+    """Expert choice and MoDE against the top-1 MoE at equal Pre-Train Perf., TCD against each, each against the
+    teacher, and the premise against vanilla at equal epochs: differences within a pretraining (the arms of seed 0
+    pair with "again"), mean ± s.e., t-interval, k of n, a verdict only where the interval leaves 0 out."""
+    again, seed2 = tmp_path / "probes" / "retrain", tmp_path / "replicates" / "seed2"
+    base = {"again": {"teacher": 46.0, "moe_perf": 45.5, "moe_epoch": 45.0, "moe_tcd": 46.8},
+            "seed2": {"teacher": 45.2, "moe_perf": 45.9, "moe_epoch": 45.1, "moe_tcd": 46.0}}
+    arms = {"again": {"moe_ec_perf": 45.9, "moe_ec_epoch": 45.4, "moe_mode_perf": 45.1, "moe_mode_epoch": 44.7},
+            "seed2": {"moe_ec_perf": 46.6, "moe_ec_epoch": 46.3, "moe_mode_perf": 45.6, "moe_mode_epoch": 45.2}}
+    for name, root, tuned, arm_dir in (("again", again, again, tmp_path / "arms"),     # probes/retrain/*.json
+                                       ("seed2", seed2, seed2 / "finetune", seed2 / "arms")):
+        for key, avg in base[name].items():
+            _replicate_json(tuned / f"{key}.json", avg)
+        for key, avg in arms[name].items():
+            _replicate_json(arm_dir / "finetune" / f"{key}.json", avg)
+        _curve(root / "pretrain" / "vanilla.jsonl", {5: -5.0, 6: -4.90, 9: -4.6})
+        _curve(arm_dir / "pretrain" / "moe_ec.jsonl", {5: -4.9, 6: -4.85 if name == "again" else -4.80})
+        _curve(arm_dir / "pretrain" / "moe_mode.jsonl", {5: -4.95, 6: -4.93 if name == "again" else -4.95})
+    out = tables.arms_table(tmp_path)
+    # expert choice − MoE, perf-aligned: +0.4 (again), +0.7 (seed2): mean +0.55, s.e. 0.15, t(1) = 12.706
+    assert ("| remedy: expert choice, perf-aligned − MoE BERT, perf-aligned | 2 (again, seed2) | +0.40, +0.70 | "
+            "+0.55 ± 0.15 | -1.36 to +2.46 | 2 of 2 | not shown |") in out, out
+    assert "| remedy: MoE + MoDE, perf-aligned − MoE BERT, perf-aligned | 2 (again, seed2) | -0.40, -0.30 |" in out
+    assert "| teacher adds: MoE BERT w/ TCD − expert choice, perf-aligned | 2 (again, seed2) | +0.90, -0.60 |" in out
+    assert "| vs teacher: MoE + MoDE, perf-aligned − Vanilla BERT (teacher) | 2 (again, seed2) | -0.90, +0.40 |" in out
+    # the premise at epoch 6, the last both reached: +0.050 and +0.100 nats; MoDE -0.030 and -0.050
+    assert "| premise: expert-choice MoE − vanilla, Pre-Train Perf. at equal epochs | 2 (again, seed2) | +0.050, +0.100 |" in out
+    assert ("| premise: MoE + MoDE (our reading) − vanilla, Pre-Train Perf. at equal epochs | 2 (again, seed2) | "
+            "-0.030, -0.050 | -0.040 ± 0.010 | -0.167 to +0.087 | 0 of 2 | not shown |") in out
+    assert tables.verdict([-0.03, -0.031]) == "below 0" and tables.verdict([0.5, 0.6, 0.55]) == "above 0"
+    assert tables.verdict([0.4]) == "one pretraining: no verdict"
+    assert tables.main(["--results", str(tmp_path)]) == 0
+    assert "## The other remedies: expert choice and MoDE beside TCD" in capsys.readouterr().out
+
+
+def test_routing_picture_reads_each_arms_per_layer_statistics(tmp_path, monkeypatch):
+    pytest.importorskip("matplotlib")
+    import plot
+    arms = tmp_path / "arms" / "pretrain"
+    arms.mkdir(parents=True)
+    (arms / "moe_mode.jsonl").write_text("".join(json.dumps({"step": s, "tokens": s * 1e6, "mlm": 5.0,
+                                                             "layer_load_max": [1.5 + s, 2.0, 1.2, 1.1]}) + "\n" for s in (1, 2)))
+    (arms / "moe_ec.jsonl").write_text(json.dumps({"step": 1, "tokens": 1e6, "layer_unchosen": [0.3, 0.4],
+                                                   "layer_experts_per_token": [1.4, 1.6]}) + "\n"
+                                       + json.dumps({"valid": True, "step": 1, "tokens": 1e6, "pretrain_perf": -6}) + "\n")
+    assert plot.routing_series(arms / "moe_mode.jsonl", "layer_load_max") == ([1.0, 2.0], [[2.5, 2.0, 1.2, 1.1],
+                                                                                          [3.5, 2.0, 1.2, 1.1]])
+    assert plot.routing_series(arms / "moe_ec.jsonl", "layer_unchosen") == ([1.0], [[0.3, 0.4]])   # valid rows skipped
+    assert plot.plot_routing(tmp_path / "arms", tmp_path / "routing.png") is True
+    assert (tmp_path / "routing.png").stat().st_size > 1000
+    assert plot.plot_routing(tmp_path / "none", tmp_path / "none.png") is False
