@@ -170,11 +170,16 @@ def optimizer_index(cfg: BertConfig) -> dict[str, int]:
     return {n: i for i, n in enumerate(decay + plain)}
 
 
+def world_sizes(num_experts: int) -> list[int]:
+    """The world sizes that can hold these experts: the divisors of their number."""
+    return [w for w in range(1, num_experts + 1) if num_experts % w == 0]
+
+
 def expert_share(num_experts: int, rank: int, world: int) -> tuple[int, int]:
     """The contiguous experts lo..hi-1 that rank holds, as SwitchFFN splits them."""
     if num_experts % world:
-        raise CheckpointError(f"{num_experts} experts cannot be split evenly over {world} ranks: "
-                              "choose a world size that divides the number of experts")
+        raise CheckpointError(f"{num_experts} experts cannot be split evenly over {world} ranks: use a world size "
+                              f"that divides them ({', '.join(map(str, world_sizes(num_experts)))})")
     n = num_experts // world
     return rank * n, (rank + 1) * n
 
@@ -216,14 +221,15 @@ def save_sharded(path, model: BertForMaskedLM, optimizer, rank: int, world: int,
         keys = expert_keys(model.config)
         mine = _expert_tensors(ckpt, keys)
         lo, hi = expert_share(model.config.num_experts, rank, world)
-        torch.save({"experts": [lo, hi], "tensors": mine}, tmp / f"experts-{rank:05d}-of-{world:05d}.pt")
+        torch.save({"experts": [lo, hi], "tensors": mine, "save_id": name[0], "rank": rank, "world": world},
+                   tmp / f"experts-{rank:05d}-of-{world:05d}.pt")
         if rank == 0:
             ckpt["model"] = {k: v for k, v in ckpt["model"].items() if k not in keys}
             state, index = dict(ckpt["optimizer"]["state"]), optimizer_index(model.config)
             for i in (index[k] for k in keys if index[k] in state):   # the moments stay in the rank files
                 state[i] = {m: v for m, v in state[i].items() if m not in MOMENTS}
             ckpt["optimizer"] = {**ckpt["optimizer"], "state": state}
-            torch.save({**ckpt, **extra, "shards": world}, tmp / "common.pt")
+            torch.save({**ckpt, **extra, "shards": world, "save_id": name[0]}, tmp / "common.pt")
         dist.barrier()                                 # every file written before the swap
         if rank == 0:
             replace_path(tmp, path)
@@ -238,12 +244,12 @@ def read_sharded(path: Path, shard: tuple[int, int] = (0, 1)) -> dict:
     (rank, world) only: each rank file is memory-mapped and only the pages of those experts read."""
     ckpt = _load(path / "common.pt")
     world = ckpt.pop("shards", None)
-    files = sorted(path.glob("experts-*-of-*.pt"))
-    if not isinstance(world, int) or len(files) != world or not {"config", "model"} <= ckpt.keys():
-        raise CheckpointError(f"{path} is not a complete sharded checkpoint ({len(files)} rank files, common.pt "
-                              f"says {world}): was it copied in part? Copy the whole directory")
+    if not isinstance(world, int) or world < 1 or not {"config", "model"} <= ckpt.keys():
+        raise CheckpointError(f"{path / 'common.pt'} is not the common file of a sharded checkpoint: copy the "
+                              "whole directory again")
     cfg = BertConfig.from_dict(ckpt["config"])
     keys = expert_keys(cfg)
+    files = verify_shards(path, world, ckpt.pop("save_id", None), cfg, keys)
     lo, hi = expert_share(cfg.num_experts, *shard)
     tensors: dict[str, torch.Tensor] = {}
     for f in files:                                  # one rank file at a time: peak = the share + one file
@@ -266,6 +272,46 @@ def read_sharded(path: Path, shard: tuple[int, int] = (0, 1)) -> dict:
                               "copy the whole directory again")
     _set_expert_tensors(ckpt, keys, tensors)
     return ckpt
+
+
+def verify_shards(path: Path, world: int, save_id: str | None, cfg: BertConfig, keys: list[str]) -> list[Path]:
+    """Every rank file of a sharded checkpoint, checked against common.pt before any tensor is used: the
+    names world asks for and no other, each readable (mapped, not read), of the same save, holding its own
+    rank's experts in the shapes the config gives. CheckpointError naming the first file that is not."""
+    want = [path / f"experts-{r:05d}-of-{world:05d}.pt" for r in range(world)]
+    foreign = sorted(set(path.glob("experts-*.pt")) - set(want))
+    missing = [f for f in want if not f.is_file()]
+    if missing or foreign:
+        f = (missing or foreign)[0]
+        raise CheckpointError(f"{f} is {'missing' if missing else 'not part of this save'} (common.pt says {world} "
+                              f"rank files): copy the whole directory again")
+    shapes = _expert_shapes(cfg, keys)
+    for r, f in enumerate(want):
+        part = _load(f, mmap=True)
+        lo, hi = expert_share(cfg.num_experts, r, world)
+        if save_id is not None and part.get("save_id") != save_id:
+            raise CheckpointError(f"{f} is from another save than common.pt (stale, or copied from another run): "
+                                  "copy the whole directory again")
+        if part.get("rank", r) != r or part.get("world", world) != world or part.get("experts") != [lo, hi]:
+            raise CheckpointError(f"{f} holds rank {part.get('rank')} of {part.get('world')} (experts "
+                                  f"{part.get('experts')}), not rank {r} of {world}: was it renamed? Copy the whole "
+                                  "directory again")
+        tensors = part.get("tensors")
+        bad = [k for k in keys if not isinstance(tensors, dict) or k not in tensors
+               or tuple(tensors[k].shape) != (hi - lo, *shapes[k][1:])]
+        if bad:
+            raise CheckpointError(f"{f} does not hold {bad[0]} in the shape the config gives: it is damaged or "
+                                  "from another model; copy the whole directory again")
+        del part
+    return want
+
+
+def _expert_shapes(cfg: BertConfig, keys: list[str]) -> dict[str, torch.Size]:
+    """Each expert tensor's full shape (all experts) for this config, without allocating the model."""
+    with torch.device("meta"):
+        model = BertForMaskedLM(cfg)
+    state = model.state_dict()
+    return {k: state[k].shape for k in keys}
 
 
 def read_hf_bert(directory) -> dict:

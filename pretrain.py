@@ -80,6 +80,10 @@ class UsageError(Exception):
     """Bad input: reported as one line, exit code 2."""
 
 
+class AgreedError(UsageError):
+    """A refusal every rank reached together (agreed): rank 0 has printed its one line already."""
+
+
 # ----------------------------------------------------------------------------- config: the command line
 
 def make_parser() -> argparse.ArgumentParser:
@@ -545,7 +549,7 @@ def start_metrics(out: Path, start: int) -> None:
 def build(args, rank: int, world: int, device) -> tuple[Run, int, np.ndarray]:
     """The run (model, teacher, optimizer, data), restored from --resume if given: (run, start, valid)."""
     out = Path(args.out)
-    resume = read_checkpoint(args.resume, shard=(rank, world)) if args.resume else None   # this rank's experts
+    resume = agreed(lambda: read_checkpoint(args.resume, shard=(rank, world)), rank, world) if args.resume else None
     vocab = resume["vocab"] if resume else read_vocab(args.vocab)
     cache_dir = Path(args.cache_dir) if args.cache_dir else out.resolve().parent.parent / "cache"
     train_seg, valid_seg = load_corpus(args, vocab, cache_dir, lambda m: tqdm.write(m) if rank == 0 else None,
@@ -606,6 +610,28 @@ def check_same_data(resume: dict, train_seg: Windows, path: str) -> None:
         raise UsageError(f"the training data changed since the run in {path} began ({', '.join(changed)}: "
                          f"{saved[changed[0]]} then, {now[changed[0]]} now): resume with the data it started with, "
                          "or start a new run with another --out")
+
+
+def agreed(read, rank: int, world: int):
+    """read() on every rank, then a decision together: if any rank refused (a missing, foreign or torn rank
+    file is one rank's to see), every rank stops with that one line, printed once, and no rank goes on."""
+    try:
+        value, error = read(), None
+    except (CheckpointError, UsageError, FileNotFoundError, ValueError) as e:
+        value, error = None, str(e)
+    if world == 1:
+        if error:
+            raise UsageError(error)
+        return value
+    errors = [None] * world
+    dist.all_gather_object(errors, error)
+    first = next((e for e in errors if e), None)
+    if first:
+        if rank == 0:
+            print(f"pretrain.py: error: {first}", file=sys.stderr, flush=True)
+        dist.barrier()                                      # printed before any rank exits
+        raise AgreedError(first)
+    return value
 
 
 def weights_sha1(module: nn.Module) -> str:
@@ -756,6 +782,8 @@ def main(argv=None) -> int:
         if int(os.environ.get("RANK", 0)) == 0:
             check_out(args, explicit)
         return train(args)
+    except AgreedError:
+        return 2                                            # said once, by rank 0, as every rank stopped
     except (UsageError, CheckpointError, FileNotFoundError, ValueError) as e:
         print(f"pretrain.py: error: {e}", file=sys.stderr)
         return 2

@@ -243,8 +243,6 @@ def test_each_rank_writes_its_experts_and_any_world_reads_them_back(tmp_path):
                 assert torch.equal(ckpt["optimizer"]["state"][i]["exp_avg_sq"],
                                    opt.state_dict()["state"][i]["exp_avg_sq"][lo:hi])
                 assert torch.equal(ckpt["model"]["bert.layers.0.qkv.weight"], model.bert.layers[0].qkv.weight)
-    with pytest.raises(CheckpointError, match="cannot be split evenly over 3"):
-        read_checkpoint(out, shard=(0, 3))
     assert checkpoint.main(["consolidate", str(out), str(tmp_path / "c.pt")]) == 0
     _close(torch.load(tmp_path / "c.pt", weights_only=True)["model"], model.state_dict())
     assert checkpoint.main(["consolidate", str(out), str(tmp_path / "c.pt")]) == 2            # never silently
@@ -252,9 +250,40 @@ def test_each_rank_writes_its_experts_and_any_world_reads_them_back(tmp_path):
     assert checkpoint.main(["consolidate", str(out), str(out / "inside.pt")]) == 2
     mlm, _ = load_checkpoint(out)                        # finetune.py, ood_eval.py, --teacher: one process
     _close(mlm.state_dict(), model.state_dict())
-    (out / "experts-00001-of-00002.pt").unlink()         # a directory copied in part
-    with pytest.raises(CheckpointError, match="not a complete sharded checkpoint"):
+    # every rank file checked against common.pt before a tensor is used; each fault names its file
+    with pytest.raises(CheckpointError, match="cannot be split evenly over 3 ranks: use a world size that divides "
+                                              r"them \(1, 2, 4\)"):
+        read_checkpoint(out, shard=(0, 3))
+    import shutil
+    r0, r1 = out / "experts-00000-of-00002.pt", out / "experts-00001-of-00002.pt"
+    keep = {f.name: f.read_bytes() for f in (r0, r1)}
+
+    def broken(fault, words):
+        fault()
+        with pytest.raises(CheckpointError, match=words):
+            read_checkpoint(out, shard=(0, 2))                   # rank 0 refuses over rank 1's file too
+        for f in out.glob("experts-*.pt"):
+            f.unlink()
+        for name, data in keep.items():
+            (out / name).write_bytes(data)
         read_checkpoint(out)
+
+    broken(lambda: r1.unlink(), "experts-00001-of-00002.pt is missing")                      # copied in part
+    broken(lambda: shutil.copy(r0, out / "experts-00000-of-00004.pt"),
+           "experts-00000-of-00004.pt is not part of this save")                               # a foreign file
+    broken(lambda: (r0.write_bytes(keep[r1.name]), r1.write_bytes(keep[r0.name])),
+           "experts-00000-of-00002.pt holds rank 1 of 2")                                      # renamed
+    broken(lambda: r1.write_bytes(keep[r1.name][: len(keep[r1.name]) // 2]),
+           "experts-00001-of-00002.pt is not a readable checkpoint")                           # torn
+    part = torch.load(r1, weights_only=True)
+
+    def stale():
+        torch.save({**part, "save_id": "an earlier save"}, r1)
+    broken(stale, "experts-00001-of-00002.pt is from another save than common.pt")            # stale
+
+    def reshaped():
+        torch.save({**part, "tensors": {k: t[:, :1] for k, t in part["tensors"].items()}}, r1)
+    broken(reshaped, "experts-00001-of-00002.pt does not hold .* in the shape the config gives")
 
 
 def test_a_save_swaps_file_and_directory_whole_and_a_crash_keeps_the_old_one(tmp_path, monkeypatch):

@@ -702,3 +702,21 @@ def test_prepared_corpora_are_checked_before_any_step(tmp_path, corpus, capsys):
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert "the training data changed since the run" in err and "resume with the data it started with" in err
     assert (tmp_path / "x.pt").read_bytes() == before
+
+
+def test_a_rank_file_one_rank_refuses_stops_every_rank_with_one_line(tmp_path, corpus, monkeypatch):
+    """Under torchrun, a torn rank file makes every rank stop before a step (the ranks decide together),
+    with the one line naming the file, printed once, and no gloo traceback."""
+    monkeypatch.chdir(tmp_path)
+    common = ["--data", str(corpus / "train.txt"), "--preset", "tiny", "--seq-len", "32", "--batch-size", "16",
+              "--max-steps", "4", "--lr", "1e-3", "--moe", "--experts", "4", "--cache-dir", "cache"]
+    r = torchrun(*common, "--out", "s.pt", "--stop-at", "2", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-2000:]
+    f = tmp_path / "s.pt" / "experts-00001-of-00002.pt"
+    f.write_bytes(f.read_bytes()[:1000])                                  # torn
+    r = torchrun("--resume", "s.pt", cwd=tmp_path)
+    err = r.stdout + r.stderr
+    assert r.returncode != 0
+    assert err.count("pretrain.py: error:") == 1 and "experts-00001-of-00002.pt is not a readable checkpoint" in err, err
+    assert "[rank" not in err and "gloo" not in err.lower(), err[-3000:]
+    assert not (tmp_path / "s.metrics.jsonl").read_text().count('"step": 3')
