@@ -18,6 +18,7 @@ only that rank's experts.
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import os
 import shutil
@@ -57,11 +58,23 @@ def atomic_save(state: dict, path) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=temp_prefix(path), suffix=".tmp")
     os.close(fd)
     try:
-        torch.save(state, tmp)
+        write_torch(state, Path(tmp), path)
         replace_path(Path(tmp), path)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def write_torch(state: dict, path: Path, target: Path | None = None) -> None:
+    """torch.save to path, with a write that stopped short (a full disk, a file-size limit) as the OSError
+    it is, naming target (the checkpoint being written): torch reports it as a RuntimeError of its zip writer."""
+    try:
+        torch.save(state, path)
+    except (RuntimeError, OSError) as e:
+        if isinstance(e, RuntimeError) and "pos" not in str(e) and "write" not in str(e):
+            raise
+        raise OSError(getattr(e, "errno", None) or errno.EIO, "the write stopped short: the disk is full or a "
+                      "file-size limit was reached", str(target or path)) from None
 
 
 def replace_path(new: Path, path: Path) -> None:
@@ -221,15 +234,15 @@ def save_sharded(path, model: BertForMaskedLM, optimizer, rank: int, world: int,
         keys = expert_keys(model.config)
         mine = _expert_tensors(ckpt, keys)
         lo, hi = expert_share(model.config.num_experts, rank, world)
-        torch.save({"experts": [lo, hi], "tensors": mine, "save_id": name[0], "rank": rank, "world": world},
-                   tmp / f"experts-{rank:05d}-of-{world:05d}.pt")
+        write_torch({"experts": [lo, hi], "tensors": mine, "save_id": name[0], "rank": rank, "world": world},
+                    tmp / f"experts-{rank:05d}-of-{world:05d}.pt", path)
         if rank == 0:
             ckpt["model"] = {k: v for k, v in ckpt["model"].items() if k not in keys}
             state, index = dict(ckpt["optimizer"]["state"]), optimizer_index(model.config)
             for i in (index[k] for k in keys if index[k] in state):   # the moments stay in the rank files
                 state[i] = {m: v for m, v in state[i].items() if m not in MOMENTS}
             ckpt["optimizer"] = {**ckpt["optimizer"], "state": state}
-            torch.save({**ckpt, **extra, "shards": world, "save_id": name[0]}, tmp / "common.pt")
+            write_torch({**ckpt, **extra, "shards": world, "save_id": name[0]}, tmp / "common.pt", path)
         dist.barrier()                                 # every file written before the swap
         if rank == 0:
             replace_path(tmp, path)

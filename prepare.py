@@ -130,9 +130,16 @@ def jsonl_documents(f: io.TextIOBase, path: Path) -> Iterator[str]:
 
 def hf_documents(spec: str) -> Iterator[str]:
     """The train split's non-blank "text" values, a batch of rows at a time (never the whole column)."""
-    import datasets
+    try:
+        import datasets
+    except ImportError:
+        raise PrepareError(f"{spec} needs the datasets package: pip install datasets, or pass local text files") from None
     name, _, config = spec[3:].partition(":")
-    data = datasets.load_dataset(name, config or None, split="train")
+    try:
+        data = datasets.load_dataset(name, config or None, split="train")
+    except Exception as e:                        # noqa: BLE001 - offline, a hub outage, a wrong name: one answer
+        raise PrepareError(f"could not load {spec} from the Hugging Face hub ({type(e).__name__}): check the name "
+                           "and the network, or prepare it where there is one and pass the directory") from None
     for batch in data.iter(batch_size=1000):
         yield from (t for t in batch["text"] if t.strip())
 
@@ -415,9 +422,14 @@ def main(argv=None) -> int:
         if out.exists() and not (out / "meta.json").is_file():
             raise PrepareError(f"{out} is not a prepared corpus (no meta.json): --overwrite replaces only what "
                                "prepare.py made; pass another --out")
+        handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGXFSZ)}
         signal.signal(signal.SIGTERM, _interrupt)        # a killed job (SIGTERM) cleans up as Ctrl-C does
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)    # past a file-size limit: an error to report, not a kill
-        prepare(args.data, args.valid, read_vocab(args.vocab), out, args.valid_share, args.seed)
+        try:
+            prepare(args.data, args.valid, read_vocab(args.vocab), out, args.valid_share, args.seed)
+        finally:
+            for sig, handler in handlers.items():
+                signal.signal(sig, handler)
     except (InputFileError, FileNotFoundError) as e:
         print(f"prepare.py: error: {e}", file=sys.stderr)
         return 2

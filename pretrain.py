@@ -771,6 +771,7 @@ def train(args) -> int:
 
 def main(argv=None) -> int:
     tune_allocator()
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)           # past a file-size limit: an error to report, not a kill
     try:
         args, explicit = parse_args(argv)
         fill_defaults(args)
@@ -786,6 +787,11 @@ def main(argv=None) -> int:
         return 2                                            # said once, by rank 0, as every rank stopped
     except (UsageError, CheckpointError, FileNotFoundError, ValueError) as e:
         print(f"pretrain.py: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:                                    # a full disk, a file-size limit, a vanished directory
+        print(f"pretrain.py: error: cannot write or read {e.filename or 'a file'} ({e.strerror or e}): free disk "
+              "space or raise the file-size limit (ulimit -f), then resume; a checkpoint is written whole or not at "
+              "all, so the last one saved is intact", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("pretrain.py: interrupted before training started; nothing was saved", file=sys.stderr)

@@ -296,3 +296,17 @@ def test_prepare_command_never_replaces_what_it_did_not_make_and_cleans_up_after
     assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
     assert r.stderr.strip().splitlines()[-1].startswith("prepare.py: error: cannot write") and "ulimit -f" in r.stderr
     assert not (tmp_path / "small").exists() and not list(tmp_path.glob(".small.tmp-*"))
+
+
+def test_a_hub_dataset_that_cannot_be_reached_is_one_line(tmp_path, monkeypatch, capsys):
+    datasets = pytest.importorskip("datasets")
+
+    def offline(*args, **kwargs):
+        raise ConnectionError("Couldn't reach 'wikitext' on the Hub")
+    monkeypatch.setattr(datasets, "load_dataset", offline)
+    assert prepare.main(["--data", "hf:wikitext:wikitext-2-raw-v1", "--out", str(tmp_path / "c")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1] == ("prepare.py: error: could not load hf:wikitext:wikitext-2-raw-v1 from the Hugging Face hub "
+                       "(ConnectionError): check the name and the network, or prepare it where there is one and pass "
+                       "the directory")
+    assert not (tmp_path / "c").exists() and not list(tmp_path.glob(".c.tmp-*"))

@@ -720,3 +720,18 @@ def test_a_rank_file_one_rank_refuses_stops_every_rank_with_one_line(tmp_path, c
     assert err.count("pretrain.py: error:") == 1 and "experts-00001-of-00002.pt is not a readable checkpoint" in err, err
     assert "[rank" not in err and "gloo" not in err.lower(), err[-3000:]
     assert not (tmp_path / "s.metrics.jsonl").read_text().count('"step": 3')
+
+
+def test_a_file_size_limit_or_full_disk_is_one_line_and_leaves_no_torn_checkpoint(tmp_path, corpus):
+    """A checkpoint save that stops short (here a file-size limit, as ulimit -f or a full disk would): one line
+    naming the checkpoint and what to do, exit 2, no temporary file and no torn checkpoint left."""
+    code = ("import resource, sys; resource.setrlimit(resource.RLIMIT_FSIZE, (2_000_000, 2_000_000)); "
+            f"sys.path.insert(0, {str(ROOT)!r}); import pretrain; sys.exit(pretrain.main(sys.argv[1:]))")
+    args = ["--data", str(corpus / "train.txt"), "--preset", "tiny", "--seq-len", "32", "--batch-size", "4",
+            "--max-steps", "2", "--moe", "--experts", "4", "--cache-dir", str(tmp_path / "cache"),
+            "--out", str(tmp_path / "big.pt")]
+    r = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=300)
+    last = r.stderr.strip().splitlines()[-1]
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert last.startswith(f"pretrain.py: error: cannot write or read {tmp_path / 'big.pt'}") and "ulimit -f" in last
+    assert not (tmp_path / "big.pt").exists() and not list(tmp_path.glob(".big.pt*"))
