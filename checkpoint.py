@@ -593,11 +593,12 @@ def check_output(ckpt: Path, out: Path, command: str, overwrite: bool) -> None:
     if command == "export" and not (out.is_dir() and {f.name for f in out.iterdir()} <= HF_FILES):
         raise CheckpointError(f"{out} is not an earlier export (only {', '.join(sorted(HF_FILES))}): --overwrite "
                               "replaces nothing else; pass a new directory")
-    if command == "consolidate" and not (out.is_file() and _is_checkpoint_file(out)):
+    if command == "consolidate" and not (out.is_file() and is_checkpoint_file(out)):
         raise CheckpointError(f"{out} is not a one-file checkpoint: --overwrite replaces nothing else; pass a new path")
 
 
-def _is_checkpoint_file(path: Path) -> bool:
+def is_checkpoint_file(path: Path) -> bool:
+    """Whether path is a one-file checkpoint of this project (read lazily, mapped)."""
     try:
         return {"config", "model"} <= torch.load(path, map_location="cpu", weights_only=True, mmap=True).keys()
     except Exception:                                   # noqa: BLE001 - anything unreadable is not one

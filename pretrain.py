@@ -56,8 +56,8 @@ import torch.nn as nn
 from tqdm import tqdm
 
 from distill import Teacher, sample_groups, tcd_losses
-from checkpoint import (CheckpointError, read_checkpoint, read_checkpoint_args, read_vocab, save_checkpoint,
-                        save_sharded)
+from checkpoint import (CheckpointError, is_checkpoint_file, read_checkpoint, read_checkpoint_args, read_vocab,
+                        save_checkpoint, save_sharded)
 from common import HelpFormatter, finite_float, tune_allocator, unwritable
 from model import PRESETS, BertConfig, BertForMaskedLM, adamw_warmup_linear, mask_tokens, masked_log_likelihood
 from prepare import Windows, find_or_prepare, is_prepared, open_corpus, seeded
@@ -295,6 +295,8 @@ def check_out(args, explicit: set) -> None:
     if not args.resume and out.exists() and not args.overwrite:
         raise UsageError(f"{out} exists: continue it with --resume {out}, start afresh with --overwrite, "
                          "or pass another --out")
+    if args.overwrite and out.is_file() and not is_checkpoint_file(out):
+        raise UsageError(f"{out} is not a checkpoint: --overwrite replaces only a run's checkpoint; pass another --out")
     if args.resume and out.exists() and out.resolve() != Path(args.resume).resolve() and not args.overwrite:
         raise UsageError(f"--out {out} exists and is not the run being resumed ({args.resume}): pass a new --out, "
                          "or --overwrite to replace it")

@@ -131,6 +131,7 @@ def bad_input_cases(tmp_path, corpus):
         (["--log-every", "0"], "--log-every 0 must be positive"),
         (["--short-seq-len", "5", "--short-seq-steps", "3"], "--short-seq-len 5 must divide --seq-len 32"),
         (["--out", str(tmp_path / "exists.pt")], "exists: continue it with --resume"),
+        (["--out", str(tmp_path / "exists.pt"), "--overwrite"], "is not a checkpoint: --overwrite replaces only"),
         (["--out", "/proc/nope/x.pt"], "cannot write checkpoints"),
         (["--preset", "huge"], "invalid choice"),
         (["--lr", "inf"], "argument --lr: inf is not a finite number"),
