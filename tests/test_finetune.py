@@ -533,3 +533,23 @@ def test_a_glue_field_longer_than_the_csv_modules_limit_is_read(tmp_path):
     (d / "train.tsv").write_text("\n".join([head, "\t".join(first), *rows[2:]]) + "\n")
     a, b, y = finetune.read_tsv(d / "train.tsv", finetune.TASKS["rte"])
     assert a[0] == long.strip() and len(a) == len(rows) - 1
+
+
+def test_an_expert_choice_checkpoint_fine_tunes_with_its_routing(tmp_path):
+    """finetune.py builds the layer the checkpoint records (expert choice, its capacity), not a top-1 one."""
+    torch.manual_seed(0)
+    mlm = BertForMaskedLM(BertConfig.preset("tiny", num_layers=1, num_experts=4, routing="expert_choice",
+                                            capacity_factor=2.0))
+    save_checkpoint(tmp_path / "ec.pt", mlm, vocab=checkpoint.read_vocab(ROOT / "data" / "bert-base-uncased-vocab.txt"))
+    write_task(tmp_path, "rte", n_train=16, n_dev=8)
+    seen = []
+    real = finetune.classifier
+    finetune.classifier = lambda *a, **k: seen.append(real(*a, **k)) or seen[-1]
+    try:
+        assert finetune.main(["--task", "rte", "--ckpt", str(tmp_path / "ec.pt"), "--data-dir", str(tmp_path),
+                              "--adapter", "0", "--lr", "1e-3", "--seeds", "1", "--epochs", "1", "--batch-size", "8",
+                              "--out", str(tmp_path / "r.json")]) == 0
+    finally:
+        finetune.classifier = real
+    ffn = seen[0].bert.layers[0].ffn
+    assert ffn.routing == "expert_choice" and ffn.capacity_factor == 2.0

@@ -321,3 +321,22 @@ def test_masked_lm_without_labels_or_masked_tokens():
     none = mlm(ids, labels=torch.full_like(ids, -100))
     assert none.loss.item() == 0.0 and none.logits.shape == (0, 60)
     none.loss.backward()
+
+
+def test_expert_choice_classifier_predicts_a_sentence_the_same_whatever_its_batch():
+    """The evaluation rule of expert choice (per-sequence routing groups): a sentence's logits do not depend
+    on its batch mates, their lengths (padding) or the batch size."""
+    torch.manual_seed(0)
+    cfg = BertConfig.preset("tiny", num_experts=4, routing="expert_choice", vocab_size=300, dropout=0.0,
+                            attention_dropout=0.0)
+    model = BertForSequenceClassification(cfg, num_labels=3).eval()
+    ids = torch.randint(5, 300, (3, 12))
+    mask = torch.ones(3, 12, dtype=torch.long)
+    mask[0, 7:] = 0
+    mask[2, 3:] = 0
+    with torch.no_grad():
+        together = model(ids, mask).logits
+        for b in range(3):
+            n = int(mask[b].sum())
+            alone = model(ids[b:b + 1, :n], mask[b:b + 1, :n]).logits
+            assert torch.allclose(alone[0], together[b], atol=1e-5)

@@ -576,6 +576,11 @@ def test_expert_choice_and_mode_two_ranks_equal_one_process(tmp_path, corpus, mo
     assert r.returncode == 0, r.stderr[-3000:]
     assert pretrain.main([*common, "--grad-accum", "2", "--out", str(tmp_path / "one.pt")]) == 0
     same_weights(tmp_path / "one.pt", tmp_path / "two.pt", CROSS_WORLD_ATOL)
+    import checkpoint
+    assert checkpoint.main(["consolidate", str(tmp_path / "two.pt"), str(tmp_path / "whole.pt")]) == 0
+    for path in ("two.pt", "whole.pt"):                                   # sharded and consolidated alike
+        model, ckpt = load_checkpoint(tmp_path / path)
+        assert model.bert.layers[0].ffn.routing == "expert_choice" and ckpt["args"]["mode_alpha"] == 0.5
 
 
 # ----------------------------------------------------------------------------- runs that restart themselves
