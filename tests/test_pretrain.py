@@ -741,3 +741,16 @@ def test_a_file_size_limit_or_full_disk_is_one_line_and_leaves_no_torn_checkpoin
     assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-2000:]
     assert last.startswith(f"pretrain.py: error: cannot write or read {tmp_path / 'big.pt'}") and "ulimit -f" in last
     assert not (tmp_path / "big.pt").exists() and not list(tmp_path.glob(".big.pt*"))
+
+
+@pytest.mark.equations
+def test_mutual_distillation_is_the_mean_over_layers_of_each_layers_pair_loss_at_its_ffn_input():
+    from tests.test_moe import mutual_distillation_loop
+    torch.manual_seed(0)
+    model = BertForMaskedLM(BertConfig.preset("tiny", num_layers=3, num_experts=3, vocab_size=100))
+    ids = torch.randint(5, 100, (2, 9))
+    taps = model.bert(ids, taps=True).taps
+    index = torch.tensor([0, 4, 5, 11, 17])
+    ffn_inputs = [layer_in.reshape(-1, 128)[index] for layer_in in taps["trunk"][0::2]]   # each layer's ln1 output
+    want = sum(mutual_distillation_loop(layer.ffn, x) for layer, x in zip(model.bert.layers, ffn_inputs)) / 3
+    assert pretrain.mutual_distillation(model, taps, index).item() == pytest.approx(want.item(), rel=1e-5)
