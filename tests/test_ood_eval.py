@@ -185,11 +185,16 @@ def test_results_kept_per_checkpoint_rerun_skips_and_empty_subset_is_absent(tmp_
     assert list(first) == [portable_path(ckpts / "m0.pt")]
     assert first[portable_path(ckpts / "m0.pt")]["StackExchange"] == {"log_likelihood": None, "masked_tokens": 0, "windows": 0}
     calls.clear()
+    capsys.readouterr()
     monkeypatch.setattr(ood_eval, "score_checkpoint", lambda path, *a: calls.append(path) or real(path, *a))
     assert ood_eval.main(args) == 0
     assert calls == [str(ckpts / "m1.pt")]                              # only the missing checkpoint
     printed = capsys.readouterr().out
     assert "AX = ArXiv" in printed and "| - |" in printed               # the legend, and no fake 0.0
+    plan = [line for line in printed.splitlines() if line.startswith("plan:")]   # the first screen says what it does
+    assert plan == [f"plan: score 1 of 2 checkpoints on 2 Pile subsets (ArXiv, StackExchange), all their tokens, the same masks for "
+                    f"every checkpoint; results: {out} (written after every checkpoint; the same command skips scored ones)"]
+    assert printed.index("plan:") < printed.index("[2/2] scoring")
 
 
 @pytest.mark.skipif(not SHARED_PILE.is_file(), reason="../shared/data/pile-ood not present")
