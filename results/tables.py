@@ -423,8 +423,10 @@ ARM_LABELS = {"moe_ec_perf": "expert choice, perf-aligned", "moe_ec_epoch": "exp
 
 def arms_sets(results: Path) -> dict[str, Path]:
     """{pretraining name: its arms/ directory}: results/arms belongs to "again" (seed 0 pretrained by the same
-    command, whose TCD student the arms are aligned to, as Table 3's), replicates/seedN/arms to seedN."""
-    sets = {"again": results / "arms"} if (results / "arms").is_dir() else {}
+    command, whose TCD student the arms are aligned to, as Table 3's), or to "first" where there is no "again"
+    (a fresh run, the quick demo); replicates/seedN/arms to seedN."""
+    again = (results / "probes" / "retrain" / "pretrain" / "moe_tcd.jsonl").is_file()   # run.sh aligns to it, if there
+    sets = {"again" if again else "first": results / "arms"} if (results / "arms").is_dir() else {}
     sets.update({d.parent.name: d for d in sorted((results / "replicates").glob("seed*/arms")) if d.is_dir()})
     return sets
 

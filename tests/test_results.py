@@ -881,6 +881,7 @@ def test_arms_table_compares_each_remedy_within_its_pretraining(tmp_path, capsys
         for key, avg in arms[name].items():
             _replicate_json(arm_dir / "finetune" / f"{key}.json", avg)
         _curve(root / "pretrain" / "vanilla.jsonl", {5: -5.0, 6: -4.90, 9: -4.6})
+        _curve(root / "pretrain" / "moe_tcd.jsonl", {3: -4.85})                # the curve the arms align to
         _curve(arm_dir / "pretrain" / "moe_ec.jsonl", {5: -4.9, 6: -4.85 if name == "again" else -4.80})
         _curve(arm_dir / "pretrain" / "moe_mode.jsonl", {5: -4.95, 6: -4.93 if name == "again" else -4.95})
     out = tables.arms_table(tmp_path)
@@ -895,6 +896,10 @@ def test_arms_table_compares_each_remedy_within_its_pretraining(tmp_path, capsys
     assert ("| premise: MoE + MoDE (our reading) − vanilla, Pre-Train Perf. at equal epochs | 2 (again, seed2) | "
             "-0.030, -0.050 | -0.040 ± 0.010 | -0.167 to +0.087 | 0 of 2 | not shown |") in out
     assert tables.verdict([-0.03, -0.031]) == "below 0" and tables.verdict([0.5, 0.6, 0.55]) == "above 0"
+    assert set(tables.arms_sets(tmp_path)) == {"again", "seed2"}
+    (again / "pretrain" / "moe_tcd.jsonl").unlink()                       # a fresh run: results/arms is the first's
+    assert set(tables.arms_sets(tmp_path)) == {"first", "seed2"}
+    (again / "pretrain" / "moe_tcd.jsonl").write_text("")
     assert tables.verdict([0.4]) == "one pretraining: no verdict"
     assert tables.main(["--results", str(tmp_path)]) == 0
     assert "## The other remedies: expert choice and MoDE beside TCD" in capsys.readouterr().out
