@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The miniature reproduction with the paper's protocol, on 2 CPU cores, stage by stage.
 #
-#   bash results/run.sh --quick     # smoke test: every stage for a few steps (6 min on 2 idle cores)
+#   bash results/run.sh --quick     # smoke test: every stage for a few steps (12 min on 2 busy cores)
 #   bash results/run.sh             # the real run: many hours; the same command resumes it
 #   bash results/run.sh --table3    # only Table 3's stage (its teacher first, retraced if it was lost)
 #   bash results/run.sh --arms      # only the other remedies' stage: expert choice and MoDE beside TCD
