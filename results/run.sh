@@ -286,12 +286,18 @@ if [ "$PRETRAIN_SEED" = 0 ] && [ $QUICK = 0 ] && [ -f "$RES/probes/retrain/pretr
 fi
 mkdir -p "$ARMS_DIR/pretrain" "$ARMS_DIR/finetune"
 arm_lane() {  # NAME FLAGS...: the arm's pretraining, its two alignments, their fine-tuning
-  local name=$1 target perf epoch; shift
-  pretrain $name $MOE_EPOCHS $@
-  mv "$RES/pretrain/$name.jsonl" "$ARMS_DIR/pretrain/$name.jsonl"
+  local name=$1 target perf epoch e=$MOE_EPOCHS log=$RUNS/logs/align-$1.log; shift
+  pretrain $name $e $@
   target=$(python -c "import json,sys; print([json.loads(l) for l in open(sys.argv[1]) if '\"valid\"' in l][-1]['pretrain_perf'])" "$TARGET_CURVE")
-  perf=$(python "$R/results/align.py" --target-perf "$target" --candidates "$RUNS"/ckpt/$name.epoch*.pt \
-         --out "$ARMS_DIR/align-$name-perf.json")
+  # like the baseline, an arm is compared where it is at least as good as TCD: one that pretrains more slowly
+  # goes on an epoch at a time (the schedule unchanged), up to the vanilla run's epochs
+  until perf=$(python "$R/results/align.py" --target-perf "$target" --candidates "$RUNS"/ckpt/$name.epoch*.pt \
+               --out "$ARMS_DIR/align-$name-perf.json" 2>> "$log"); do
+    [ $e -lt $VANILLA_EPOCHS ] || stage_failed "aligning $name to TCD ($target)" "$log" 2
+    e=$((e + 1))
+    pretrain $name $e $@
+  done
+  mv "$RES/pretrain/$name.jsonl" "$ARMS_DIR/pretrain/$name.jsonl"
   epoch=$(python "$R/results/align.py" --by epoch --epoch $((TEACHER_EPOCHS + TCD_EPOCHS)) \
           --candidates "$RUNS"/ckpt/$name.epoch*.pt --out "$ARMS_DIR/align-$name-epoch.json")
   stamp "aligned $name: performance $perf, epochs $epoch"

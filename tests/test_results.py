@@ -813,11 +813,13 @@ def test_arms_stage_pretrains_aligns_and_fine_tunes_both_remedies(tmp_path):
     _stand_in_python(tmp_path / "bin", f"""
 echo "$*" >> {log}
 case "$*" in
+  *align.py*"--target-perf"*moe_ec*)      # the expert-choice arm first reaches TCD at its 7th epoch
+    if [ -f {tmp_path}/ec-once ]; then echo /ckpt/arm.epoch5.pt; else touch {tmp_path}/ec-once; echo "no candidate" >&2; exit 2; fi ;;
   *align.py*) echo "$*" | grep -q -- "--by epoch" && echo /ckpt/arm.epoch6.pt || echo /ckpt/arm.epoch5.pt ;;
   -c*) exec {real} "$@" ;;
 esac
 prev=""; for a in "$@"; do
-  if [ "$prev" = --out ]; then case $a in *.pt) touch "${{a%.pt}}.metrics.jsonl" ;; esac; fi
+  if [ "$prev" = --out ]; then case $a in *.pt) touch "$a" "${{a%.pt}}.metrics.jsonl" ;; esac; fi
   prev=$a
 done
 """)
@@ -828,8 +830,9 @@ done
     assert r.returncode == 0, r.stderr
     calls = log.read_text().splitlines()
     pretrains = [c for c in calls if "pretrain.py" in c]
-    assert len(pretrains) == 2, calls
-    (ec,) = [c for c in pretrains if "/moe_ec.pt" in c]
+    assert len(pretrains) == 3, calls
+    ec, more = [c for c in pretrains if "/moe_ec.pt" in c]
+    assert more.startswith(f"{root}/pretrain.py --resume") and more.endswith("--stop-epochs 7")   # one epoch more
     (mode,) = [c for c in pretrains if "/moe_mode.pt" in c]
     for run in (ec, mode):
         assert "--experts 16" in run and "--seed 3" in run and "--stop-epochs 6" in run and "--keep-epochs" in run
@@ -837,7 +840,7 @@ done
     assert "--routing expert_choice" in ec and "--lambda-b" not in ec and "--mode-alpha" not in ec
     assert "--lambda-b 250" in mode and "--mode-alpha 0.3 --mode-tokens 256" in mode and "--routing" not in mode
     aligns = [c for c in calls if "align.py" in c]
-    assert sum("--target-perf -4.8512" in c for c in aligns) == 2 and sum("--by epoch --epoch 6" in c for c in aligns) == 2
+    assert sum("--target-perf -4.8512" in c for c in aligns) == 3 and sum("--by epoch --epoch 6" in c for c in aligns) == 2
     arms = root / "results" / "replicates" / "seed3" / "arms"
     tunes = [c for c in calls if "finetune.py" in c]
     for name, ckpt in (("moe_ec_perf", "epoch5"), ("moe_ec_epoch", "epoch6"), ("moe_mode_perf", "epoch5"),
