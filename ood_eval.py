@@ -179,7 +179,8 @@ def earlier_results(out: Path, args) -> dict:
     try:
         old = json.loads(out.read_text())
         results, old_args = old["results"], old["args"]
-        if not isinstance(results, dict) or not isinstance(old_args, dict):
+        if not isinstance(results, dict) or not isinstance(old_args, dict) or not all(
+                map(_well_formed_scores, results.values())):
             raise TypeError
     except (ValueError, KeyError, TypeError, UnicodeDecodeError):
         raise UsageError(f"{out} exists and is not an ood_eval.py result: pass another --out") from None
@@ -188,6 +189,15 @@ def earlier_results(out: Path, args) -> dict:
         raise UsageError(f"{out} holds scores with other settings ({', '.join('--' + k.replace('_', '-') for k in differ)}): "
                          "pass another --out")
     return results
+
+
+def _well_formed_scores(scores) -> bool:
+    """One checkpoint's scores as score_checkpoint records them: {subset: {log_likelihood, masked_tokens, windows}}."""
+    number = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)
+    return isinstance(scores, dict) and all(
+        isinstance(v, dict) and {"log_likelihood", "masked_tokens", "windows"} <= v.keys()
+        and (v["log_likelihood"] is None or number(v["log_likelihood"]))
+        and isinstance(v["masked_tokens"], int) and isinstance(v["windows"], int) for v in scores.values())
 
 
 def recorded_args(args) -> dict:

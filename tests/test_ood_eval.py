@@ -130,6 +130,12 @@ def test_bad_input_is_one_clear_line(tmp_path, ckpts):
     ck = str(ckpts / "m0.pt")
     shape = tmp_path / "shape.json"
     shape.write_text('{"results": [1], "args": {}}')
+    good_scores = {"log_likelihood": -5.0, "masked_tokens": 10, "windows": 2}
+    inner = [{"m.pt": [1, 2]}, {"m.pt": {"ArXiv": 5}}, {"m.pt": {"ArXiv": {"log_likelihood": -5.0}}},
+             {"m.pt": {"ArXiv": {**good_scores, "log_likelihood": "low"}}},
+             {"m.pt": {"ArXiv": {**good_scores, "masked_tokens": 1.5}}}]
+    for i, bad in enumerate(inner):                 # the right keys, the wrong things inside them
+        (tmp_path / f"inner{i}.json").write_text(json.dumps({"results": bad, "args": {}}))
     cases = [(["--data", str(tmp_path / "empty.jsonl"), "--ckpt", ck], "is empty"),
              (["--data", str(tmp_path / "bad.jsonl"), "--ckpt", ck], "line 2: not valid JSON"),
              (["--data", str(tmp_path / "notext.jsonl"), "--ckpt", ck], "line 1: record has no 'text'"),
@@ -145,6 +151,8 @@ def test_bad_input_is_one_clear_line(tmp_path, ckpts):
              (["--data", str(good), "--ckpt", ck, "--out", "/proc/nope/o.json"], "cannot write results"),
              (["--data", str(good), "--ckpt", ck, "--out", str(tmp_path)], "is a directory: pass a file path"),
              (["--data", str(good), "--ckpt", ck, "--out", str(shape)], "is not an ood_eval.py result")]
+    cases += [(["--data", str(good), "--ckpt", ck, "--out", str(tmp_path / f"inner{i}.json")],
+               "is not an ood_eval.py result") for i in range(len(inner))]
     (tmp_path / "notbert").mkdir()
     torch.manual_seed(0)
     bare = BertForMaskedLM(BertConfig.preset("tiny", num_layers=1))
