@@ -162,6 +162,14 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def run_ranks(worker, tmp_path, world: int = 2) -> dict:
+    """worker(rank, world, store, results) on `world` gloo processes; {rank: what it put in results}."""
+    import torch.multiprocessing as mp
+    results = mp.Manager().dict()                  # a file store: no port to race for
+    mp.spawn(worker, args=(world, str(tmp_path / "store"), results), nprocs=world, join=True)
+    return dict(results)
+
+
 def _sharded_worker(rank: int, world: int, store: str, results):
     import torch.distributed as dist
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
@@ -209,9 +217,7 @@ def _sharded_worker(rank: int, world: int, store: str, results):
 
 
 def test_sharded_layer_equals_one_process(tmp_path):
-    import torch.multiprocessing as mp
-    results = mp.Manager().dict()                  # a file store: no port to race for
-    mp.spawn(_sharded_worker, args=(2, str(tmp_path / "store"), results), nprocs=2, join=True)
+    results = run_ranks(_sharded_worker, tmp_path, 2)
     for rank in (0, 1):
         r = dict(results[rank])
         assert r.pop("local_experts") == 3 and r.pop("counts_zero")
@@ -234,9 +240,7 @@ def _bad_world_worker(rank: int, world: int, store: str, results):
 
 
 def test_experts_not_divisible_by_world_fail_fast(tmp_path):
-    import torch.multiprocessing as mp
-    results = mp.Manager().dict()
-    mp.spawn(_bad_world_worker, args=(2, str(tmp_path / "store"), results), nprocs=2, join=True)
+    results = run_ranks(_bad_world_worker, tmp_path, 2)
     for r in (0, 1):
         assert "5 experts cannot be split evenly over 2" in results[r][0]
         assert "differs across ranks" in results[r][1]
@@ -271,9 +275,7 @@ def _subgroup_worker(rank: int, world: int, store: str, results):
 
 
 def test_clip_uses_the_layers_expert_group(tmp_path):
-    import torch.multiprocessing as mp
-    results = mp.Manager().dict()
-    mp.spawn(_subgroup_worker, args=(4, str(tmp_path / "store"), results), nprocs=4, join=True)
+    results = run_ranks(_subgroup_worker, tmp_path, 4)
     for rank in range(4):
         r = results[rank]
         assert r["norm"] == pytest.approx(r["expected"], rel=1e-5), (rank, r)
@@ -520,8 +522,6 @@ def _options_worker(rank: int, world: int, store: str, results):
 
 
 def test_expert_choice_and_mutual_distillation_over_two_ranks_equal_one_process(tmp_path):
-    import torch.multiprocessing as mp
-    results = mp.Manager().dict()
-    mp.spawn(_options_worker, args=(2, str(tmp_path / "store"), results), nprocs=2, join=True)
+    results = run_ranks(_options_worker, tmp_path, 2)
     for rank in (0, 1):
         assert all(results[rank].values()), (rank, dict(results[rank]))
