@@ -43,7 +43,7 @@ if [ $QUICK = 1 ]; then
   RUNS=$RUNS/quick; RES=$RUNS/results
 fi
 PRETRAIN_SEED=${PRETRAIN_SEED:-0}
-ARMS=${ARMS:-moe_ec moe_mode}; MODE_ALPHA=${MODE_ALPHA:-1}
+ARMS=${ARMS:-moe_ec moe_mode}; MODE_ALPHA=${MODE_ALPHA:-0.01}   # the probe's choice: results/probes/mode/README.md
 for arm in $ARMS; do
   case $arm in moe_ec|moe_mode) ;; *) echo "run.sh: error: ARMS='$ARMS': each arm is moe_ec or moe_mode" >&2; exit 2 ;; esac
 done
