@@ -66,7 +66,7 @@ def remove_stale_temps(path: Path) -> None:
     """Delete the temp files and directories a killed writer of `path` left (its process is gone)."""
     for stale in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
         pid = stale.name[len(path.name) + 2:].split(".")[0]
-        if not pid.isdigit() or _alive(int(pid)):
+        if not pid.isdigit() or alive(int(pid)):
             continue
         if stale.is_dir():
             shutil.rmtree(stale, ignore_errors=True)
@@ -74,7 +74,8 @@ def remove_stale_temps(path: Path) -> None:
             stale.unlink(missing_ok=True)
 
 
-def _alive(pid: int) -> bool:
+def alive(pid: int) -> bool:
+    """Whether process pid still runs on this machine (someone else's counts)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -82,6 +83,11 @@ def _alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
+
+
+def is_number(v) -> bool:
+    """An int or float read from JSON (a bool is not one)."""
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
 REPO = Path(__file__).resolve().parent

@@ -43,7 +43,8 @@ from tqdm import tqdm
 
 from checkpoint import (check_checkpoint_path, load_checkpoint, make_tokenizer, read_vocab, replace_path,
                         save_checkpoint, to_hf_classifier)
-from common import HelpFormatter, InputFileError, finite_float, portable_args, portable_path, tune_allocator, unwritable, write_json
+from common import (HelpFormatter, InputFileError, finite_float, is_number, portable_args, portable_path, tune_allocator,
+                    unwritable, write_json)
 from model import BertForSequenceClassification, adamw_warmup_linear
 
 HERE = Path(__file__).resolve().parent
@@ -503,12 +504,11 @@ def earlier_runs(out: Path, args) -> tuple[list[dict], dict]:
 
 def _well_formed_run(r) -> bool:
     """A run as run_one records it: the keys, and values of the right kinds inside them."""
-    number = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)
     return (isinstance(r, dict) and {"task", "adapter", "lr", "seed", "best", "mode"} <= r.keys()
             and r["task"] in {t.name for t in TASKS.values()} and r["mode"] in ("full", "adapter")
-            and isinstance(r["adapter"], int) and isinstance(r["seed"], int) and number(r["lr"])
+            and isinstance(r["adapter"], int) and isinstance(r["seed"], int) and is_number(r["lr"])
             and isinstance(r["best"], dict) and "epoch" in r["best"]
-            and all(number(v) for v in r["best"].values()))
+            and all(is_number(v) for v in r["best"].values()))
 
 
 def done_settings(runs: list[dict], key: str) -> set[Setting]:

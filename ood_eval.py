@@ -23,7 +23,7 @@ import torch
 from tqdm import tqdm
 
 from checkpoint import CheckpointError, check_checkpoint_path, load_checkpoint, make_tokenizer
-from common import HelpFormatter, InputFileError, portable_args, portable_path, tune_allocator, unwritable, write_json
+from common import HelpFormatter, InputFileError, is_number, portable_args, portable_path, tune_allocator, unwritable, write_json
 import prepare
 from model import mask_tokens, masked_log_likelihood
 
@@ -193,10 +193,9 @@ def earlier_results(out: Path, args) -> dict:
 
 def _well_formed_scores(scores) -> bool:
     """One checkpoint's scores as score_checkpoint records them: {subset: {log_likelihood, masked_tokens, windows}}."""
-    number = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)
     return isinstance(scores, dict) and all(
         isinstance(v, dict) and {"log_likelihood", "masked_tokens", "windows"} <= v.keys()
-        and (v["log_likelihood"] is None or number(v["log_likelihood"]))
+        and (v["log_likelihood"] is None or is_number(v["log_likelihood"]))
         and isinstance(v["masked_tokens"], int) and isinstance(v["windows"], int) for v in scores.values())
 
 

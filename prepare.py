@@ -37,7 +37,7 @@ import numpy as np
 from tqdm import tqdm
 
 from checkpoint import make_tokenizer, read_vocab
-from common import HelpFormatter, InputFileError, finite_float
+from common import HelpFormatter, InputFileError, alive, finite_float
 
 FORMAT = 1                       # meta.json's format version: a reader refuses any other
 HERE = Path(__file__).resolve().parent
@@ -245,7 +245,8 @@ def prepare(specs: list[str], valid_specs: list[str] | None, vocab: list[str], o
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     out.parent.mkdir(parents=True, exist_ok=True)
     for stale in out.parent.glob(f".{out.name}.tmp-*"):      # a killed prepare's, never a live one's
-        if stale == tmp or not _alive(stale.name.rsplit("-", 1)[1]):
+        pid = stale.name.rsplit("-", 1)[1]
+        if stale == tmp or not (pid.isdigit() and alive(int(pid))):
             shutil.rmtree(stale, ignore_errors=True)
     tmp.mkdir()
     try:
@@ -381,19 +382,6 @@ def _ready(corpus: Path, vocab: list[str], log) -> bool:
         log(f"rebuilding the damaged cache: {e}")
         return False
     log(f"prepared corpus {corpus}")
-    return True
-
-
-def _alive(pid: str) -> bool:
-    """Whether process `pid` (a tmp directory's suffix) still runs on this machine."""
-    if not pid.isdigit():
-        return False
-    try:
-        os.kill(int(pid), 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:                             # someone else's live process
-        return True
     return True
 
 

@@ -99,14 +99,7 @@ def make_parser() -> argparse.ArgumentParser:
       "(default: the teacher's with --teacher, as in the paper; else small)")
     a("--moe", action="store_true", help="replace every FFN by a top-1 Switch MoE layer")
     a("--experts", type=int, default=64, help="experts per MoE layer (paper: 64)")
-    a("--routing", choices=["top1", "expert_choice"], default="top1", help="MoE routing: top1 (the paper's, "
-      "Eq. 1-3) or expert_choice (Zhou et al., 2022: each expert takes its k best tokens of each sequence; no L_B)")
-    a("--capacity-factor", type=finite_float, default=1.0, help="expert choice: k = round(c·n/E) tokens per "
-      "expert of a sequence of n (1: top-1's expert FLOPs; 2: top-2's)")
-    a("--mode-alpha", type=finite_float, default=0.0, help="α of our reading of MoDE (Xie et al., 2024): "
-      "α·L_KD, the mean squared distance between every pair of experts' outputs on sampled tokens (0: off)")
-    a("--mode-tokens", type=int, default=512, help="tokens per step sampled at each MoE layer for MoDE's L_KD "
-      "(split over micro-batches, like --relation-tokens)")
+    add_remedy_flags(a)
     a("--teacher", help="vanilla BERT checkpoint to distill transfer capability from (TCD, Eq. 13)")
     a("--lambda-b", type=finite_float, default=1000.0, help="balance loss weight λB (paper: 1000) on L_B summed "
       "over the L MoE layers; the paper does not say sum or mean, and 1000 on the mean is --lambda-b 1000/L")
@@ -138,6 +131,28 @@ def make_parser() -> argparse.ArgumentParser:
       help="initial position embeddings: BERT's N(0, 0.02), or sinusoids of the same scale")
     a("--bf16", action="store_true", help="bfloat16 autocast (CPU and CUDA)")
     a("--seed", type=int, default=0, help="seed of the weights, batches, masks and dropout")
+    add_checkpoint_flags(a)
+    a("--log-every", type=int, default=10, help="steps between lines of NAME.metrics.jsonl")
+    a("--eval-every", type=int, default=1000, help="steps between Pre-Train Perf. evaluations (also at epoch ends)")
+    a("--device", help="cpu, cuda, cuda:1 ... (default: cuda:LOCAL_RANK if available)")
+    a("--backend", help="torch.distributed backend (default: nccl on CUDA, gloo on CPU)")
+    return p
+
+
+def add_remedy_flags(a) -> None:
+    """The other remedies for MoE's weak fine-tuning, as options of the same MoE layer (moe.py)."""
+    a("--routing", choices=["top1", "expert_choice"], default="top1", help="MoE routing: top1 (the paper's, "
+      "Eq. 1-3) or expert_choice (Zhou et al., 2022: each expert takes its k best tokens of each sequence; no L_B)")
+    a("--capacity-factor", type=finite_float, default=1.0, help="expert choice: k = round(c·n/E) tokens per "
+      "expert of a sequence of n (1: top-1's expert FLOPs; 2: top-2's)")
+    a("--mode-alpha", type=finite_float, default=0.0, help="α of our reading of MoDE (Xie et al., 2024): "
+      "α·L_KD, the mean squared distance between every pair of experts' outputs on sampled tokens (0: off)")
+    a("--mode-tokens", type=int, default=512, help="tokens per step sampled at each MoE layer for MoDE's L_KD "
+      "(split over micro-batches, like --relation-tokens)")
+
+
+def add_checkpoint_flags(a) -> None:
+    """Where a run is saved, and how it stops, keeps and continues."""
     a("--out", help="checkpoint path (default: ckpt/vanilla.pt, ckpt/moe.pt or ckpt/moe_tcd.pt; "
       "with --resume, the checkpoint resumed)")
     a("--overwrite", action="store_true", help="start afresh over an existing --out checkpoint")
@@ -150,11 +165,6 @@ def make_parser() -> argparse.ArgumentParser:
       "same command after a crash, an elastic restart (torchrun --max-restarts) or a SLURM requeue goes on")
     a("--save-every", type=int, default=0, help="also save --out every N steps (0: at epoch ends only); what a "
       "restarted job loses at most")
-    a("--log-every", type=int, default=10, help="steps between lines of NAME.metrics.jsonl")
-    a("--eval-every", type=int, default=1000, help="steps between Pre-Train Perf. evaluations (also at epoch ends)")
-    a("--device", help="cpu, cuda, cuda:1 ... (default: cuda:LOCAL_RANK if available)")
-    a("--backend", help="torch.distributed backend (default: nccl on CUDA, gloo on CPU)")
-    return p
 
 
 def parse_args(argv=None) -> tuple[argparse.Namespace, set]:
@@ -676,17 +686,24 @@ def log_step(run: Run, bar, row: dict, done: int, tokens_per_s: float) -> None:
                tokens_per_s=tokens_per_s)
     if not run.args.mode_alpha:
         row.pop("mode", None)                                   # a run without MoDE logs what it logged before
-    if run.model.config.moe:
-        row.update(routing_stats(run.model))
-    shown_parts = ("mlm", "balance", "trunk", "inner", "attention") if run.teacher else \
-        ("mlm", "balance") if run.model.config.moe else ("mlm",)          # no columns that are always 0
-    if run.model.config.routing == "expert_choice":
-        shown_parts = tuple(p for p in shown_parts if p != "balance")
-    shown_parts += ("mode",) if run.args.mode_alpha else ()
     # every step on the bar (the first loss on screen after one step), every --log-every steps in the file
-    bar.set_postfix({k: f"{row[k]:.3g}" for k in (*shown_parts, "lr")} | {"tok/s": f"{tokens_per_s:.0f}"})
+    bar.set_postfix({k: f"{row[k]:.3g}" for k in (*shown_parts(run), "lr")} | {"tok/s": f"{tokens_per_s:.0f}"})
     if done % run.args.log_every == 0 or done == run.total_steps:
+        if run.model.config.moe:                                # read from the device only for a logged row
+            row.update(routing_stats(run.model))
         record(run, row)
+
+
+def shown_parts(run: Run) -> tuple[str, ...]:
+    """The loss parts on the bar: none that is always 0 for this run."""
+    parts = ["mlm"]
+    if run.model.config.moe and run.model.config.routing != "expert_choice":
+        parts.append("balance")
+    if run.teacher:
+        parts += ["trunk", "inner", "attention"]
+    if run.args.mode_alpha:
+        parts.append("mode")
+    return tuple(parts)
 
 
 def routing_stats(model: BertForMaskedLM) -> dict:
