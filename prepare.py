@@ -315,31 +315,37 @@ def open_corpus(corpus: Path, vocab: list[str], seq_len: int) -> tuple[Windows, 
     """(train windows, held-out windows) of a prepared corpus, memory-mapped."""
     meta = read_meta(corpus, vocab)
     cls_id, sep_id = vocab.index("[CLS]"), vocab.index("[SEP]")
-    out = []
+    out, digests = [], []
     for part in ("train", "valid"):
         tokens = np.memmap(corpus / f"{part}.bin", dtype=meta["dtype"], mode="r")
-        check_token_ids(tokens, len(vocab), corpus / f"{part}.bin")
-        windows = Windows(tokens, seq_len, cls_id, sep_id)
-        windows.fingerprint = data_fingerprint(meta)
+        digests.append(scan_tokens(tokens, len(vocab), corpus / f"{part}.bin"))
+        out.append(Windows(tokens, seq_len, cls_id, sep_id))
+    for part, windows in zip(("train", "valid"), out):
+        windows.fingerprint = data_fingerprint(meta, digests)
         if not len(windows):
-            raise PrepareError(f"the {'training' if part == 'train' else 'held-out'} text has {len(tokens)} tokens, "
-                               f"fewer than one segment of {seq_len}: add text")
-        out.append(windows)
+            raise PrepareError(f"the {'training' if part == 'train' else 'held-out'} text has {len(windows.tokens)} "
+                               f"tokens, fewer than one segment of {seq_len}: add text")
     return out[0], out[1]
 
 
-def check_token_ids(tokens: np.ndarray, vocab_size: int, path: Path, chunk: int = 1 << 24) -> None:
-    """Every id inside the vocabulary, before any step uses one (a read of the file, in chunks)."""
+def scan_tokens(tokens: np.ndarray, vocab_size: int, path: Path, chunk: int = 1 << 24) -> str:
+    """Every id inside the vocabulary, before any step uses one; returns the tokens' SHA-1 (one read, in chunks)."""
+    digest = hashlib.sha1()
     for start in range(0, len(tokens), chunk):
-        top = int(tokens[start:start + chunk].max(initial=0))
+        part = np.ascontiguousarray(tokens[start:start + chunk])
+        top = int(part.max(initial=0))
         if top >= vocab_size:
             raise PrepareError(f"{path} holds token id {top:,}, beyond the vocabulary's {vocab_size:,}: it is damaged "
                                "or foreign; prepare the corpus again (prepare.py)")
+        digest.update(part.tobytes())
+    return digest.hexdigest()
 
 
-def data_fingerprint(meta: dict) -> str:
-    """What a run trained on: the prepared corpus's sources, split, vocabulary and token counts."""
-    return hashlib.sha1(json.dumps(meta, sort_keys=True).encode()).hexdigest()[:16]
+def data_fingerprint(meta: dict, token_sha1s: list[str]) -> str:
+    """What a run trained on: the tokens themselves and their vocabulary, not where the files lie or when
+    they were written (a corpus copied to a cluster's scratch disk is the same data; one changed token is not)."""
+    content = [meta["vocab_sha1"], meta["dtype"], *token_sha1s]
+    return hashlib.sha1(json.dumps(content).encode()).hexdigest()[:16]
 
 
 def is_prepared(spec: list[str] | None) -> bool:

@@ -71,9 +71,11 @@ PARTS = ("loss", "mlm", "balance", "trunk", "inner", "attention", "mode")
 # The resume rules, stated once. A resume restores every setting from its checkpoint except THIS_COMMAND's,
 # which belong to the command that resumes (what to stop at, where to write, on what hardware; the world size
 # with --grad-accum). A flag given again must equal the run's, unless it is FREE_ON_RESUME: these, and
-# cadences and the cache, do not change what is trained.
+# cadences and the cache, do not change what is trained. The data's paths may change (a corpus copied to
+# another disk): check_same_data compares the tokens themselves.
 THIS_COMMAND = {"resume", "auto_resume", "out", "overwrite", "stop_at", "stop_epochs", "device", "backend", "grad_accum"}
-FREE_ON_RESUME = THIS_COMMAND | {"eval_every", "log_every", "keep_epochs", "keep_every", "save_every", "cache_dir"}
+FREE_ON_RESUME = THIS_COMMAND | {"eval_every", "log_every", "keep_epochs", "keep_every", "save_every", "cache_dir",
+                                 "data", "valid"}
 
 
 class UsageError(Exception):

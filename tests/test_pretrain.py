@@ -698,7 +698,34 @@ def test_prepared_corpora_are_checked_before_any_step(tmp_path, corpus, capsys):
         assert not (tmp_path / "x.pt").exists()
     # a run on good/, then good/ replaced by other text: the resume refuses
     assert pretrain.main(base + ["--data", str(good), "--stop-at", "1"]) == 0
+    import os
     import shutil
+    before = (tmp_path / "x.pt").read_bytes()
+    # one token swapped for another valid id (same counts, same sizes): other data, refused
+    tokens = np.memmap(good / "train.bin", dtype=np.uint16, mode="r+")
+    tokens[3] = (int(tokens[3]) + 1) % len(VOCAB)
+    tokens.flush()
+    assert pretrain.main(["--resume", str(tmp_path / "x.pt")]) == 2
+    assert "the training data changed since the run" in capsys.readouterr().err.strip().splitlines()[-1]
+    tokens[3] = (int(tokens[3]) - 1) % len(VOCAB)
+    tokens.flush()
+    del tokens
+    assert (tmp_path / "x.pt").read_bytes() == before
+    # the same tokens copied elsewhere, with new mtimes (a cluster's scratch disk): the same data, resumed
+    shutil.copytree(good, tmp_path / "moved")
+    for f in (tmp_path / "moved").iterdir():
+        os.utime(f, ns=(1, 1))
+    assert pretrain.main(["--resume", str(tmp_path / "x.pt"), "--data", str(tmp_path / "moved"),
+                          "--out", str(tmp_path / "moved.pt")]) == 0, capsys.readouterr().err[-500:]
+    assert "resumed" in capsys.readouterr().out and (tmp_path / "moved.pt").is_file()
+    # a text source rewritten with the same text (a new mtime: the cache prepares it again): resumed
+    text = tmp_path / "text.txt"
+    shutil.copy(corpus / "train.txt", text)
+    cached = base[:-1] + [str(tmp_path / "t.pt"), "--data", str(text), "--cache-dir", str(tmp_path / "tc")]
+    assert pretrain.main(cached + ["--stop-at", "1"]) == 0
+    os.utime(text, ns=(7, 7))
+    assert pretrain.main(["--resume", str(tmp_path / "t.pt")]) == 0, capsys.readouterr().err[-500:]
+    assert len(list((tmp_path / "tc").glob("corpus-*"))) == 2
     shutil.rmtree(good)
     half = tmp_path / "half.txt"
     half.write_text((corpus / "train.txt").read_text()[:30_000])
