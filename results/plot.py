@@ -181,21 +181,23 @@ def routing_series(curve: Path, key: str) -> tuple[list[float], list[list[float]
     return [r["tokens"] / 1e6 for r in rows], [r[key] for r in rows]
 
 
-def plot_routing(arms: Path, out: Path) -> bool:
-    """The arms' routing over training, per layer: the top-1 MoE + MoDE's busiest expert against the mean load;
-    expert choice's share of tokens no expert took, and experts per chosen token (c = 1: 1 on average)."""
+def plot_routing(arms: Path, out: Path, top1: Path | None = None) -> bool:
+    """The arms' routing over training, per layer: the busiest expert against the mean load, for the top-1 MoE
+    (`top1`: a curve of the baseline's recipe, e.g. MoDE's alpha = 0 probe) and the top-1 MoE + MoDE; expert
+    choice's share of tokens no expert took, and experts per chosen token (c = 1: 1 on average)."""
     import matplotlib.pyplot as plt
-    panels = [(arms / "pretrain" / "moe_mode.jsonl", "layer_load_max", "top-1 + MoDE: busiest expert / mean load"),
+    panels = [(top1, "layer_load_max", "top-1 MoE (the baseline; first 2 epochs): busiest / mean load"),
+              (arms / "pretrain" / "moe_mode.jsonl", "layer_load_max", "top-1 + MoDE: busiest expert / mean load"),
               (arms / "pretrain" / "moe_ec.jsonl", "layer_unchosen", "expert choice: share of tokens no expert took"),
               (arms / "pretrain" / "moe_ec.jsonl", "layer_experts_per_token", "expert choice: experts per chosen token")]
-    panels = [(routing_series(f, key), title) for f, key, title in panels]
-    if not any(x for (x, _), _ in panels):
+    panels = [(routing_series(f, key) if f else ([], []), title) for f, key, title in panels]
+    if not any(x for (x, _), _ in panels[1:]):
         return False
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
+    fig, axes = plt.subplots(1, 4, figsize=(17, 3.8))
     for ax, ((x, values), title) in zip(axes, panels):
         for layer in range(len(values[0]) if values else 0):
             ax.plot(x, [v[layer] for v in values], linewidth=1, label=f"layer {layer + 1}")
-        ax.set_title(title, fontsize=9)
+        ax.set_title(title if values else title + " (no curve)", fontsize=9)
         ax.set_xlabel("training tokens (millions)")
         ax.grid(alpha=0.3)
         if values:
@@ -242,7 +244,8 @@ def draw(results: Path) -> int:
                     f"{'s' * (seeds != '1')})", floor.get("mrpc"))
     plot_claims(results, results / "claims.png")
     plot_table3(results, results / "table3.png")
-    plot_routing(results / "arms", results / "routing.png")
+    # the top-1 baseline's own routing: MoDE's alpha = 0 probe is its recipe and seed, bit for bit (2 epochs)
+    plot_routing(results / "arms", results / "routing.png", results / "probes" / "mode" / "a0.jsonl")
     return 0
 
 

@@ -923,4 +923,7 @@ def test_routing_picture_reads_each_arms_per_layer_statistics(tmp_path, monkeypa
     assert plot.routing_series(arms / "moe_ec.jsonl", "layer_unchosen") == ([1.0], [[0.3, 0.4]])   # valid rows skipped
     assert plot.plot_routing(tmp_path / "arms", tmp_path / "routing.png") is True
     assert (tmp_path / "routing.png").stat().st_size > 1000
+    # with the top-1 baseline's curve beside them (a missing one leaves its panel empty, not the figure)
+    assert plot.plot_routing(tmp_path / "arms", tmp_path / "r4.png", arms / "moe_mode.jsonl") is True
+    assert plot.plot_routing(tmp_path / "arms", tmp_path / "r5.png", tmp_path / "missing.jsonl") is True
     assert plot.plot_routing(tmp_path / "none", tmp_path / "none.png") is False
