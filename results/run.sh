@@ -23,6 +23,9 @@
 # the replicates are; --table3 runs that stage alone, for pretrainings that ran before it existed.
 # The arms (stage 9, --arms alone) pretrain an expert-choice MoE and a top-1 MoE + MoDE like the MoE baseline,
 # align each to the pretraining's TCD student (its committed curve) and by epochs, and fine-tune them.
+# All five of issue 49's pretrainings, one lane (core) an arm, each resumable (about 2.5 h per arm and seed):
+#   for s in 0 2 3 4 5; do PRETRAIN_SEED=$s ARMS=moe_ec bash results/run.sh --arms; done > arms-ec.out 2>&1 &
+#   for s in 0 2 3 4 5; do PRETRAIN_SEED=$s ARMS=moe_mode bash results/run.sh --arms; done > arms-mode.out 2>&1 &
 set -euo pipefail
 MAIN=$$
 R=$(cd "$(dirname "$0")/.." && pwd)
@@ -278,7 +281,7 @@ fi   # stage 8
 # epochs (teacher + student), and fine-tuned as the replicates are (full, lr 5e-5, seed 1, five tasks).
 # Settings fixed before any fine-tuning score of an arm was seen: expert choice c = 1 (top-1's expert FLOPs), no
 # L_B; MoDE (our reading) on top-1 with the baseline's λB, α from the pretraining-curve probe (results/README.md,
-# section 7), 256 sampled tokens a step at each layer
+# section 6), 256 sampled tokens a step at each layer
 if [ $ONLY = arms ] || [ $ONLY = all ]; then
 ARMS_DIR=$RES/arms; TARGET_CURVE=$RES/pretrain/moe_tcd.jsonl
 if [ "$PRETRAIN_SEED" = 0 ] && [ $QUICK = 0 ] && [ -f "$RES/probes/retrain/pretrain/moe_tcd.jsonl" ]; then
