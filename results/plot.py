@@ -186,7 +186,7 @@ def plot_routing(arms: Path, out: Path, top1: Path | None = None) -> bool:
     (`top1`: a curve of the baseline's recipe, e.g. MoDE's alpha = 0 probe) and the top-1 MoE + MoDE; expert
     choice's share of tokens no expert took, and experts per chosen token (c = 1: 1 on average)."""
     import matplotlib.pyplot as plt
-    panels = [(top1, "layer_load_max", "top-1 MoE (the baseline; first 2 epochs): busiest / mean load"),
+    panels = [(top1, "layer_load_max", "top-1 MoE (the baseline): busiest expert / mean load"),
               (arms / "pretrain" / "moe_mode.jsonl", "layer_load_max", "top-1 + MoDE: busiest expert / mean load"),
               (arms / "pretrain" / "moe_ec.jsonl", "layer_unchosen", "expert choice: share of tokens no expert took"),
               (arms / "pretrain" / "moe_ec.jsonl", "layer_experts_per_token", "expert choice: experts per chosen token")]
@@ -244,8 +244,10 @@ def draw(results: Path) -> int:
                     f"{'s' * (seeds != '1')})", floor.get("mrpc"))
     plot_claims(results, results / "claims.png")
     plot_table3(results, results / "table3.png")
-    # the top-1 baseline's own routing: MoDE's alpha = 0 probe is its recipe and seed, bit for bit (2 epochs)
-    plot_routing(results / "arms", results / "routing.png", results / "probes" / "mode" / "a0.jsonl")
+    # the top-1 baseline's own routing: MoDE's alpha = 0 probe is its recipe and seed, bit for bit (2 epochs),
+    # and moe_top1.jsonl that probe continued to the arms' 6 epochs
+    top1 = results / "arms" / "pretrain" / "moe_top1.jsonl"
+    plot_routing(results / "arms", results / "routing.png", top1 if top1.is_file() else results / "probes" / "mode" / "a0.jsonl")
     return 0
 
 
