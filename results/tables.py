@@ -445,17 +445,21 @@ def arm_rows(results: Path) -> dict[str, dict[str, float | None]]:
 
 def arms_premise(results: Path) -> list[tuple[str, list[str], list[float]]]:
     """Does each arm pretrain better than vanilla at equal epochs? (arm, pretrainings, arm − vanilla Pre-Train Perf.
-    at the last epoch both reached, 6 in run.sh)."""
+    at claim (a)'s epoch: the top-1 MoE's last, 6 in run.sh, even where an arm went on to reach TCD; else the
+    last epoch both reached)."""
     sources, out = {p.name: p for p in pretrainings(results)}, []
     for arm in ARMS:
         names, diffs = [], []
         for name, d in arms_sets(results).items():
             mine = epoch_perfs(d / "pretrain" / f"{arm}.jsonl")
-            vanilla = epoch_perfs(sources[name].curves / "vanilla.jsonl") if name in sources else {}
+            curves = sources[name].curves if name in sources else None
+            vanilla = epoch_perfs(curves / "vanilla.jsonl") if curves else {}
             shared = set(mine) & set(vanilla)
-            if shared:
+            moe_epochs = set(epoch_perfs(curves / "moe.jsonl")) if curves else set()
+            at = max(shared & moe_epochs) if shared & moe_epochs else max(shared, default=None)
+            if at is not None:
                 names.append(name)
-                diffs.append(mine[max(shared)] - vanilla[max(shared)])
+                diffs.append(mine[at] - vanilla[at])
         out.append((arm, names, diffs))
     return out
 

@@ -883,9 +883,11 @@ def test_arms_table_compares_each_remedy_within_its_pretraining(tmp_path, capsys
             _replicate_json(tuned / f"{key}.json", avg)
         for key, avg in arms[name].items():
             _replicate_json(arm_dir / "finetune" / f"{key}.json", avg)
-        _curve(root / "pretrain" / "vanilla.jsonl", {5: -5.0, 6: -4.90, 9: -4.6})
+        _curve(root / "pretrain" / "vanilla.jsonl", {5: -5.0, 6: -4.90, 7: -4.80, 9: -4.6})
+        _curve(root / "pretrain" / "moe.jsonl", {5: -4.95, 6: -4.88})            # claim (a)'s epoch: 6
         _curve(root / "pretrain" / "moe_tcd.jsonl", {3: -4.85})                # the curve the arms align to
-        _curve(arm_dir / "pretrain" / "moe_ec.jsonl", {5: -4.9, 6: -4.85 if name == "again" else -4.80})
+        _curve(arm_dir / "pretrain" / "moe_ec.jsonl", {5: -4.9, 6: -4.85} if name == "again"
+               else {5: -4.9, 6: -4.80, 7: -4.60})                             # seed2 went on to reach TCD
         _curve(arm_dir / "pretrain" / "moe_mode.jsonl", {5: -4.95, 6: -4.93 if name == "again" else -4.95})
     out = tables.arms_table(tmp_path)
     # expert choice − MoE, perf-aligned: +0.4 (again), +0.7 (seed2): mean +0.55, s.e. 0.15, t(1) = 12.706
@@ -894,7 +896,7 @@ def test_arms_table_compares_each_remedy_within_its_pretraining(tmp_path, capsys
     assert "| remedy: MoE + MoDE, perf-aligned − MoE BERT, perf-aligned | 2 (again, seed2) | -0.40, -0.30 |" in out
     assert "| teacher adds: MoE BERT w/ TCD − expert choice, perf-aligned | 2 (again, seed2) | +0.90, -0.60 |" in out
     assert "| vs teacher: MoE + MoDE, perf-aligned − Vanilla BERT (teacher) | 2 (again, seed2) | -0.90, +0.40 |" in out
-    # the premise at epoch 6, the last both reached: +0.050 and +0.100 nats; MoDE -0.030 and -0.050
+    # the premise at epoch 6, claim (a)'s (not seed2's epoch 7, +0.200): +0.050 and +0.100 nats; MoDE -0.030, -0.050
     assert "| premise: expert-choice MoE − vanilla, Pre-Train Perf. at equal epochs | 2 (again, seed2) | +0.050, +0.100 |" in out
     assert ("| premise: MoE + MoDE (our reading) − vanilla, Pre-Train Perf. at equal epochs | 2 (again, seed2) | "
             "-0.030, -0.050 | -0.040 ± 0.010 | -0.167 to +0.087 | 0 of 2 | not shown |") in out
