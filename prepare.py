@@ -320,8 +320,9 @@ def open_corpus(corpus: Path, vocab: list[str], seq_len: int) -> tuple[Windows, 
         tokens = np.memmap(corpus / f"{part}.bin", dtype=meta["dtype"], mode="r")
         digests.append(scan_tokens(tokens, len(vocab), corpus / f"{part}.bin"))
         out.append(Windows(tokens, seq_len, cls_id, sep_id))
+    fingerprint = data_fingerprint(meta, digests)
     for part, windows in zip(("train", "valid"), out):
-        windows.fingerprint = data_fingerprint(meta, digests)
+        windows.fingerprint = fingerprint
         if not len(windows):
             raise PrepareError(f"the {'training' if part == 'train' else 'held-out'} text has {len(windows.tokens)} "
                                f"tokens, fewer than one segment of {seq_len}: add text")
@@ -332,12 +333,12 @@ def scan_tokens(tokens: np.ndarray, vocab_size: int, path: Path, chunk: int = 1 
     """Every id inside the vocabulary, before any step uses one; returns the tokens' SHA-1 (one read, in chunks)."""
     digest = hashlib.sha1()
     for start in range(0, len(tokens), chunk):
-        part = np.ascontiguousarray(tokens[start:start + chunk])
+        part = tokens[start:start + chunk]                         # a contiguous view of the map: no copy
         top = int(part.max(initial=0))
         if top >= vocab_size:
             raise PrepareError(f"{path} holds token id {top:,}, beyond the vocabulary's {vocab_size:,}: it is damaged "
                                "or foreign; prepare the corpus again (prepare.py)")
-        digest.update(part.tobytes())
+        digest.update(part)
     return digest.hexdigest()
 
 
