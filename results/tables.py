@@ -464,6 +464,19 @@ def arms_premise(results: Path) -> list[tuple[str, list[str], list[float]]]:
     return out
 
 
+def arms_unreached(results: Path) -> list[str]:
+    """"ARM in NAME (epoch E)" for each pretraining where an arm never reached its TCD student's Pre-Train Perf.
+    (run.sh's align-ARM-perf.json says "reached": false): it has no perf-aligned rows there."""
+    out = []
+    for name, d in arms_sets(results).items():
+        for arm, label in ARMS.items():
+            path = d / f"align-{arm}-perf.json"
+            record = json.loads(path.read_text()) if path.is_file() else {}
+            if record.get("reached") is False:
+                out.append(f"{label} in {name} (epoch {record.get('epochs', '?')})")
+    return out
+
+
 def verdict(diffs: list[float]) -> str:
     """Shown only where the 95% interval leaves 0 out."""
     if len(diffs) < 2:
@@ -487,11 +500,14 @@ def arms_table(results: Path) -> str:
                                 [rows[n][row] - rows[n][other] for n in names], 2))
     if not out:
         return ""
+    unreached = arms_unreached(results)
     return "\n".join(["| difference | pretrainings | per pretraining | mean ± s.e. | 95% interval | above 0 | verdict |",
                       "|" + "---|" * 7] + out + [
         "", "within each pretraining; the premise in nats (above 0: the arm pretrains better), the rest in GLUE points "
             "(five-task average, full fine-tuning at lr 5e-5, seed 1); s.e. = std (ddof=1) / √n; 95% interval: "
-            "mean ± t(n-1) s.e.; verdict: which side of 0 the interval lies on, if one"])
+            "mean ± t(n-1) s.e.; verdict: which side of 0 the interval lies on, if one"] + (
+        ["", "never reached its TCD student's Pre-Train Perf., so no perf-aligned rows there: " + "; ".join(unreached)]
+        if unreached else []))
 
 
 def arm_line(label: str, names: list[str], diffs: list[float], digits: int) -> str:

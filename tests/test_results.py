@@ -1,6 +1,7 @@
 """results/: alignment picks the right checkpoint, the tables and plots read what the scripts write."""
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -851,6 +852,44 @@ done
     assert (arms / "pretrain" / "moe_ec.jsonl").is_file() and (arms / "pretrain" / "moe_mode.jsonl").is_file()
 
 
+def test_arms_stage_keeps_an_arm_that_never_reaches_tcd_without_its_perf_row(tmp_path):
+    """An arm still short of its TCD student at the vanilla run's 9 epochs: no perf-aligned fine-tuning, a
+    "reached": false record, and the epoch-aligned row, the curve and the other arm all go on (no stop)."""
+    root, data, log = tmp_path / "repo", tmp_path / "data", tmp_path / "calls.txt"
+    (data / "pretrain").mkdir(parents=True)
+    pre = root / "results" / "replicates" / "seed5" / "pretrain"
+    pre.mkdir(parents=True)
+    (pre / "moe_tcd.jsonl").write_text('{"valid": true, "step": 2, "pretrain_perf": -4.8936}\n')
+    shutil.copy(Path(__file__).resolve().parent.parent / "results" / "run.sh", root / "results")
+    _stand_in_python(tmp_path / "bin", f"""
+echo "$*" >> {log}
+case "$*" in
+  *align.py*"--target-perf"*moe_ec*) echo "align.py: error: no candidate is at least as good" >&2; exit 2 ;;
+  *align.py*) echo "$*" | grep -q -- "--by epoch" && echo /ckpt/arm.epoch6.pt || echo /ckpt/arm.epoch5.pt ;;
+  -c*) exec {sys.executable} "$@" ;;
+esac
+prev=""; for a in "$@"; do
+  if [ "$prev" = --out ]; then case $a in *.pt) touch "$a" "${{a%.pt}}.metrics.jsonl" ;; esac; fi
+  prev=$a
+done
+""")
+    env = {**os.environ, "PATH": f"{tmp_path / 'bin'}:{os.environ['PATH']}", "RUNS": str(tmp_path / "runs"),
+           "DATA": str(data), "PRETRAIN_SEED": "5"}
+    r = subprocess.run(["bash", str(root / "results" / "run.sh"), "--arms"], capture_output=True, text=True,
+                       env=env, timeout=120, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    calls = log.read_text().splitlines()
+    ec = [c for c in calls if "pretrain.py" in c and "/moe_ec.pt" in c]
+    assert [re.search(r"--stop-epochs (\d+)", c)[1] for c in ec] == ["6", "7", "8", "9"], ec   # to vanilla's 9              # up to vanilla's 9 epochs, no further
+    arms = root / "results" / "replicates" / "seed5" / "arms"
+    assert json.loads((arms / "align-moe_ec-perf.json").read_text()) == {
+        "by": "perf", "reached": False, "target": -4.8936, "epochs": 9}
+    tunes = [c.split("--out ")[-1] for c in calls if "finetune.py" in c]
+    assert sorted(tunes) == sorted(f"{arms}/finetune/{n}.json" for n in ("moe_ec_epoch", "moe_mode_perf", "moe_mode_epoch"))
+    assert (arms / "pretrain" / "moe_ec.jsonl").is_file()
+    assert "moe_ec did not reach TCD's Pre-Train Perf. (-4.8936) by epoch 9" in r.stdout
+
+
 def _replicate_json(path: Path, average: float) -> None:
     """A finetune.py results file whose REPLICATE_SETTING five-task average is `average` (every metric equal)."""
     import finetune
@@ -908,6 +947,11 @@ def test_arms_table_compares_each_remedy_within_its_pretraining(tmp_path, capsys
     assert tables.verdict([0.4]) == "one pretraining: no verdict"
     assert tables.main(["--results", str(tmp_path)]) == 0
     assert "## The other remedies: expert choice and MoDE beside TCD" in capsys.readouterr().out
+    assert "never reached" not in out
+    _replicate_json(tmp_path / "replicates" / "seed3" / "arms" / "finetune" / "moe_ec_epoch.json", 40.0)
+    (tmp_path / "replicates" / "seed3" / "arms" / "align-moe_ec-perf.json").write_text(
+        json.dumps({"by": "perf", "reached": False, "target": -4.89, "epochs": 9}))   # no Tables 1-2 rows: no pairs
+    assert tables.arms_table(tmp_path).endswith("no perf-aligned rows there: expert-choice MoE in seed3 (epoch 9)")
 
 
 def test_routing_picture_reads_each_arms_per_layer_statistics(tmp_path, monkeypatch):
