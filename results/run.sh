@@ -22,8 +22,11 @@
 # Table 3 (stage 8) pretrains MoE + T and MoE + T, I, A beside the TCD student into table3/, fine-tuned as
 # the replicates are; --table3 runs that stage alone, for pretrainings that ran before it existed.
 # The arms (stage 9, --arms alone) pretrain an expert-choice MoE and a top-1 MoE + MoDE like the MoE baseline,
-# align each to the pretraining's TCD student (its committed curve) and by epochs, and fine-tune them.
-# All five of issue 49's pretrainings, one lane (core) an arm, each resumable (about 2.5 h per arm and seed):
+# align each to the pretraining's TCD student (its committed curve) and by epochs, and fine-tune them; an arm
+# short of TCD goes on an epoch at a time up to vanilla's epochs, and one still short there keeps only its
+# epoch-aligned row ("reached": false in align-ARM-perf.json).
+# All five of issue 49's pretrainings, one lane (core) an arm, each resumable (1.6-1.8 h per arm and seed
+# measured, 8-9 min more for each added epoch):
 #   for s in 0 2 3 4 5; do PRETRAIN_SEED=$s ARMS=moe_ec bash results/run.sh --arms; done > arms-ec.out 2>&1 &
 #   for s in 0 2 3 4 5; do PRETRAIN_SEED=$s ARMS=moe_mode bash results/run.sh --arms; done > arms-mode.out 2>&1 &
 set -euo pipefail
