@@ -473,7 +473,7 @@ def arms_unreached(results: Path) -> list[str]:
             path = d / f"align-{arm}-perf.json"
             record = json.loads(path.read_text()) if path.is_file() else {}
             if record.get("reached") is False:
-                out.append(f"{label} in {name} (epoch {record.get('epochs', '?')})")
+                out.append(f"{label} in {name} (epoch {record['epochs']})")
     return out
 
 

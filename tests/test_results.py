@@ -800,24 +800,22 @@ esac
     assert "no stage it started is still running" in r.stderr
 
 
-def test_arms_stage_pretrains_aligns_and_fine_tunes_both_remedies(tmp_path):
-    """run.sh --arms (stand-in python): an expert-choice MoE (no λB) and a top-1 MoE + MoDE (λB, α, 256
-    tokens) pretrained with the baseline's recipe, epochs and seed; each aligned to the pretraining's TCD
-    student by its committed curve and by epoch 6, and fine-tuned as the replicates are."""
+def _run_arms_stage(tmp_path: Path, seed: int, tcd_curve: str, ec_align: str, **env_extra: str):
+    """run.sh --arms for PRETRAIN_SEED=seed with a stand-in python that logs every call, answers align.py
+    (`ec_align`: the shell for the expert-choice arm's performance alignment) and touches the checkpoints it is
+    asked for. Returns (completed process, logged calls, the pretraining's arms/ directory)."""
     root, data, log = tmp_path / "repo", tmp_path / "data", tmp_path / "calls.txt"
     (data / "pretrain").mkdir(parents=True)
-    (root / "results" / "replicates" / "seed3" / "pretrain").mkdir(parents=True)
-    (root / "results" / "replicates" / "seed3" / "pretrain" / "moe_tcd.jsonl").write_text(
-        '{"valid": true, "step": 1, "pretrain_perf": -5.5}\n{"loss": 4.0}\n{"valid": true, "step": 2, "pretrain_perf": -4.8512}\n')
+    pre = root / "results" / "replicates" / f"seed{seed}" / "pretrain"
+    pre.mkdir(parents=True)
+    (pre / "moe_tcd.jsonl").write_text(tcd_curve)
     shutil.copy(Path(__file__).resolve().parent.parent / "results" / "run.sh", root / "results")
-    real = sys.executable
     _stand_in_python(tmp_path / "bin", f"""
 echo "$*" >> {log}
 case "$*" in
-  *align.py*"--target-perf"*moe_ec*)      # the expert-choice arm first reaches TCD at its 7th epoch
-    if [ -f {tmp_path}/ec-once ]; then echo /ckpt/arm.epoch5.pt; else touch {tmp_path}/ec-once; echo "no candidate" >&2; exit 2; fi ;;
+  *align.py*"--target-perf"*moe_ec*) {ec_align} ;;
   *align.py*) echo "$*" | grep -q -- "--by epoch" && echo /ckpt/arm.epoch6.pt || echo /ckpt/arm.epoch5.pt ;;
-  -c*) exec {real} "$@" ;;
+  -c*) exec {sys.executable} "$@" ;;
 esac
 prev=""; for a in "$@"; do
   if [ "$prev" = --out ]; then case $a in *.pt) touch "$a" "${{a%.pt}}.metrics.jsonl" ;; esac; fi
@@ -825,14 +823,27 @@ prev=""; for a in "$@"; do
 done
 """)
     env = {**os.environ, "PATH": f"{tmp_path / 'bin'}:{os.environ['PATH']}", "RUNS": str(tmp_path / "runs"),
-           "DATA": str(data), "PRETRAIN_SEED": "3", "MODE_ALPHA": "0.3"}
+           "DATA": str(data), "PRETRAIN_SEED": str(seed), **env_extra}
     r = subprocess.run(["bash", str(root / "results" / "run.sh"), "--arms"], capture_output=True, text=True,
                        env=env, timeout=120, cwd=tmp_path)
+    return r, log.read_text().splitlines(), pre.parent / "arms"
+
+
+def test_arms_stage_pretrains_aligns_and_fine_tunes_both_remedies(tmp_path):
+    """run.sh --arms (stand-in python): an expert-choice MoE (no λB) and a top-1 MoE + MoDE (λB, α, 256
+    tokens) pretrained with the baseline's recipe, epochs and seed; each aligned to the pretraining's TCD
+    student by its committed curve and by epoch 6, and fine-tuned as the replicates are."""
+    once = tmp_path / "ec-once"                       # the expert-choice arm first reaches TCD at its 7th epoch
+    r, calls, arms = _run_arms_stage(
+        tmp_path, 3, '{"valid": true, "step": 1, "pretrain_perf": -5.5}\n{"loss": 4.0}\n'
+                     '{"valid": true, "step": 2, "pretrain_perf": -4.8512}\n',
+        f'if [ -f {once} ]; then echo /ckpt/arm.epoch5.pt; else touch {once}; echo "no candidate" >&2; exit 2; fi',
+        MODE_ALPHA="0.3")
     assert r.returncode == 0, r.stderr
-    calls = log.read_text().splitlines()
     pretrains = [c for c in calls if "pretrain.py" in c]
     assert len(pretrains) == 3, calls
     ec, more = [c for c in pretrains if "/moe_ec.pt" in c]
+    root = tmp_path / "repo"
     assert more.startswith(f"{root}/pretrain.py --resume") and more.endswith("--stop-epochs 7")   # one epoch more
     (mode,) = [c for c in pretrains if "/moe_mode.pt" in c]
     for run in (ec, mode):
@@ -842,7 +853,6 @@ done
     assert "--lambda-b 250" in mode and "--mode-alpha 0.3 --mode-tokens 256" in mode and "--routing" not in mode
     aligns = [c for c in calls if "align.py" in c]
     assert sum("--target-perf -4.8512" in c for c in aligns) == 3 and sum("--by epoch --epoch 6" in c for c in aligns) == 2
-    arms = root / "results" / "replicates" / "seed3" / "arms"
     tunes = [c for c in calls if "finetune.py" in c]
     for name, ckpt in (("moe_ec_perf", "epoch5"), ("moe_ec_epoch", "epoch6"), ("moe_mode_perf", "epoch5"),
                        ("moe_mode_epoch", "epoch6")):
@@ -855,33 +865,11 @@ done
 def test_arms_stage_keeps_an_arm_that_never_reaches_tcd_without_its_perf_row(tmp_path):
     """An arm still short of its TCD student at the vanilla run's 9 epochs: no perf-aligned fine-tuning, a
     "reached": false record, and the epoch-aligned row, the curve and the other arm all go on (no stop)."""
-    root, data, log = tmp_path / "repo", tmp_path / "data", tmp_path / "calls.txt"
-    (data / "pretrain").mkdir(parents=True)
-    pre = root / "results" / "replicates" / "seed5" / "pretrain"
-    pre.mkdir(parents=True)
-    (pre / "moe_tcd.jsonl").write_text('{"valid": true, "step": 2, "pretrain_perf": -4.8936}\n')
-    shutil.copy(Path(__file__).resolve().parent.parent / "results" / "run.sh", root / "results")
-    _stand_in_python(tmp_path / "bin", f"""
-echo "$*" >> {log}
-case "$*" in
-  *align.py*"--target-perf"*moe_ec*) echo "align.py: error: no candidate is at least as good" >&2; exit 2 ;;
-  *align.py*) echo "$*" | grep -q -- "--by epoch" && echo /ckpt/arm.epoch6.pt || echo /ckpt/arm.epoch5.pt ;;
-  -c*) exec {sys.executable} "$@" ;;
-esac
-prev=""; for a in "$@"; do
-  if [ "$prev" = --out ]; then case $a in *.pt) touch "$a" "${{a%.pt}}.metrics.jsonl" ;; esac; fi
-  prev=$a
-done
-""")
-    env = {**os.environ, "PATH": f"{tmp_path / 'bin'}:{os.environ['PATH']}", "RUNS": str(tmp_path / "runs"),
-           "DATA": str(data), "PRETRAIN_SEED": "5"}
-    r = subprocess.run(["bash", str(root / "results" / "run.sh"), "--arms"], capture_output=True, text=True,
-                       env=env, timeout=120, cwd=tmp_path)
+    r, calls, arms = _run_arms_stage(tmp_path, 5, '{"valid": true, "step": 2, "pretrain_perf": -4.8936}\n',
+                                     'echo "align.py: error: no candidate is at least as good" >&2; exit 2')
     assert r.returncode == 0, r.stderr
-    calls = log.read_text().splitlines()
     ec = [c for c in calls if "pretrain.py" in c and "/moe_ec.pt" in c]
-    assert [re.search(r"--stop-epochs (\d+)", c)[1] for c in ec] == ["6", "7", "8", "9"], ec   # to vanilla's 9              # up to vanilla's 9 epochs, no further
-    arms = root / "results" / "replicates" / "seed5" / "arms"
+    assert [re.search(r"--stop-epochs (\d+)", c)[1] for c in ec] == ["6", "7", "8", "9"], ec   # to vanilla's 9, no further
     assert json.loads((arms / "align-moe_ec-perf.json").read_text()) == {
         "by": "perf", "reached": False, "target": -4.8936, "epochs": 9}
     tunes = [c.split("--out ")[-1] for c in calls if "finetune.py" in c]
