@@ -297,11 +297,17 @@ class Pretraining(NamedTuple):
     curves: Path       # its pretraining curves (vanilla.jsonl, moe.jsonl, moe_tcd.jsonl)
 
 
+def first_name(results: Path) -> str:
+    """The name of the pretraining that fills `results` itself: "first", or seedN where `results` is one
+    replicate's directory (tables.py --results results/replicates/seedN writes that replicate's tables)."""
+    return results.name if results.parent.name == "replicates" and results.name.startswith("seed") else "first"
+
+
 def pretrainings(results: Path) -> list[Pretraining]:
     """Every pretraining of the rerun's models: the first, the same command again (probes/retrain/), and
     the replicates with other pretraining seeds (run.sh with PRETRAIN_SEED=N, replicates/seedN/)."""
     again = results / "probes" / "retrain"
-    return [Pretraining("first", results, results / "finetune", results / "pretrain"),
+    return [Pretraining(first_name(results), results, results / "finetune", results / "pretrain"),
             Pretraining("again", again, again, again / "pretrain")] + [
         Pretraining(d.name, d, d / "finetune", d / "pretrain") for d in sorted((results / "replicates").glob("seed*"))]
 
@@ -423,10 +429,11 @@ ARM_LABELS = {"moe_ec_perf": "expert choice, perf-aligned", "moe_ec_epoch": "exp
 
 def arms_sets(results: Path) -> dict[str, Path]:
     """{pretraining name: its arms/ directory}: results/arms belongs to "again" (seed 0 pretrained by the same
-    command, whose TCD student the arms are aligned to, as Table 3's), or to "first" where there is no "again"
-    (a fresh run, the quick demo); replicates/seedN/arms to seedN."""
+    command, whose TCD student the arms are aligned to, as Table 3's), or to the first pretraining where there
+    is no "again" (a fresh run, the quick demo; seedN in a replicate's own directory); replicates/seedN/arms
+    to seedN."""
     again = (results / "probes" / "retrain" / "pretrain" / "moe_tcd.jsonl").is_file()   # run.sh aligns to it, if there
-    sets = {"again" if again else "first": results / "arms"} if (results / "arms").is_dir() else {}
+    sets = {"again" if again else first_name(results): results / "arms"} if (results / "arms").is_dir() else {}
     sets.update({d.parent.name: d for d in sorted((results / "replicates").glob("seed*/arms")) if d.is_dir()})
     return sets
 

@@ -940,6 +940,10 @@ def test_arms_table_compares_each_remedy_within_its_pretraining(tmp_path, capsys
     (tmp_path / "replicates" / "seed3" / "arms" / "align-moe_ec-perf.json").write_text(
         json.dumps({"by": "perf", "reached": False, "target": -4.89, "epochs": 9}))   # no Tables 1-2 rows: no pairs
     assert tables.arms_table(tmp_path).endswith("no perf-aligned rows there: expert-choice MoE in seed3 (epoch 9)")
+    # one replicate's own tables (tables.py --results replicates/seed2) name its one pretraining seed2, not "first"
+    assert set(tables.arms_sets(seed2)) == {"seed2"} and tables.pretrainings(seed2)[0].name == "seed2"
+    assert "| remedy: MoE + MoDE, perf-aligned − MoE BERT, perf-aligned | 1 (seed2) | -0.30 |" in tables.arms_table(seed2)
+    assert [p.name for p in tables.pretrainings(tmp_path)][:2] == ["first", "again"]
 
 
 def test_routing_picture_reads_each_arms_per_layer_statistics(tmp_path, monkeypatch):
